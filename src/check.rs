@@ -1,0 +1,616 @@
+//! `mqbridge check`: the resolved plan as an operator reads it (brokers, routes, pairs,
+//! subscriptions, capacity, rewrite examples, loop analysis) and the `--topic` dry run.
+//! Pure functions from a validated `Plan` to text; nothing here opens a socket.
+
+use std::fmt::{self, Write};
+
+use bytesize::ByteSize;
+use humantime::format_duration;
+
+use crate::config::{
+    BrokerPlan, Plan, PropertiesMode, RetainMode, RoutePlan, Share, Side, Transport, client_id,
+    load::sample_topic,
+};
+use crate::topic::{RewriteRule, TopicFilter, TopicName};
+
+/// Pairs listed one by one in `check`; a bigger pool shows the first ones and a count.
+const PAIRS_SHOWN: usize = 8;
+
+/// The whole resolved plan, for `mqbridge check -c FILE`. Secrets show as `<redacted>`.
+pub fn render_plan(plan: &Plan) -> String {
+    let mut out = String::new();
+    write_plan(&mut out, plan).expect("writing to a String cannot fail");
+    out
+}
+
+/// Which routes take `topic` and what each rewrites it to, for `check --topic T`.
+pub fn dry_run(plan: &Plan, topic: &str) -> String {
+    let mut out = String::new();
+    write_dry_run(&mut out, plan, topic).expect("writing to a String cannot fail");
+    out
+}
+
+fn write_plan(out: &mut String, plan: &Plan) -> fmt::Result {
+    let b = &plan.bridge;
+    writeln!(out, "bridge \"{}\", instance \"{}\"", b.name, b.instance)?;
+    writeln!(
+        out,
+        "  drain timeout {}, stall timeout {}, summary every {}",
+        format_duration(b.drain_timeout),
+        format_duration(b.stall_timeout),
+        format_duration(b.summary_interval)
+    )?;
+    match plan.admin_listen {
+        Some(addr) => writeln!(out, "  admin: http://{addr} (/metrics, /healthz, /readyz)")?,
+        None => writeln!(out, "  admin: off (no [admin] table)")?,
+    }
+
+    writeln!(out, "\nbrokers")?;
+    for broker in plan.brokers.values() {
+        write_broker(out, plan, broker)?;
+    }
+
+    writeln!(out, "\nroutes")?;
+    for route in &plan.routes {
+        write_route(out, plan, route)?;
+    }
+
+    writeln!(out, "\nloop analysis")?;
+    write_loops(out, plan)
+}
+
+fn write_broker(out: &mut String, plan: &Plan, broker: &BrokerPlan) -> fmt::Result {
+    let transport = match broker.transport {
+        Transport::Tcp => "tcp",
+        Transport::Tls => "tls",
+        Transport::Ws => "ws",
+        Transport::Wss => "wss",
+    };
+    writeln!(
+        out,
+        "  {}: {} ({transport} {}:{}{})",
+        broker.name, broker.url, broker.host, broker.port, broker.path
+    )?;
+    let mut login = format!(
+        "    MQTT {}, client ids \"{}-{}-…\"",
+        broker.protocol, broker.client_id_prefix, plan.bridge.instance
+    );
+    if let Some(user) = &broker.username {
+        write!(login, ", username \"{user}\"")?;
+    }
+    if let Some(password) = &broker.password {
+        // `Secret`'s Display is the redaction itself.
+        write!(login, ", password {password}")?;
+    }
+    writeln!(out, "{login}")?;
+    if broker.session_expiry.is_zero() {
+        writeln!(
+            out,
+            "    session: clean (session_expiry = 0s): QoS ≥ 1 messages not yet acknowledged are \
+             lost when the bridge restarts"
+        )?;
+    } else {
+        writeln!(
+            out,
+            "    session: persistent, kept {} after a disconnect",
+            format_duration(broker.session_expiry)
+        )?;
+    }
+    writeln!(
+        out,
+        "    keep alive {}, max in flight {}, at most {} filters per SUBSCRIBE",
+        format_duration(broker.keep_alive),
+        broker.max_inflight,
+        broker.max_filters_per_subscribe
+    )?;
+    let mut limits = Vec::new();
+    if let Some(rate) = broker.bandwidth_limit {
+        limits.push(format!("{}/s", ByteSize(rate).display().iec()));
+    }
+    if let Some(rate) = broker.max_publish_rate {
+        limits.push(format!("{rate} PUBLISH/s"));
+    }
+    if limits.is_empty() {
+        writeln!(out, "    per-connection limits: none")?;
+    } else {
+        writeln!(out, "    per-connection limits: {}", limits.join(", "))?;
+    }
+    match &broker.tls {
+        None => writeln!(out, "    TLS: off")?,
+        Some(tls) => {
+            let ca = tls
+                .ca_file
+                .as_ref()
+                .map_or("the system roots".to_owned(), |p| p.display().to_string());
+            let name = tls.server_name.as_deref().unwrap_or(&broker.host);
+            write!(out, "    TLS: verified against {ca} as \"{name}\"")?;
+            if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+                write!(
+                    out,
+                    ", client certificate {} (key {})",
+                    cert.display(),
+                    key.display()
+                )?;
+            }
+            writeln!(out)?;
+            if tls.insecure_skip_verify {
+                writeln!(
+                    out,
+                    "    WARNING: insecure_skip_verify = true: the certificate is NOT verified; \
+                     anyone on the path can read and forge this traffic"
+                )?;
+            }
+        }
+    }
+    if !plan
+        .routes
+        .iter()
+        .any(|r| r.from.name == broker.name || r.to.name == broker.name)
+    {
+        writeln!(out, "    unused: no route names it")?;
+    }
+    Ok(())
+}
+
+fn write_route(out: &mut String, plan: &Plan, route: &RoutePlan) -> fmt::Result {
+    writeln!(
+        out,
+        "  {}: {} → {}",
+        route.name, route.from.name, route.to.name
+    )?;
+    let how = match route.share {
+        Share::Share => format!("shared in group \"{}\"", route.group),
+        Share::OShare => format!(
+            "shared in order-keeping group \"{}\" (BifroMQ $oshare)",
+            route.group
+        ),
+        Share::None => "not shared: every pair receives every message".to_owned(),
+    };
+    writeln!(
+        out,
+        "    subscribes on {} at QoS {}, {how}:",
+        route.from.name, route.qos as u8
+    )?;
+    for subscription in route.subscriptions() {
+        writeln!(out, "      {subscription}")?;
+    }
+
+    let pairs = route.pool_size;
+    writeln!(
+        out,
+        "    {pairs} pair{} (source client id → target client id):",
+        plural(pairs)
+    )?;
+    for index in 0..pairs.min(PAIRS_SHOWN) {
+        writeln!(
+            out,
+            "      {index}: {} → {}",
+            client_id(&plan.bridge, route, index, Side::Source),
+            client_id(&plan.bridge, route, index, Side::Target)
+        )?;
+    }
+    if pairs > PAIRS_SHOWN {
+        writeln!(
+            out,
+            "      … {} more, up to index {}",
+            pairs - PAIRS_SHOWN,
+            pairs - 1
+        )?;
+    }
+    writeln!(out, "    capacity: {}", capacity(route))?;
+
+    let retain = match route.retain {
+        RetainMode::AsPublished => "retain flag as published",
+        RetainMode::Clear => "retain flag cleared",
+    };
+    // Properties exist only where both ends speak MQTT 5 (SPEC 4.4).
+    let properties = match (route.from.protocol.is_v5(), route.to.protocol.is_v5()) {
+        (false, _) => "no v5 properties (3.x source)",
+        (true, false) => "v5 properties dropped (3.x target)",
+        (true, true) if route.properties == PropertiesMode::Drop => "v5 properties dropped",
+        (true, true) => "v5 properties forwarded",
+    };
+    writeln!(
+        out,
+        "    forwards at QoS min(received, {}), {retain}, {properties}; \
+         up to {} QoS 0 messages queued per pair",
+        route.qos as u8, route.queue_capacity
+    )?;
+    match &route.dead_letter {
+        Some(topic) => writeln!(
+            out,
+            "    undeliverable messages: published to \"{topic}\" on {}",
+            route.from.name
+        )?,
+        None => writeln!(
+            out,
+            "    undeliverable messages: logged and counted (no dead_letter topic)"
+        )?,
+    }
+
+    let rules = route.rewrite.rules();
+    if rules.is_empty() {
+        return writeln!(out, "    rewrite: none, topics are forwarded unchanged");
+    }
+    writeln!(out, "    rewrite (first match wins; no match = unchanged):")?;
+    for (n, rule) in rules.iter().enumerate() {
+        write_rule_example(out, route, n + 1, rule)?;
+    }
+    Ok(())
+}
+
+/// What the brokers' per-connection limits allow the whole pool to move.
+fn capacity(route: &RoutePlan) -> String {
+    let pairs = route.pool_size as u64;
+    let mut parts = Vec::new();
+    // The target connection publishes: the target's PUBLISH rate limits a pair.
+    if let Some(rate) = route.to.max_publish_rate {
+        parts.push(format!(
+            "{} messages/s ({pairs} × {rate}/s, {}'s max_publish_rate)",
+            pairs * u64::from(rate),
+            route.to.name
+        ));
+    }
+    // Bytes come in on the source connection and go out on the target one: the smaller
+    // limit is the pair's.
+    let bytes = [&route.from, &route.to]
+        .into_iter()
+        .filter_map(|b| b.bandwidth_limit.map(|l| (l, &b.name)))
+        .min();
+    if let Some((limit, name)) = bytes {
+        parts.push(format!(
+            "{}/s ({pairs} × {}/s, {name}'s bandwidth_limit)",
+            ByteSize(pairs.saturating_mul(limit)).display().iec(),
+            ByteSize(limit).display().iec()
+        ));
+    }
+    if parts.is_empty() {
+        "not limited by configuration (no max_publish_rate or bandwidth_limit)".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn write_rule_example(
+    out: &mut String,
+    route: &RoutePlan,
+    n: usize,
+    rule: &RewriteRule,
+) -> fmt::Result {
+    writeln!(
+        out,
+        "      {n}. {} → {}",
+        rule.filter().as_str(),
+        rule.template()
+    )?;
+    let sample = sample_topic(rule.filter());
+    match rule.apply(&sample) {
+        Some(Ok(rewritten)) => writeln!(out, "         e.g. {sample} → {rewritten}")?,
+        Some(Err(e)) => writeln!(out, "         e.g. {sample} → invalid topic ({e})")?,
+        None => {}
+    }
+    // Where `#` may match no level at all the result can still be invalid (an empty topic,
+    // say): not an error, those messages are dead-lettered, but worth showing.
+    if rule.filter().ends_with_multi() {
+        let shortest = shortest_topic(rule.filter());
+        if let Some(Err(e)) = rule.apply(&shortest) {
+            writeln!(
+                out,
+                "         note: {shortest} → invalid topic ({e}): such messages are dead-lettered"
+            )?;
+        }
+    }
+    if !route.topics.iter().any(|t| t.overlaps(rule.filter())) {
+        writeln!(
+            out,
+            "         note: never applies: none of the route's topics can match it"
+        )?;
+    }
+    Ok(())
+}
+
+/// The sample topic with `#` matching no level: `a/+/#` → `a/x1`.
+fn shortest_topic(filter: &TopicFilter) -> String {
+    let sample = sample_topic(filter);
+    match sample.strip_suffix("rest/of/topic") {
+        Some(prefix) => prefix.strip_suffix('/').unwrap_or(prefix).to_owned(),
+        None => sample,
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// Where one route's output lands in another route's input.
+struct Overlap<'a> {
+    output: TopicFilter,
+    input: &'a TopicFilter,
+}
+
+/// Routes in opposite directions between two brokers (or one route from a broker to itself)
+/// whose outputs the other takes back.
+fn write_loops(out: &mut String, plan: &Plan) -> fmt::Result {
+    let mut found = false;
+    let routes = &plan.routes;
+    for (i, a) in routes.iter().enumerate() {
+        for b in &routes[i..] {
+            let opposite = a.from.name == b.to.name && a.to.name == b.from.name;
+            if !opposite {
+                continue;
+            }
+            let there = takes_output(a, b);
+            let back = takes_output(b, a);
+            let same = std::ptr::eq(a, b);
+            let echoed_back = back.is_some();
+            match (there, back) {
+                (Some(there), Some(back)) => {
+                    found = true;
+                    if same {
+                        writeln!(
+                            out,
+                            "  could loop: {} ({} → itself) takes back what it publishes:",
+                            a.name, a.from.name
+                        )?;
+                    } else {
+                        writeln!(
+                            out,
+                            "  could loop: {} ({} → {}) and {} ({} → {})",
+                            a.name, a.from.name, a.to.name, b.name, b.from.name, b.to.name
+                        )?;
+                    }
+                    write_overlap(out, a, b, &there)?;
+                    if !same {
+                        write_overlap(out, b, a, &back)?;
+                    }
+                    writeln!(out, "    {}", loop_guard(a))?;
+                }
+                (Some(echo), None) | (None, Some(echo)) if !same => {
+                    found = true;
+                    let (x, y) = if echoed_back { (b, a) } else { (a, b) };
+                    writeln!(
+                        out,
+                        "  could echo: what {} forwards to {} is taken back to {} by {}",
+                        x.name, x.to.name, x.from.name, y.name
+                    )?;
+                    write_overlap(out, x, y, &echo)?;
+                    writeln!(out, "    {}", loop_guard(a))?;
+                }
+                _ => {}
+            }
+        }
+    }
+    if !found {
+        writeln!(
+            out,
+            "  no loops: no route takes another route's output back to where it came from"
+        )?;
+    }
+    Ok(())
+}
+
+fn write_overlap(out: &mut String, a: &RoutePlan, b: &RoutePlan, o: &Overlap) -> fmt::Result {
+    writeln!(
+        out,
+        "    {} publishes {} on {}, which {} takes with {}",
+        a.name, o.output, a.to.name, b.name, o.input
+    )
+}
+
+/// How `run` cuts a loop between these brokers, and what to do where it cannot.
+fn loop_guard(route: &RoutePlan) -> String {
+    if route.from.protocol.is_v5() && route.to.protocol.is_v5() {
+        "cut by the mqbridge-via marker (both brokers speak MQTT 5); counted as `loop`".to_owned()
+    } else {
+        let v3 = if route.from.protocol.is_v5() {
+            &route.to
+        } else {
+            &route.from
+        };
+        format!(
+            "{} speaks MQTT {}, which carries no marker: only a short-lived digest of recent \
+             messages suppresses the echo; better make the topics disjoint (e.g. rewrite into a \
+             prefix the other route does not take)",
+            v3.name, v3.protocol
+        )
+    }
+}
+
+/// The first place where something `a` publishes is subscribed by `b` (which must read from
+/// `a`'s target).
+fn takes_output<'b>(a: &RoutePlan, b: &'b RoutePlan) -> Option<Overlap<'b>> {
+    output_filters(a).into_iter().find_map(|output| {
+        b.topics
+            .iter()
+            .find(|input| output.overlaps(input))
+            .map(|input| Overlap { output, input })
+    })
+}
+
+/// Filters covering every topic `route` can publish: its topics as they are where no rule
+/// covers them, and each overlapping rule's template with captures widened to wildcards.
+/// Conservative: it may claim a little more than the route can produce, never less.
+fn output_filters(route: &RoutePlan) -> Vec<TopicFilter> {
+    let mut outputs: Vec<TopicFilter> = Vec::new();
+    let mut push = |f: TopicFilter| {
+        if !outputs.contains(&f) {
+            outputs.push(f);
+        }
+    };
+    for topic in &route.topics {
+        let mut covered = false;
+        for rule in route.rewrite.rules() {
+            if rule.filter().overlaps(topic) {
+                push(template_filter(rule));
+            }
+            if covers(rule.filter(), topic) {
+                // Every topic of this filter stops at this rule.
+                covered = true;
+                break;
+            }
+        }
+        if !covered {
+            push(topic.clone());
+        }
+    }
+    outputs
+}
+
+/// A filter matching every topic the rule's template can produce: a level holding a `+`
+/// capture becomes `+`, and from a level holding a multi-level capture (the `#` capture or
+/// `{topic}`) on, `#`.
+fn template_filter(rule: &RewriteRule) -> TopicFilter {
+    let filter = rule.filter();
+    let multi = filter
+        .ends_with_multi()
+        .then(|| format!("{{{}}}", filter.wildcards()));
+    let mut levels = Vec::new();
+    for level in rule.template().split('/') {
+        if level.contains("{topic}") || multi.as_deref().is_some_and(|m| level.contains(m)) {
+            levels.push("#");
+            break;
+        }
+        levels.push(if level.contains('{') { "+" } else { level });
+    }
+    TopicFilter::parse(&levels.join("/"))
+        .unwrap_or_else(|_| TopicFilter::parse("#").expect("\"#\" is a valid filter"))
+}
+
+/// Whether every topic `inner` matches is matched by `outer` too.
+fn covers(outer: &TopicFilter, inner: &TopicFilter) -> bool {
+    let o = outer.as_str();
+    let i = inner.as_str();
+    // A leading wildcard does not match `$` topics, which a literal `$…` level does.
+    if (o.starts_with('+') || o.starts_with('#')) && i.starts_with('$') {
+        return false;
+    }
+    let mut outer = o.split('/');
+    let mut inner = i.split('/');
+    loop {
+        match (outer.next(), inner.next()) {
+            (Some("#"), _) => return true,
+            (None, None) => return true,
+            (Some("+"), Some(level)) if level != "#" => {}
+            (Some(a), Some(b)) if a == b && a != "+" && a != "#" => {}
+            _ => return false,
+        }
+    }
+}
+
+fn write_dry_run(out: &mut String, plan: &Plan, topic: &str) -> fmt::Result {
+    if let Err(e) = TopicName::parse(topic) {
+        return writeln!(
+            out,
+            "\"{topic}\" is not a topic name ({e}); give a topic as a publisher would send it"
+        );
+    }
+    writeln!(out, "topic \"{topic}\"")?;
+    let mut taken = false;
+    for route in &plan.routes {
+        let Some(filter) = route.topics.iter().find(|f| f.matches(topic)) else {
+            continue;
+        };
+        taken = true;
+        writeln!(
+            out,
+            "  {} ({} → {}) takes it when published on {} (filter {filter})",
+            route.name, route.from.name, route.to.name, route.from.name
+        )?;
+        let rule = route
+            .rewrite
+            .rules()
+            .iter()
+            .enumerate()
+            .find_map(|(n, rule)| rule.apply(topic).map(|result| (n + 1, rule, result)));
+        let rewritten = match rule {
+            None => {
+                writeln!(
+                    out,
+                    "    → \"{topic}\" on {} (unchanged: no rewrite rule matches)",
+                    route.to.name
+                )?;
+                topic.to_owned()
+            }
+            Some((n, rule, Ok(rewritten))) => {
+                writeln!(
+                    out,
+                    "    → \"{rewritten}\" on {} (rewrite {n}: {} → {})",
+                    route.to.name,
+                    rule.filter().as_str(),
+                    rule.template()
+                )?;
+                rewritten
+            }
+            Some((n, rule, Err(e))) => {
+                let fate = match &route.dead_letter {
+                    Some(dl) => format!("published to \"{dl}\" on {}", route.from.name),
+                    None => "logged and counted as dropped".to_owned(),
+                };
+                writeln!(
+                    out,
+                    "    → no valid topic ({e}) by rewrite {n}: {} → {}; the message is {fate}",
+                    rule.filter().as_str(),
+                    rule.template()
+                )?;
+                continue;
+            }
+        };
+        writeln!(
+            out,
+            "      at QoS min(received, {}){}",
+            route.qos as u8,
+            if route.retain == RetainMode::Clear {
+                ", retain cleared"
+            } else {
+                ""
+            }
+        )?;
+        for back in plan.routes.iter().filter(|b| {
+            b.from.name == route.to.name && b.topics.iter().any(|f| f.matches(&rewritten))
+        }) {
+            writeln!(
+                out,
+                "      note: {} ({} → {}) takes it again from {}",
+                back.name, back.from.name, back.to.name, back.from.name
+            )?;
+        }
+    }
+    if !taken {
+        writeln!(out, "  no route takes it")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(s: &str) -> TopicFilter {
+        TopicFilter::parse(s).unwrap()
+    }
+
+    #[test]
+    fn covering_is_containment() {
+        assert!(covers(&filter("#"), &filter("a/+/b")));
+        assert!(covers(&filter("a/+"), &filter("a/b")));
+        assert!(covers(&filter("a/#"), &filter("a")));
+        assert!(!covers(&filter("a/+"), &filter("a/#")));
+        assert!(!covers(&filter("a/b"), &filter("a/+")));
+        assert!(!covers(&filter("a"), &filter("a/#")));
+        assert!(!covers(&filter("#"), &filter("$SYS/#")));
+    }
+
+    #[test]
+    fn templates_widen_to_filters() {
+        let rule = |f: &str, t: &str| RewriteRule::compile(f, t).unwrap();
+        let out = |f: &str, t: &str| template_filter(&rule(f, t)).as_str().to_owned();
+        assert_eq!(
+            out("factory/+/telemetry/#", "sites/edge-1/{1}/telemetry/{2}"),
+            "sites/edge-1/+/telemetry/#"
+        );
+        assert_eq!(out("a/#", "b/{1}/c"), "b/#");
+        assert_eq!(out("+/x", "p-{1}/y"), "+/y");
+        assert_eq!(out("a/b", "c/{topic}"), "c/#");
+        assert_eq!(out("a/b", "c"), "c");
+    }
+}

@@ -1,0 +1,1115 @@
+//! Loading: the config file (TOML, or YAML/JSON by extension) plus `MQBRIDGE__<PATH>` environment
+//! overrides, deserialized into `schema` and validated into a `Plan` in one step. Every error
+//! names the key path (`routes[1].rewrite[0].to`) and what to do, in one or two lines.
+
+use std::{
+    collections::BTreeMap,
+    fs, io,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use config::{FileFormat, Source, Value, ValueKind};
+
+use super::{
+    plan::{BridgePlan, BrokerPlan, Plan, Protocol, RoutePlan, Secret, Share, TlsPlan, Transport},
+    schema,
+};
+use crate::topic::{Rewrite, RewriteError, RewriteRule, TopicFilter, TopicName};
+
+/// Environment variables starting with this override config keys: `MQBRIDGE__A__B` sets `a.b`,
+/// `MQBRIDGE__ROUTES__0__QOS` sets `routes[0].qos`.
+pub const ENV_PREFIX: &str = "MQBRIDGE__";
+
+/// Why a configuration cannot run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    // The causes below are part of each message rather than `source`s, so that a reporter
+    // walking the error chain does not print them twice.
+    #[error("cannot read {}: {reason}", path.display())]
+    Read { path: PathBuf, reason: io::Error },
+    /// The file is not valid TOML, YAML or JSON.
+    #[error("{}: {message}", path.display())]
+    Syntax { path: PathBuf, message: String },
+    /// A key the schema does not have (`parent` is empty at the top level).
+    #[error("unknown key \"{key}\" {}", unknown_key_context(.parent, .key, .known))]
+    UnknownKey {
+        parent: String,
+        key: String,
+        known: Vec<String>,
+    },
+    /// A value that is wrong where it stands, or missing.
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+    /// An `MQBRIDGE__…` variable that does not name a config key.
+    #[error("{var}: {message}")]
+    Env { var: String, message: String },
+    /// An error in a value an environment variable set: told so, since the file looks fine.
+    #[error("{error} (set by {var})")]
+    FromEnv {
+        var: String,
+        error: Box<ConfigError>,
+    },
+}
+
+impl ConfigError {
+    /// The key path the error is about (`routes[0].from`), if it is about one.
+    pub fn key(&self) -> Option<String> {
+        match self {
+            ConfigError::UnknownKey { parent, key, .. } => Some(join_key(parent, key)),
+            ConfigError::Invalid { key, .. } => Some(key.clone()),
+            ConfigError::FromEnv { error, .. } => error.key(),
+            _ => None,
+        }
+    }
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+fn unknown_key_context(parent: &str, key: &str, known: &[String]) -> String {
+    let place = if parent.is_empty() {
+        "at the top level".to_owned()
+    } else {
+        format!("in {parent}")
+    };
+    match did_you_mean(key, known.iter().map(String::as_str)) {
+        Some(near) => format!("{place} (did you mean \"{near}\"?)"),
+        None if known.is_empty() => place,
+        None => format!("{place} (known keys: {})", known.join(", ")),
+    }
+}
+
+fn join_key(parent: &str, key: &str) -> String {
+    if parent.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{parent}.{key}")
+    }
+}
+
+/// The candidate closest to `word`: a small edit distance, or one a prefix of the other
+/// (`pool` → `pool_size`).
+fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let word = word.to_ascii_lowercase();
+    candidates
+        .into_iter()
+        .filter_map(|c| {
+            let d = edit_distance(&word, c);
+            let prefix =
+                word.len().min(c.len()) >= 3 && (c.starts_with(&word) || word.starts_with(c));
+            (d <= (word.len() / 3).max(1) || prefix).then_some((d, c))
+        })
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, c)| c)
+}
+
+/// Edit distance counting a swap of neighbours as one edit (`nmae` → `name`), as typos go.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    // d[i][j]: distance between the first i chars of a and the first j of b.
+    let mut d = vec![vec![0; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    d[0] = (0..=b.len()).collect();
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            d[i][j] = (d[i - 1][j - 1] + cost)
+                .min(d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
+            }
+        }
+    }
+    d[a.len()][b.len()]
+}
+
+/// Loads `path` with the process environment's `MQBRIDGE__…` overrides.
+pub fn load_plan(path: &Path) -> Result<Plan, ConfigError> {
+    let mut env = Vec::new();
+    for (key, value) in std::env::vars_os() {
+        let Ok(key) = key.into_string() else { continue };
+        if strip_env_prefix(&key).is_none() && key != "HOSTNAME" {
+            continue;
+        }
+        let value = value.into_string().map_err(|_| ConfigError::Env {
+            var: key.clone(),
+            message: "is not valid UTF-8".into(),
+        })?;
+        env.push((key, value));
+    }
+    load_plan_with_env(path, env)
+}
+
+/// Loads `path` with overrides from `env` instead of the process environment (for tests, and
+/// for embedding). `HOSTNAME` in `env` is the default instance name.
+pub fn load_plan_with_env<K, V>(
+    path: &Path,
+    env: impl IntoIterator<Item = (K, V)>,
+) -> Result<Plan, ConfigError>
+where
+    K: Into<String>,
+    V: Into<String>,
+{
+    // Sorted, so that overrides apply and errors show in the same order on every run.
+    let env: BTreeMap<String, String> =
+        env.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+    let (config, overrides) = read(path, &env)?;
+    let context = Context {
+        base_dir: path.parent().unwrap_or(Path::new("")).to_owned(),
+        host_name: env.get("HOSTNAME").cloned(),
+    };
+    build_plan(config, &context).map_err(|e| blame_env(e, &overrides))
+}
+
+/// The part of `var` after `MQBRIDGE__` (in any case, as `config`'s own env source allows).
+fn strip_env_prefix(var: &str) -> Option<&str> {
+    var.get(..ENV_PREFIX.len())
+        .filter(|p| p.eq_ignore_ascii_case(ENV_PREFIX))
+        .map(|_| &var[ENV_PREFIX.len()..])
+}
+
+/// One environment override, resolved to the key it sets.
+struct Override {
+    var: String,
+    /// `config`'s path syntax, matching its error paths: `brokers.edge.password`, `routes[0].qos`.
+    path: String,
+    value: String,
+}
+
+fn read(
+    path: &Path,
+    env: &BTreeMap<String, String>,
+) -> Result<(schema::Config, Vec<Override>), ConfigError> {
+    let text = fs::read_to_string(path).map_err(|reason| ConfigError::Read {
+        path: path.to_owned(),
+        reason,
+    })?;
+    let extension = path.extension().and_then(|e| e.to_str());
+    let format = match extension.map(str::to_ascii_lowercase).as_deref() {
+        Some("yaml" | "yml") => FileFormat::Yaml,
+        Some("json") => FileFormat::Json,
+        _ => FileFormat::Toml,
+    };
+    let syntax = |e: config::ConfigError| ConfigError::Syntax {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    let file = config::Config::builder()
+        .add_source(config::File::from_str(&text, format))
+        .build()
+        .map_err(syntax)?;
+    let overrides = resolve_overrides(&file.collect().map_err(syntax)?, env)?;
+
+    let mut builder = config::Config::builder().add_source(file);
+    for o in &overrides {
+        // Kept as strings: `schema` parses every value from a string, and guessing types here
+        // would turn a password like "0123" into the number 123.
+        builder = builder
+            .set_override(&o.path, o.value.clone())
+            .map_err(|e| ConfigError::Env {
+                var: o.var.clone(),
+                message: format!("cannot set {}: {e}", o.path),
+            })?;
+    }
+    let config = builder
+        .build()
+        .and_then(|c| c.try_deserialize::<schema::Config>())
+        .map_err(|e| blame_env(translate(e), &overrides))?;
+    Ok((config, overrides))
+}
+
+/// Maps each `MQBRIDGE__…` variable to the key it sets. Done here rather than with `config`'s
+/// `Environment` source, which lowercases every level (so `[brokers.Edge]` could not be reached)
+/// and turns `ROUTES__0` into a table key `"0"` that replaces the `routes` list.
+fn resolve_overrides(
+    root: &config::Map<String, Value>,
+    env: &BTreeMap<String, String>,
+) -> Result<Vec<Override>, ConfigError> {
+    let mut overrides = Vec::new();
+    for (var, value) in env {
+        let Some(rest) = strip_env_prefix(var) else {
+            continue;
+        };
+        let error = |message: String| ConfigError::Env {
+            var: var.clone(),
+            message,
+        };
+        let mut path = String::new();
+        // Where we are in the file's tree; `None` once below what the file has.
+        let mut table = Some(root);
+        let mut list: Option<&[Value]> = None;
+        for level in rest.split("__") {
+            if level.is_empty() {
+                return Err(error(
+                    "has an empty level; separate levels with two underscores, e.g. \
+                     MQBRIDGE__BROKERS__CLOUD__PASSWORD"
+                        .into(),
+                ));
+            }
+            let child = if let Some(items) = list {
+                let index: usize = level.parse().map_err(|_| {
+                    error(format!(
+                        "{path} is a list: the level after it must be an index like 0, not {level:?}"
+                    ))
+                })?;
+                let item = items.get(index).ok_or_else(|| {
+                    let n = items.len();
+                    let entries = if n == 1 { "entry" } else { "entries" };
+                    error(format!(
+                        "{path} has {n} {entries}, so index {index} names none"
+                    ))
+                })?;
+                path.push_str(&format!("[{index}]"));
+                Some(item)
+            } else {
+                if !level
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    return Err(error(format!(
+                        "{level:?} cannot name a key: use letters, digits, '-' and '_'"
+                    )));
+                }
+                // The file's spelling if it has the key in any case, else the schema's
+                // lowercase one.
+                let key = table
+                    .and_then(|t| {
+                        t.keys()
+                            .find(|k| k.as_str() == level.to_ascii_lowercase())
+                            .or_else(|| t.keys().find(|k| k.eq_ignore_ascii_case(level)))
+                    })
+                    .cloned()
+                    .unwrap_or_else(|| level.to_ascii_lowercase());
+                let child = table.and_then(|t| t.get(&key));
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(&key);
+                child
+            };
+            (table, list) = match child.map(|v| &v.kind) {
+                Some(ValueKind::Table(t)) => (Some(t), None),
+                Some(ValueKind::Array(a)) => (None, Some(a.as_slice())),
+                _ => (None, None),
+            };
+        }
+        overrides.push(Override {
+            var: var.clone(),
+            path,
+            value: value.clone(),
+        });
+    }
+    Ok(overrides)
+}
+
+/// Adds "(set by MQBRIDGE__…)" to an error about a key an environment variable set, or one
+/// beneath or above it.
+fn blame_env(err: ConfigError, overrides: &[Override]) -> ConfigError {
+    let Some(key) = err.key() else { return err };
+    let under = |a: &str, b: &str| {
+        a.strip_prefix(b)
+            .is_some_and(|rest| rest.starts_with(['.', '[']))
+    };
+    match overrides
+        .iter()
+        .find(|o| o.path == key || under(&key, &o.path) || under(&o.path, &key))
+    {
+        Some(o) => ConfigError::FromEnv {
+            var: o.var.clone(),
+            error: Box::new(err),
+        },
+        None => err,
+    }
+}
+
+/// Turns `config`/serde errors into ours. `config` records where an error happened as a key
+/// path (`routes[0].pool_size`) around serde's message; the messages are serde's stable
+/// wording (`unknown field `x`, expected one of ...`, `invalid type: ...`).
+fn translate(err: config::ConfigError) -> ConfigError {
+    use config::ConfigError as C;
+    match err {
+        C::At { error, key, .. } => {
+            let key = key.map(|k| fix_path(&k)).unwrap_or_default();
+            match *error {
+                C::Message(message) => from_serde_message(key, &message),
+                other => invalid(key, other.to_string()),
+            }
+        }
+        C::Message(message) => from_serde_message(String::new(), &message),
+        C::Type {
+            unexpected,
+            expected,
+            key,
+            ..
+        } => invalid(
+            key.map(|k| fix_path(&k)).unwrap_or_default(),
+            format!(
+                "expected {}, found {}",
+                plain_type(expected),
+                plain_type(&unexpected.to_string())
+            ),
+        ),
+        C::NotFound(key) => invalid(fix_path(&key), "missing"),
+        other => invalid(String::new(), other.to_string()),
+    }
+}
+
+fn from_serde_message(parent: String, message: &str) -> ConfigError {
+    // All `backquoted` words: the field first, then what serde expected.
+    let quoted = || message.split('`').skip(1).step_by(2);
+    if message.starts_with("unknown field `") {
+        let mut words = quoted();
+        return ConfigError::UnknownKey {
+            parent,
+            key: words.next().unwrap_or_default().to_owned(),
+            known: words.map(str::to_owned).collect(),
+        };
+    }
+    if message.starts_with("missing field `") {
+        let field = quoted().next().unwrap_or_default();
+        return invalid(join_key(&parent, field), "missing");
+    }
+    if let Some(rest) = message.strip_prefix("invalid type: ")
+        && let Some((found, expected)) = rest.split_once(", expected ")
+    {
+        return invalid(
+            parent,
+            format!(
+                "expected {}, found {}",
+                plain_type(expected),
+                plain_type(found)
+            ),
+        );
+    }
+    invalid(parent, message)
+}
+
+/// Serde's type words in the operator's terms.
+fn plain_type(s: &str) -> String {
+    if s.starts_with("struct ") || s == "a map" || s == "map" {
+        return "a table".into();
+    }
+    match s {
+        "a sequence" | "sequence" => "a list".into(),
+        "unit value" => "nothing".into(),
+        _ => s.into(),
+    }
+}
+
+/// `config` joins a missing field to an index without a dot (`routes[0]name`).
+fn fix_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len() + 2);
+    let mut after_bracket = false;
+    for c in path.chars() {
+        if after_bracket && c != '.' && c != '[' {
+            out.push('.');
+        }
+        after_bracket = c == ']';
+        out.push(c);
+    }
+    out
+}
+
+/// What validation needs besides the file.
+struct Context {
+    /// Relative file names in the config are relative to its directory, so a config works from
+    /// any working directory.
+    base_dir: PathBuf,
+    host_name: Option<String>,
+}
+
+impl Context {
+    fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    /// The default instance: `HOSTNAME` (the pod name on Kubernetes), else the kernel's host
+    /// name, else "local".
+    fn instance(&self) -> String {
+        self.host_name
+            .clone()
+            .or_else(|| fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .or_else(|| fs::read_to_string("/etc/hostname").ok())
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "local".into())
+    }
+}
+
+fn build_plan(config: schema::Config, cx: &Context) -> Result<Plan, ConfigError> {
+    let bridge = bridge_plan(config.bridge, cx)?;
+    let admin_listen = config
+        .admin
+        .map(|admin| listen_addr(&admin.listen))
+        .transpose()?;
+    if config.brokers.is_empty() {
+        return Err(invalid(
+            "brokers",
+            r#"none configured; add a [brokers.<name>] table per broker with its url, e.g. [brokers.edge] url = "mqtt://127.0.0.1:1883""#,
+        ));
+    }
+    let brokers = config
+        .brokers
+        .into_iter()
+        .map(|(name, broker)| {
+            let plan = broker_plan(&name, broker, &bridge, cx)?;
+            Ok((name, Arc::new(plan)))
+        })
+        .collect::<Result<BTreeMap<_, _>, ConfigError>>()?;
+    if config.routes.is_empty() {
+        return Err(invalid(
+            "routes",
+            "none configured; add a [[routes]] table with name, from, to and topics",
+        ));
+    }
+    let mut routes: Vec<RoutePlan> = Vec::with_capacity(config.routes.len());
+    for (i, route) in config.routes.into_iter().enumerate() {
+        let plan = route_plan(i, route, &bridge, &brokers)?;
+        if let Some(first) = routes.iter().position(|r| r.name == plan.name) {
+            return Err(invalid(
+                format!("routes[{i}].name"),
+                format!(
+                    "\"{}\" is already the name of routes[{first}]; route names must be unique",
+                    plan.name
+                ),
+            ));
+        }
+        routes.push(plan);
+    }
+    Ok(Plan {
+        bridge,
+        admin_listen,
+        brokers,
+        routes,
+    })
+}
+
+fn bridge_plan(bridge: schema::Bridge, cx: &Context) -> Result<BridgePlan, ConfigError> {
+    let name = bridge.name.ok_or_else(|| {
+        invalid(
+            "bridge.name",
+            r#"missing; name the logical bridge, e.g. [bridge] name = "edge-1""#,
+        )
+    })?;
+    if name.trim().is_empty() {
+        return Err(invalid("bridge.name", "is empty; name the logical bridge"));
+    }
+    if name.contains(['/', '+', '#']) {
+        return Err(invalid(
+            "bridge.name",
+            format!("\"{name}\" may not contain '/', '+' or '#': it is part of share group names"),
+        ));
+    }
+    let instance = match bridge.instance {
+        Some(i) if i.trim().is_empty() => {
+            return Err(invalid(
+                "bridge.instance",
+                "is empty; remove it to use the host name",
+            ));
+        }
+        Some(i) => i,
+        None => cx.instance(),
+    };
+    for (key, value) in [
+        ("bridge.stall_timeout", bridge.stall_timeout),
+        ("bridge.summary_interval", bridge.summary_interval),
+    ] {
+        if value.is_zero() {
+            return Err(invalid(key, "must be above zero, e.g. \"30s\""));
+        }
+    }
+    Ok(BridgePlan {
+        name,
+        instance,
+        drain_timeout: bridge.drain_timeout,
+        stall_timeout: bridge.stall_timeout,
+        summary_interval: bridge.summary_interval,
+    })
+}
+
+fn listen_addr(listen: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(addr) = listen.parse() {
+        return Ok(addr);
+    }
+    // The one host name people write here; resolving others would make `check` depend on DNS.
+    if let Some(port) = listen.strip_prefix("localhost:")
+        && let Ok(port) = port.parse()
+    {
+        return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
+    Err(invalid(
+        "admin.listen",
+        format!(r#""{listen}" is not an address; write it like "127.0.0.1:9464" or "[::]:9464""#),
+    ))
+}
+
+/// Names that appear in client ids, metric labels and `MQBRIDGE__` variables.
+fn check_name(key: &str, what: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() {
+        return Err(invalid(key, format!("is empty; give the {what} a name")));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(invalid(
+            key,
+            format!(
+                "\"{name}\": {what} names may use letters, digits, '-' and '_' \
+                 (they appear in client ids, metrics and MQBRIDGE__ variables)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn broker_plan(
+    name: &str,
+    broker: schema::Broker,
+    bridge: &BridgePlan,
+    cx: &Context,
+) -> Result<BrokerPlan, ConfigError> {
+    let at = |key: &str| format!("brokers.{name}.{key}");
+    check_name(&format!("brokers.{name}"), "broker", name)?;
+    let url = broker.url.ok_or_else(|| {
+        invalid(
+            at("url"),
+            r#"missing; e.g. url = "mqtt://127.0.0.1:1883" (mqtt, mqtts, ws or wss)"#,
+        )
+    })?;
+    let endpoint = parse_url(&url, broker.tls.is_some()).map_err(|m| invalid(at("url"), m))?;
+
+    let protocol = broker.protocol;
+    let client_id_prefix = broker
+        .client_id_prefix
+        .unwrap_or_else(|| bridge.name.clone());
+    if client_id_prefix.is_empty() {
+        return Err(invalid(
+            at("client_id_prefix"),
+            "is empty; remove it to use the bridge name",
+        ));
+    }
+
+    let password = match (broker.password, broker.password_file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                at("password"),
+                "set either password or password_file, not both",
+            ));
+        }
+        (Some(p), None) => Some(p),
+        (None, Some(file)) => {
+            let file = cx.resolve(&file);
+            let text = fs::read_to_string(&file).map_err(|e| {
+                invalid(
+                    at("password_file"),
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
+            // Secret files and `echo pw > file` end in a newline that is no part of it.
+            Some(Secret::new(text.trim_end_matches(['\n', '\r']).to_owned()))
+        }
+        (None, None) => None,
+    };
+    if password.is_some() && broker.username.is_none() && protocol != Protocol::V5 {
+        return Err(invalid(
+            at("password"),
+            format!("MQTT {protocol} cannot send a password without a username; set username"),
+        ));
+    }
+
+    let keep_alive = whole_seconds(&at("keep_alive"), broker.keep_alive, u16::MAX.into())?;
+    let session_expiry = whole_seconds(
+        &at("session_expiry"),
+        broker.session_expiry,
+        u32::MAX.into(),
+    )?;
+
+    let max_inflight = match broker.max_inflight {
+        None => schema::default_max_inflight(protocol),
+        Some(n) => u16::try_from(n)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| invalid(at("max_inflight"), format!("{n} is not in 1..=65535")))?,
+    };
+    let nonzero = |key: &str, v: Option<u64>| match v {
+        Some(0) => Err(invalid(
+            at(key),
+            "0 would stop all traffic; remove the key for no limit",
+        )),
+        v => Ok(v),
+    };
+    let bandwidth_limit = nonzero("bandwidth_limit", broker.bandwidth_limit)?;
+    let max_publish_rate = nonzero("max_publish_rate", broker.max_publish_rate)?
+        .map(|n| {
+            u32::try_from(n)
+                .map_err(|_| invalid(at("max_publish_rate"), format!("{n} is too large")))
+        })
+        .transpose()?;
+    let max_filters_per_subscribe = usize::try_from(broker.max_filters_per_subscribe)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| {
+            invalid(
+                at("max_filters_per_subscribe"),
+                format!("{} must be at least 1", broker.max_filters_per_subscribe),
+            )
+        })?;
+
+    let tls = match (broker.tls, endpoint.transport) {
+        (Some(tls), _) => Some(tls_plan(name, tls, cx)?),
+        (None, Transport::Tls | Transport::Wss) => Some(TlsPlan {
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            server_name: None,
+            insecure_skip_verify: false,
+        }),
+        (None, _) => None,
+    };
+
+    Ok(BrokerPlan {
+        name: name.to_owned(),
+        url,
+        transport: endpoint.transport,
+        host: endpoint.host,
+        port: endpoint.port,
+        path: endpoint.path,
+        protocol,
+        client_id_prefix,
+        username: broker.username,
+        password,
+        keep_alive,
+        session_expiry,
+        max_inflight,
+        bandwidth_limit,
+        max_publish_rate,
+        max_filters_per_subscribe,
+        tls,
+    })
+}
+
+/// MQTT carries these intervals in whole seconds.
+fn whole_seconds(key: &str, d: Duration, max: u64) -> Result<Duration, ConfigError> {
+    if d.subsec_nanos() != 0 {
+        return Err(invalid(key, "must be whole seconds, e.g. \"30s\""));
+    }
+    if d.as_secs() > max {
+        return Err(invalid(
+            key,
+            format!(
+                "is above the MQTT limit of {max}s ({})",
+                humantime::format_duration(Duration::from_secs(max))
+            ),
+        ));
+    }
+    Ok(d)
+}
+
+struct Endpoint {
+    transport: Transport,
+    host: String,
+    port: u16,
+    path: String,
+}
+
+/// `scheme://host[:port][/path]`; the message of an error is for the `url` key.
+fn parse_url(url: &str, tls: bool) -> Result<Endpoint, String> {
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+        format!(
+            r#""{url}" has no scheme; write it like "mqtt://host:1883" (mqtt, mqtts, ws or wss)"#
+        )
+    })?;
+    let transport = match scheme.to_ascii_lowercase().as_str() {
+        "mqtt" => Transport::Tcp,
+        "mqtts" => Transport::Tls,
+        "ws" => Transport::Ws,
+        "wss" => Transport::Wss,
+        _ => {
+            return Err(format!(
+                r#""{scheme}://" is not supported; use mqtt://, mqtts://, ws:// or wss://"#
+            ));
+        }
+    };
+    // A `[tls]` table upgrades the plain schemes (SPEC: "present => TLS").
+    let transport = match (transport, tls) {
+        (Transport::Tcp, true) => Transport::Tls,
+        (Transport::Ws, true) => Transport::Wss,
+        (t, _) => t,
+    };
+    if rest.contains(['?', '#']) {
+        return Err(format!(
+            "\"{url}\": query strings and fragments are not supported"
+        ));
+    }
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    if authority.contains('@') {
+        // The url is printed by `check` and in logs; credentials have their own keys.
+        return Err("put credentials in username and password_file, not in the url".into());
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("\"{url}\": unclosed '[' in the host"))?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("\"{url}\" has no host"));
+    }
+    let port = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p > 0)
+            .ok_or_else(|| format!("\"{url}\": port \"{p}\" is not a number in 1..=65535"))?,
+        None => match transport {
+            Transport::Tcp => 1883,
+            Transport::Tls => 8883,
+            Transport::Ws => 80,
+            Transport::Wss => 443,
+        },
+    };
+    let path = match transport {
+        Transport::Ws | Transport::Wss if path.is_empty() => "/mqtt".to_owned(),
+        Transport::Ws | Transport::Wss => path.to_owned(),
+        Transport::Tcp | Transport::Tls if path.is_empty() || path == "/" => String::new(),
+        Transport::Tcp | Transport::Tls => {
+            return Err(format!(
+                "\"{url}\": a path is only meaningful for ws:// and wss://"
+            ));
+        }
+    };
+    Ok(Endpoint {
+        transport,
+        host: host.to_owned(),
+        port,
+        path,
+    })
+}
+
+fn tls_plan(broker: &str, tls: schema::Tls, cx: &Context) -> Result<TlsPlan, ConfigError> {
+    let at = |key: &str| format!("brokers.{broker}.tls.{key}");
+    // Checked now so that `check` catches a missing file before `run` needs it.
+    let file = |key: &str, path: Option<PathBuf>| -> Result<Option<PathBuf>, ConfigError> {
+        path.map(|p| {
+            let p = cx.resolve(&p);
+            fs::File::open(&p)
+                .map(|_| p.clone())
+                .map_err(|e| invalid(at(key), format!("cannot read {}: {e}", p.display())))
+        })
+        .transpose()
+    };
+    let plan = TlsPlan {
+        ca_file: file("ca_file", tls.ca_file)?,
+        cert_file: file("cert_file", tls.cert_file)?,
+        key_file: file("key_file", tls.key_file)?,
+        server_name: tls.server_name,
+        insecure_skip_verify: tls.insecure_skip_verify,
+    };
+    match (&plan.cert_file, &plan.key_file) {
+        (Some(_), None) => Err(invalid(
+            at("cert_file"),
+            "mutual TLS needs key_file too (the client certificate's private key)",
+        )),
+        (None, Some(_)) => Err(invalid(
+            at("key_file"),
+            "mutual TLS needs cert_file too (the client certificate)",
+        )),
+        _ if plan.server_name.as_deref() == Some("") => Err(invalid(
+            at("server_name"),
+            "is empty; remove it to use the url's host",
+        )),
+        _ => Ok(plan),
+    }
+}
+
+fn route_plan(
+    i: usize,
+    route: schema::Route,
+    bridge: &BridgePlan,
+    brokers: &BTreeMap<String, Arc<BrokerPlan>>,
+) -> Result<RoutePlan, ConfigError> {
+    let at = |key: &str| format!("routes[{i}].{key}");
+    let name = route.name.ok_or_else(|| {
+        invalid(
+            at("name"),
+            r#"missing; every route needs a unique name, e.g. name = "telemetry-up""#,
+        )
+    })?;
+    check_name(&at("name"), "route", &name)?;
+
+    let broker_names = || brokers.keys().cloned().collect::<Vec<_>>().join(", ");
+    let broker = |key: &str, value: Option<String>| {
+        let value = value.ok_or_else(|| {
+            invalid(
+                at(key),
+                format!("missing; name a broker (brokers: {})", broker_names()),
+            )
+        })?;
+        brokers.get(&value).cloned().ok_or_else(|| {
+            invalid(
+                at(key),
+                format!("unknown broker \"{value}\" (brokers: {})", broker_names()),
+            )
+        })
+    };
+    let from = broker("from", route.from)?;
+    let to = broker("to", route.to)?;
+
+    if route.topics.is_empty() {
+        return Err(invalid(
+            at("topics"),
+            r#"missing; list the filters to subscribe on the source, e.g. topics = ["factory/#"]"#,
+        ));
+    }
+    let mut topics: Vec<TopicFilter> = Vec::with_capacity(route.topics.len());
+    for (j, topic) in route.topics.iter().enumerate() {
+        let key = at(&format!("topics[{j}]"));
+        if topic.starts_with("$share/") || topic.starts_with("$oshare/") {
+            return Err(invalid(
+                key,
+                format!(
+                    "\"{topic}\": write the plain filter; the share prefix comes from `share` and `group`"
+                ),
+            ));
+        }
+        let filter = TopicFilter::parse(topic)
+            .map_err(|e| invalid(&key, format!("\"{topic}\" is not a valid filter: {e}")))?;
+        if topics.contains(&filter) {
+            return Err(invalid(key, format!("\"{topic}\" is listed twice")));
+        }
+        topics.push(filter);
+    }
+
+    let group = route
+        .group
+        .unwrap_or_else(|| format!("{}-{}", bridge.name, name));
+    if group.is_empty() || group.contains(['/', '+', '#', '\0']) {
+        return Err(invalid(
+            at("group"),
+            format!(
+                "\"{group}\" is not a share group name: it must be non-empty without '/', '+' or '#'"
+            ),
+        ));
+    }
+
+    let pool_size = usize::try_from(route.pool_size)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| {
+            invalid(
+                at("pool_size"),
+                format!("{} must be at least 1", route.pool_size),
+            )
+        })?;
+    if route.share == Share::None && pool_size > 1 {
+        return Err(invalid(
+            at("pool_size"),
+            format!(
+                "{pool_size} with share = \"none\" would forward every message {pool_size} times; \
+                 use pool_size = 1 or a shared subscription"
+            ),
+        ));
+    }
+    let queue_capacity = usize::try_from(route.queue_capacity)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| {
+            invalid(
+                at("queue_capacity"),
+                format!("{} must be at least 1", route.queue_capacity),
+            )
+        })?;
+
+    let mut rules = Vec::with_capacity(route.rewrite.len());
+    for (j, rule) in route.rewrite.into_iter().enumerate() {
+        rules.push(rewrite_rule(&format!("routes[{i}].rewrite[{j}]"), rule)?);
+    }
+
+    let dead_letter = route
+        .dead_letter
+        .map(|topic| {
+            let name = TopicName::parse(&topic).map_err(|e| {
+                invalid(
+                    at("dead_letter"),
+                    format!("\"{topic}\" is not a valid topic name: {e}"),
+                )
+            })?;
+            // Published on the source, where the route's own subscription would take it
+            // straight back.
+            match topics.iter().find(|f| f.matches(&topic)) {
+                Some(f) => Err(invalid(
+                    at("dead_letter"),
+                    format!(
+                        "\"{topic}\" matches the route's own filter \"{f}\", so dead letters would be \
+                         forwarded again; pick a topic outside the route's topics"
+                    ),
+                )),
+                None => Ok(name),
+            }
+        })
+        .transpose()?;
+
+    Ok(RoutePlan {
+        name,
+        from,
+        to,
+        topics,
+        share: route.share,
+        group,
+        qos: route.qos,
+        pool_size,
+        retain: route.retain,
+        properties: route.properties,
+        queue_capacity,
+        rewrite: Rewrite::new(rules),
+        dead_letter,
+    })
+}
+
+fn rewrite_rule(at: &str, rule: schema::Rewrite) -> Result<RewriteRule, ConfigError> {
+    let filter = rule.filter.ok_or_else(|| {
+        invalid(
+            format!("{at}.match"),
+            r#"missing; the filter this rule applies to, e.g. match = "factory/+/telemetry/#""#,
+        )
+    })?;
+    let to = rule.to.ok_or_else(|| {
+        invalid(
+            format!("{at}.to"),
+            r#"missing; the new topic, e.g. to = "sites/edge-1/{1}/telemetry/{2}""#,
+        )
+    })?;
+    let compiled = RewriteRule::compile(&filter, &to).map_err(|e| match e {
+        RewriteError::InvalidFilter { reason, .. } => invalid(
+            format!("{at}.match"),
+            format!("\"{filter}\" is not a valid filter: {reason}"),
+        ),
+        other => invalid(format!("{at}.to"), other.to_string()),
+    })?;
+    // A template may still produce no valid topic for every topic its filter matches (say,
+    // nothing but captures that can be empty); try the typical one.
+    let sample = sample_topic(compiled.filter());
+    if let Some(Err(e)) = compiled.apply(&sample) {
+        return Err(invalid(
+            format!("{at}.to"),
+            format!("rewrites \"{sample}\" to an invalid topic: {e}"),
+        ));
+    }
+    Ok(compiled)
+}
+
+/// A topic the filter matches, with recognisable stand-ins for the wildcards: `+` becomes
+/// `x1`, `x2`…, `#` becomes `rest/of/topic`. Used for `check`'s rewrite examples too.
+pub fn sample_topic(filter: &TopicFilter) -> String {
+    let mut plus = 0;
+    filter
+        .as_str()
+        .split('/')
+        .map(|level| match level {
+            "+" => {
+                plus += 1;
+                format!("x{plus}")
+            }
+            "#" => "rest/of/topic".to_owned(),
+            literal => literal.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_suggest_the_near_one() {
+        let known = ["name", "from", "to", "pool_size", "queue_capacity"].map(String::from);
+        let err = ConfigError::UnknownKey {
+            parent: "routes[0]".into(),
+            key: "pool".into(),
+            known: known.to_vec(),
+        };
+        assert_eq!(
+            err.to_string(),
+            r#"unknown key "pool" in routes[0] (did you mean "pool_size"?)"#
+        );
+        let err = ConfigError::UnknownKey {
+            parent: String::new(),
+            key: "zzz".into(),
+            known: vec!["bridge".into(), "routes".into()],
+        };
+        assert_eq!(
+            err.to_string(),
+            r#"unknown key "zzz" at the top level (known keys: bridge, routes)"#
+        );
+    }
+
+    #[test]
+    fn typos_are_near() {
+        assert_eq!(edit_distance("nmae", "name"), 1);
+        assert_eq!(edit_distance("qso", "qos"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(did_you_mean("tpoics", ["topics", "to"]), Some("topics"));
+        assert_eq!(did_you_mean("colour", ["bridge", "routes"]), None);
+    }
+
+    #[test]
+    fn config_paths_are_repaired() {
+        assert_eq!(fix_path("routes[0]name"), "routes[0].name");
+        assert_eq!(
+            fix_path("routes[0].rewrite[1].to"),
+            "routes[0].rewrite[1].to"
+        );
+        assert_eq!(fix_path("a[0][1]b"), "a[0][1].b");
+    }
+
+    #[test]
+    fn urls_get_default_ports_and_tls() {
+        let e = parse_url("mqtt://h", false).unwrap();
+        assert_eq!((e.transport, e.port), (Transport::Tcp, 1883));
+        let e = parse_url("mqtt://h", true).unwrap();
+        assert_eq!((e.transport, e.port), (Transport::Tls, 8883));
+        let e = parse_url("wss://h", false).unwrap();
+        assert_eq!(
+            (e.transport, e.port, e.path.as_str()),
+            (Transport::Wss, 443, "/mqtt")
+        );
+        let e = parse_url("ws://[::1]:9001/ws", false).unwrap();
+        assert_eq!(
+            (e.host.as_str(), e.port, e.path.as_str()),
+            ("::1", 9001, "/ws")
+        );
+        assert!(parse_url("http://h", false).is_err());
+        assert!(parse_url("mqtt://u:p@h", false).is_err());
+        assert!(parse_url("mqtt://h:0", false).is_err());
+        assert!(parse_url("mqtt://:1883", false).is_err());
+        assert!(parse_url("mqtt://h/x", false).is_err());
+    }
+
+    #[test]
+    fn samples_name_the_wildcards() {
+        let f = TopicFilter::parse("factory/+/telemetry/+/#").unwrap();
+        assert_eq!(sample_topic(&f), "factory/x1/telemetry/x2/rest/of/topic");
+    }
+}

@@ -1,0 +1,262 @@
+//! The validated, resolved configuration. Built once by `load::load_plan`; `check` prints it and
+//! `run` starts from it. Every field here is already checked: consumers trust it.
+
+use std::{collections::BTreeMap, fmt, net::SocketAddr, sync::Arc, time::Duration};
+
+use crate::topic::{Rewrite, TopicFilter, TopicName};
+
+/// MQTT protocol version spoken to one broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// MQTT 3.1: protocol name `MQIsdp`, level 3, client ids of at most 23 characters.
+    V31,
+    /// MQTT 3.1.1: protocol name `MQTT`, level 4.
+    V311,
+    /// MQTT 5.0: level 5.
+    V5,
+}
+
+impl Protocol {
+    pub fn is_v5(self) -> bool {
+        self == Protocol::V5
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::V31 => "3.1",
+            Protocol::V311 => "3.1.1",
+            Protocol::V5 => "5",
+        })
+    }
+}
+
+/// Transport of a broker URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Tls,
+    Ws,
+    Wss,
+}
+
+/// A secret string (password). `Debug`/`Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Self {
+        Secret(s)
+    }
+    /// The secret itself: only for putting it on the wire.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPlan {
+    pub ca_file: Option<std::path::PathBuf>,
+    pub cert_file: Option<std::path::PathBuf>,
+    pub key_file: Option<std::path::PathBuf>,
+    pub server_name: Option<String>,
+    pub insecure_skip_verify: bool,
+}
+
+/// One broker, resolved.
+#[derive(Debug, Clone)]
+pub struct BrokerPlan {
+    /// The key under `[brokers.<name>]`.
+    pub name: String,
+    /// The URL as written (for messages).
+    pub url: String,
+    pub transport: Transport,
+    pub host: String,
+    pub port: u16,
+    /// Path part of a ws:// URL ("/mqtt" when absent); unused for TCP.
+    pub path: String,
+    pub protocol: Protocol,
+    pub client_id_prefix: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub keep_alive: Duration,
+    /// Zero: clean session. Above zero: persistent session (v3 clean_session=false, v5 Session Expiry).
+    pub session_expiry: Duration,
+    /// Cap on our outgoing window towards this broker (defaults: 20 for 3.x, 1024 for 5).
+    pub max_inflight: u16,
+    /// Bytes per second each connection may send to/receive from this broker.
+    pub bandwidth_limit: Option<u64>,
+    /// PUBLISH packets per second each connection may send to this broker.
+    pub max_publish_rate: Option<u32>,
+    /// SUBSCRIBE packets carry at most this many filters.
+    pub max_filters_per_subscribe: usize,
+    pub tls: Option<TlsPlan>,
+}
+
+/// Qos as a plain level 0..=2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Qos {
+    AtMostOnce = 0,
+    AtLeastOnce = 1,
+    ExactlyOnce = 2,
+}
+
+impl Qos {
+    pub fn from_u8(v: u8) -> Option<Qos> {
+        match v {
+            0 => Some(Qos::AtMostOnce),
+            1 => Some(Qos::AtLeastOnce),
+            2 => Some(Qos::ExactlyOnce),
+            _ => None,
+        }
+    }
+}
+
+/// How the source connection subscribes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Share {
+    /// `$share/<group>/<filter>`
+    Share,
+    /// BifroMQ's ordered sharing: `$oshare/<group>/<filter>`
+    OShare,
+    /// The plain filter (every pair receives every message: use with pool_size = 1).
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetainMode {
+    AsPublished,
+    Clear,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PropertiesMode {
+    Forward,
+    Drop,
+}
+
+/// One route, resolved.
+#[derive(Debug, Clone)]
+pub struct RoutePlan {
+    pub name: String,
+    pub from: Arc<BrokerPlan>,
+    pub to: Arc<BrokerPlan>,
+    pub topics: Vec<TopicFilter>,
+    pub share: Share,
+    pub group: String,
+    pub qos: Qos,
+    pub pool_size: usize,
+    pub retain: RetainMode,
+    pub properties: PropertiesMode,
+    pub queue_capacity: usize,
+    pub rewrite: Rewrite,
+    pub dead_letter: Option<TopicName>,
+}
+
+/// Which side of a pair a connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Target,
+}
+
+impl RoutePlan {
+    /// The filters the source connection subscribes, with the share prefix applied.
+    pub fn subscriptions(&self) -> Vec<String> {
+        self.topics
+            .iter()
+            .map(|f| match self.share {
+                Share::Share => format!("$share/{}/{}", self.group, f.as_str()),
+                Share::OShare => format!("$oshare/{}/{}", self.group, f.as_str()),
+                Share::None => f.as_str().to_string(),
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BridgePlan {
+    pub name: String,
+    pub instance: String,
+    /// How long SIGTERM waits for in-flight messages.
+    pub drain_timeout: Duration,
+    /// In flight without ack progress this long = stalled.
+    pub stall_timeout: Duration,
+    /// Period of the summary log line.
+    pub summary_interval: Duration,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub bridge: BridgePlan,
+    pub admin_listen: Option<SocketAddr>,
+    pub brokers: BTreeMap<String, Arc<BrokerPlan>>,
+    pub routes: Vec<RoutePlan>,
+}
+
+/// Stable client id of one connection of one pair: `<prefix>-<instance>-<route>-<index>`.
+///
+/// Stable across restarts so persistent sessions resume; the instance keeps replicas of one
+/// config apart. When a route bridges a broker to itself, the target side gets a `-t` suffix so
+/// the two connections do not take each other's session. MQTT 3.1 allows at most 23 characters:
+/// longer ids are cut and end in a stable hash of the full id.
+pub fn client_id(bridge: &BridgePlan, route: &RoutePlan, index: usize, side: Side) -> String {
+    let broker = match side {
+        Side::Source => &route.from,
+        Side::Target => &route.to,
+    };
+    let mut id = format!(
+        "{}-{}-{}-{}",
+        broker.client_id_prefix, bridge.instance, route.name, index
+    );
+    if side == Side::Target && route.from.name == route.to.name {
+        id.push_str("-t");
+    }
+    if broker.protocol == Protocol::V31 && id.len() > 23 {
+        id = shorten(&id, 23);
+    }
+    id
+}
+
+/// Cuts `id` to `max` bytes, the last 9 being `-` and 8 hex digits of a stable hash of `id`.
+fn shorten(id: &str, max: usize) -> String {
+    // FNV-1a: stable across Rust versions and platforms, unlike `DefaultHasher`.
+    let hash = id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let tag = format!("-{:08x}", hash as u32);
+    let mut keep = max - tag.len();
+    while !id.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    format!("{}{}", &id[..keep], tag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shortened_ids_are_stable_distinct_and_fit() {
+        let a = shorten("mqbridge-pod-0-telemetry-up-0", 23);
+        let b = shorten("mqbridge-pod-0-telemetry-up-1", 23);
+        assert_eq!(a.len(), 23);
+        assert_eq!(a, shorten("mqbridge-pod-0-telemetry-up-0", 23));
+        assert_ne!(a, b);
+        assert!(a.starts_with("mqbridge-pod-"));
+    }
+}

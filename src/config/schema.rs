@@ -1,0 +1,601 @@
+//! The configuration file exactly as the operator writes it (SPEC §3): one documented serde struct
+//! per table, every key with its default. A value is parsed here as far as it can be on its own
+//! (durations, sizes, choices, numbers written as strings); checks that need other keys and the
+//! resolution into a [`Plan`](super::Plan) happen in `load`.
+
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+use super::plan::{PropertiesMode, Protocol, Qos, RetainMode, Secret, Share};
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[bridge]`: the logical bridge this process is one instance of.
+    #[serde(default)]
+    pub bridge: Bridge,
+    /// `[admin]`: the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`); absent = no endpoint.
+    #[serde(default)]
+    pub admin: Option<Admin>,
+    /// `[brokers.<name>]`: the brokers routes connect to, by name.
+    #[serde(default)]
+    pub brokers: BTreeMap<String, Broker>,
+    /// `[[routes]]`: what is taken from which broker and republished to which.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+/// `[bridge]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bridge {
+    /// Required. The logical bridge: the default client id prefix and share groups are derived
+    /// from it, and forwarded MQTT 5 messages carry it as the `mqbridge-via` loop marker.
+    pub name: Option<String>,
+    /// This process among replicas of one config (default: the host name, which is the pod name
+    /// on Kubernetes). Part of every client id, so replicas never take each other's sessions.
+    pub instance: Option<String>,
+    /// How long SIGTERM waits for in-flight messages before disconnecting.
+    #[serde(
+        default = "default_drain_timeout",
+        deserialize_with = "parse::duration"
+    )]
+    pub drain_timeout: Duration,
+    /// In-flight messages without ack progress for this long make `/readyz` report stalled.
+    #[serde(
+        default = "default_stall_timeout",
+        deserialize_with = "parse::duration"
+    )]
+    pub stall_timeout: Duration,
+    /// Period of the summary log line (rates, in flight, drops).
+    #[serde(
+        default = "default_summary_interval",
+        deserialize_with = "parse::duration"
+    )]
+    pub summary_interval: Duration,
+}
+
+impl Default for Bridge {
+    fn default() -> Self {
+        Bridge {
+            name: None,
+            instance: None,
+            drain_timeout: default_drain_timeout(),
+            stall_timeout: default_stall_timeout(),
+            summary_interval: default_summary_interval(),
+        }
+    }
+}
+
+pub const fn default_drain_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+pub const fn default_stall_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+pub const fn default_summary_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// `[admin]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// `host:port` to serve on. Loopback by default: metrics are not for the whole network
+    /// unless the operator says so.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+pub fn default_admin_listen() -> String {
+    "127.0.0.1:9464".to_owned()
+}
+
+/// `[brokers.<name>]`: one broker. The name is what routes refer to in `from` and `to`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Broker {
+    /// Required. `mqtt://host[:1883]`, `mqtts://host[:8883]`, `ws://host[:80][/path]` or
+    /// `wss://host[:443][/path]` (the WebSocket path defaults to `/mqtt`).
+    pub url: Option<String>,
+    /// `"3.1"`, `"3.1.1"` or `"5"`.
+    #[serde(default = "default_protocol", deserialize_with = "parse::protocol")]
+    pub protocol: Protocol,
+    /// Start of every client id on this broker (default: the bridge name).
+    pub client_id_prefix: Option<String>,
+    /// User name for the broker's authentication (MQTT 3.x needs one to send a password).
+    pub username: Option<String>,
+    /// The password itself; prefer `password_file` or an `MQBRIDGE__BROKERS__<NAME>__PASSWORD`
+    /// environment variable. Never printed or logged.
+    #[serde(default, deserialize_with = "parse::secret")]
+    pub password: Option<Secret>,
+    /// A file holding the password (one trailing newlines are ignored); relative to the config
+    /// file's directory. Exclusive with `password`.
+    pub password_file: Option<PathBuf>,
+    /// MQTT keep alive, whole seconds, at most 65535s; `"0s"` turns it off.
+    #[serde(default = "default_keep_alive", deserialize_with = "parse::duration")]
+    pub keep_alive: Duration,
+    /// How long the broker keeps the bridge's session while it is away. Above zero the session
+    /// is persistent (v3 `clean_session = false`, v5 Session Expiry Interval), which is what
+    /// lets the source redeliver unacknowledged QoS ≥ 1 messages after a restart, so the
+    /// default is one hour rather than MQTT's zero. `"0s"`: clean sessions, which can lose
+    /// QoS ≥ 1 messages across restarts.
+    #[serde(
+        default = "default_session_expiry",
+        deserialize_with = "parse::duration"
+    )]
+    pub session_expiry: Duration,
+    /// Cap on our own window towards this broker, 1..=65535 (default: 20 for 3.x, whose window
+    /// cannot be learned and which mosquitto enforces by dropping; 1024 for 5).
+    #[serde(default, deserialize_with = "parse::opt_uint")]
+    pub max_inflight: Option<u64>,
+    /// Bytes per second each connection may send to or receive from this broker, e.g.
+    /// `"512KiB/s"` (BifroMQ's default). Absent: no limit.
+    #[serde(default, deserialize_with = "parse::opt_byte_rate")]
+    pub bandwidth_limit: Option<u64>,
+    /// PUBLISH packets per second each connection may send to this broker, e.g. `200`
+    /// (BifroMQ's default). Absent: no limit.
+    #[serde(default, deserialize_with = "parse::opt_uint")]
+    pub max_publish_rate: Option<u64>,
+    /// SUBSCRIBE packets carry at most this many filters; more filters are split over several
+    /// packets. 10 is BifroMQ's limit and costs nothing elsewhere.
+    #[serde(
+        default = "default_max_filters_per_subscribe",
+        deserialize_with = "parse::uint"
+    )]
+    pub max_filters_per_subscribe: u64,
+    /// `[brokers.<name>.tls]`: present = TLS; implied by `mqtts://` and `wss://`.
+    #[serde(default)]
+    pub tls: Option<Tls>,
+}
+
+pub const fn default_protocol() -> Protocol {
+    Protocol::V5
+}
+
+pub const fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+
+pub const fn default_session_expiry() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// `max_inflight` when the operator does not set it. Towards a 3.x broker nothing tells us its
+/// window, and mosquitto acknowledges and then drops QoS 2 publishes beyond its 20 (SPEC 4.3);
+/// an MQTT 5 broker announces its Receive Maximum, which caps this further.
+pub const fn default_max_inflight(protocol: Protocol) -> u16 {
+    match protocol {
+        Protocol::V31 | Protocol::V311 => 20,
+        Protocol::V5 => 1024,
+    }
+}
+
+pub const fn default_max_filters_per_subscribe() -> u64 {
+    10
+}
+
+/// `[brokers.<name>.tls]`. Relative paths are relative to the config file's directory.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// CA certificates (PEM) to verify the broker with; default: the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM); with `key_file`, for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (PEM); with `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// Name to verify the broker's certificate against (default: the url's host).
+    pub server_name: Option<String>,
+    /// Accept any certificate. For tests only: anyone on the path can then read and forge
+    /// traffic; `run` warns loudly at start.
+    #[serde(default, deserialize_with = "parse::boolean")]
+    pub insecure_skip_verify: bool,
+}
+
+/// `[[routes]]`: a pool of pairs taking `topics` from `from` and republishing them to `to`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Required, unique: names the route in client ids, metrics and logs.
+    pub name: Option<String>,
+    /// Required: the source broker's name.
+    pub from: Option<String>,
+    /// Required: the target broker's name.
+    pub to: Option<String>,
+    /// Required: the filters subscribed on the source (one filter may be written as a string).
+    #[serde(default, deserialize_with = "parse::one_or_many")]
+    pub topics: Vec<String>,
+    /// `"$share"`, `"$oshare"` (BifroMQ's ordered sharing) or `"none"` (plain subscriptions:
+    /// every pair gets every message, so only with `pool_size = 1`).
+    #[serde(default = "default_share", deserialize_with = "parse::share")]
+    pub share: Share,
+    /// Share group (default `"<bridge.name>-<route.name>"`); every replica and every pair of
+    /// this route joins it, so the source balances between them.
+    pub group: Option<String>,
+    /// Highest QoS used: the subscription's QoS, and the forwarded QoS is min(received, qos).
+    /// Default 2, so QoS is kept end to end unless the operator trades it for speed.
+    #[serde(default = "default_qos", deserialize_with = "parse::qos")]
+    pub qos: Qos,
+    /// Pairs of connections (one source + one target each).
+    #[serde(default = "default_pool_size", deserialize_with = "parse::uint")]
+    pub pool_size: u64,
+    /// `"as-published"` or `"clear"` (forward every message with retain = 0).
+    #[serde(default = "default_retain", deserialize_with = "parse::retain")]
+    pub retain: RetainMode,
+    /// `"forward"` or `"drop"` MQTT 5 publish properties.
+    #[serde(default = "default_properties", deserialize_with = "parse::properties")]
+    pub properties: PropertiesMode,
+    /// Bound on buffered QoS 0 messages per pair; when full the pair stops reading.
+    #[serde(default = "default_queue_capacity", deserialize_with = "parse::uint")]
+    pub queue_capacity: u64,
+    /// Topic on the source broker where undeliverable messages are published (default: none,
+    /// they are logged and counted only).
+    pub dead_letter: Option<String>,
+    /// `[[routes.rewrite]]`: first match wins; no match leaves the topic unchanged.
+    #[serde(default)]
+    pub rewrite: Vec<Rewrite>,
+}
+
+pub const fn default_share() -> Share {
+    Share::Share
+}
+
+pub const fn default_qos() -> Qos {
+    Qos::ExactlyOnce
+}
+
+pub const fn default_pool_size() -> u64 {
+    1
+}
+
+pub const fn default_retain() -> RetainMode {
+    RetainMode::AsPublished
+}
+
+pub const fn default_properties() -> PropertiesMode {
+    PropertiesMode::Forward
+}
+
+pub const fn default_queue_capacity() -> u64 {
+    1000
+}
+
+/// `[[routes.rewrite]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrite {
+    /// Required: the filter a topic must match for this rule to apply.
+    #[serde(rename = "match")]
+    pub filter: Option<String>,
+    /// Required: the new topic. `{1}`, `{2}`… are the levels matched by each `+` and the final
+    /// `#` in order; `{topic}` is the whole source topic.
+    pub to: Option<String>,
+}
+
+/// Value parsers for `deserialize_with`. Every value may arrive as a string: environment
+/// overrides are always strings, and we keep them so (no guessing at types) because a password
+/// like `0123` must not become the number 123.
+mod parse {
+    use std::{fmt, time::Duration};
+
+    use bytesize::ByteSize;
+    use serde::{
+        Deserialize, Deserializer,
+        de::{self, Error as _},
+    };
+
+    use super::{PropertiesMode, Protocol, Qos, RetainMode, Secret, Share};
+
+    /// A scalar as written: its text, and whether it was a string (for quoting it back).
+    struct Scalar {
+        text: String,
+        quoted: bool,
+    }
+
+    impl fmt::Display for Scalar {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            if self.quoted {
+                write!(f, "{:?}", self.text)
+            } else {
+                f.write_str(&self.text)
+            }
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Scalar {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            maybe_scalar(d)?.ok_or_else(|| D::Error::custom("is empty; give a value"))
+        }
+    }
+
+    /// A scalar, or `None` for an explicit null (YAML `~`, JSON `null`), which reads as "not set".
+    fn maybe_scalar<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Scalar>, D::Error> {
+        d.deserialize_any(ScalarVisitor)
+    }
+
+    struct ScalarVisitor;
+
+    impl ScalarVisitor {
+        fn unquoted<E>(text: impl ToString) -> Result<Option<Scalar>, E> {
+            Ok(Some(Scalar {
+                text: text.to_string(),
+                quoted: false,
+            }))
+        }
+    }
+
+    impl<'de> de::Visitor<'de> for ScalarVisitor {
+        type Value = Option<Scalar>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string or a number")
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            maybe_scalar(d)
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+            Self::unquoted(v)
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+            Self::unquoted(v)
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+            Self::unquoted(v)
+        }
+        fn visit_i128<E>(self, v: i128) -> Result<Self::Value, E> {
+            Self::unquoted(v)
+        }
+        fn visit_u128<E>(self, v: u128) -> Result<Self::Value, E> {
+            Self::unquoted(v)
+        }
+        // `protocol = 3.1` and `5.0` print back as "3.1" and "5".
+        fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+            Self::unquoted(v)
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(Scalar {
+                text: v.to_owned(),
+                quoted: true,
+            }))
+        }
+    }
+
+    /// One of a fixed set of spellings (case-insensitive), else an error listing the choices.
+    fn choice<'de, D: Deserializer<'de>, T: Copy>(
+        d: D,
+        what: &str,
+        spellings: &[(&str, T)],
+        hint: &str,
+    ) -> Result<T, D::Error> {
+        let s = Scalar::deserialize(d)?;
+        spellings
+            .iter()
+            .find(|(spelling, _)| spelling.eq_ignore_ascii_case(s.text.trim()))
+            .map(|&(_, v)| v)
+            .ok_or_else(|| D::Error::custom(format!("{s} is not {what}; use {hint}")))
+    }
+
+    pub fn protocol<'de, D: Deserializer<'de>>(d: D) -> Result<Protocol, D::Error> {
+        choice(
+            d,
+            "a protocol",
+            &[
+                ("3.1", Protocol::V31),
+                ("3.1.1", Protocol::V311),
+                ("5", Protocol::V5),
+                ("5.0", Protocol::V5),
+            ],
+            r#""3.1", "3.1.1" or "5""#,
+        )
+    }
+
+    pub fn qos<'de, D: Deserializer<'de>>(d: D) -> Result<Qos, D::Error> {
+        choice(
+            d,
+            "a QoS level",
+            &[
+                ("0", Qos::AtMostOnce),
+                ("1", Qos::AtLeastOnce),
+                ("2", Qos::ExactlyOnce),
+            ],
+            "0, 1 or 2",
+        )
+    }
+
+    pub fn share<'de, D: Deserializer<'de>>(d: D) -> Result<Share, D::Error> {
+        // Without the `$` too: it is awkward to pass through shells and env files.
+        choice(
+            d,
+            "a share mode",
+            &[
+                ("$share", Share::Share),
+                ("share", Share::Share),
+                ("$oshare", Share::OShare),
+                ("oshare", Share::OShare),
+                ("none", Share::None),
+            ],
+            r#""$share", "$oshare" or "none""#,
+        )
+    }
+
+    pub fn retain<'de, D: Deserializer<'de>>(d: D) -> Result<RetainMode, D::Error> {
+        choice(
+            d,
+            "a retain mode",
+            &[
+                ("as-published", RetainMode::AsPublished),
+                ("as_published", RetainMode::AsPublished),
+                ("clear", RetainMode::Clear),
+            ],
+            r#""as-published" or "clear""#,
+        )
+    }
+
+    pub fn properties<'de, D: Deserializer<'de>>(d: D) -> Result<PropertiesMode, D::Error> {
+        choice(
+            d,
+            "a properties mode",
+            &[
+                ("forward", PropertiesMode::Forward),
+                ("drop", PropertiesMode::Drop),
+            ],
+            r#""forward" or "drop""#,
+        )
+    }
+
+    pub fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        choice(
+            d,
+            "a boolean",
+            &[("true", true), ("false", false)],
+            "true or false",
+        )
+    }
+
+    fn whole_number<E: de::Error>(s: &Scalar) -> Result<u64, E> {
+        s.text
+            .trim()
+            .parse()
+            .map_err(|_| E::custom(format!("{s} is not a whole number")))
+    }
+
+    pub fn uint<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        whole_number(&Scalar::deserialize(d)?)
+    }
+
+    /// A count per second: `200` or `"200/s"`.
+    pub fn opt_uint<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        maybe_scalar(d)?
+            .map(|mut s| {
+                if let Some(n) = s.text.trim().strip_suffix("/s") {
+                    s.text = n.to_owned();
+                }
+                whole_number(&s)
+            })
+            .transpose()
+    }
+
+    /// `"512KiB/s"`, `"1MB/s"` or a plain number of bytes per second.
+    pub fn opt_byte_rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        maybe_scalar(d)?
+            .map(|s| {
+                let text = s.text.trim();
+                let size = text.strip_suffix("/s").unwrap_or(text).trim_end();
+                size.parse::<ByteSize>().map(|b| b.as_u64()).map_err(|_| {
+                    D::Error::custom(format!(
+                        r#"{s} is not a byte rate; write it like "512KiB/s" or "1MB/s""#
+                    ))
+                })
+            })
+            .transpose()
+    }
+
+    pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = Scalar::deserialize(d)?;
+        humantime::parse_duration(s.text.trim()).map_err(|e| {
+            D::Error::custom(format!(
+                r#"{s} is not a duration ({e}); write it like "30s", "5m" or "1h""#
+            ))
+        })
+    }
+
+    pub fn secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+        // Through `Scalar` so that a numeric password in TOML or YAML still works; the error
+        // (a table or list given) never contains the value.
+        Ok(maybe_scalar(d)?.map(|s| Secret::new(s.text)))
+    }
+
+    /// A list of strings, or one string standing for a list of one (handy in env overrides).
+    pub fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        struct OneOrMany;
+
+        impl<'de> de::Visitor<'de> for OneOrMany {
+            type Value = Vec<String>;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of strings or one string")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(vec![v.to_owned()])
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(s) = seq.next_element::<Scalar>()? {
+                    out.push(s.text);
+                }
+                Ok(out)
+            }
+        }
+
+        d.deserialize_any(OneOrMany)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use serde::de::value::{Error, F64Deserializer, I64Deserializer, StrDeserializer};
+
+        fn str_de(s: &str) -> StrDeserializer<'_, Error> {
+            StrDeserializer::new(s)
+        }
+
+        #[test]
+        fn protocol_accepts_strings_and_numbers() {
+            assert_eq!(protocol(str_de("3.1.1")).unwrap(), Protocol::V311);
+            assert_eq!(protocol(str_de("5")).unwrap(), Protocol::V5);
+            assert_eq!(
+                protocol(I64Deserializer::<Error>::new(5)).unwrap(),
+                Protocol::V5
+            );
+            assert_eq!(
+                protocol(F64Deserializer::<Error>::new(3.1)).unwrap(),
+                Protocol::V31
+            );
+            let err = protocol(str_de("4")).unwrap_err().to_string();
+            assert_eq!(err, r#""4" is not a protocol; use "3.1", "3.1.1" or "5""#);
+        }
+
+        #[test]
+        fn numbers_may_be_strings() {
+            assert_eq!(uint(str_de("4")).unwrap(), 4);
+            assert_eq!(uint(I64Deserializer::<Error>::new(4)).unwrap(), 4);
+            assert_eq!(
+                uint(str_de("four")).unwrap_err().to_string(),
+                r#""four" is not a whole number"#
+            );
+            assert_eq!(
+                uint(I64Deserializer::<Error>::new(-1))
+                    .unwrap_err()
+                    .to_string(),
+                "-1 is not a whole number"
+            );
+            assert_eq!(
+                qos(I64Deserializer::<Error>::new(3))
+                    .unwrap_err()
+                    .to_string(),
+                "3 is not a QoS level; use 0, 1 or 2"
+            );
+        }
+
+        #[test]
+        fn durations_and_rates_are_humane() {
+            assert_eq!(duration(str_de("5m")).unwrap(), Duration::from_secs(300));
+            assert!(duration(str_de("30")).is_err());
+            assert_eq!(opt_byte_rate(str_de("512KiB/s")).unwrap(), Some(512 * 1024));
+            assert_eq!(opt_byte_rate(str_de("1MB")).unwrap(), Some(1_000_000));
+            assert!(opt_byte_rate(str_de("fast")).is_err());
+            assert_eq!(opt_uint(str_de("200/s")).unwrap(), Some(200));
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! mqbridge: a broker-to-broker MQTT bridge appliance.
+//!
+//! The core (`topic`, `pair::window`, `message`) is sans-IO: plain data in, data out.
+//! The edges (`link`, `pair::driver`, `route`, `run`) own sockets, timers and tasks.
+
+pub mod check;
+pub mod config;
+pub mod link;
+pub mod message;
+pub mod pair;
+pub mod route;
+pub mod run;
+pub mod topic;

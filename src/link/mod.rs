@@ -1,0 +1,272 @@
+//! One MQTT connection to one broker, for any protocol version, behind one small interface:
+//! decode what arrived into `Inbound`, encode what to send into a write buffer. The pair driver
+//! owns the socket halves and decides when to read and write; nothing here buffers on its own.
+//!
+//! Codec: rumqttc's `mqttbytes` (v4 and v5) for the packets, our own CONNECT for MQTT 3.1.
+
+mod v3;
+mod v5;
+
+use std::{io, time::Duration};
+
+use bytes::{Bytes, BytesMut};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+};
+
+use crate::{
+    config::{BrokerPlan, Protocol, Qos, Secret, Transport},
+    message::{Message, Properties},
+};
+
+/// Why a connection failed or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("connection lost: {0}")]
+    Io(#[from] io::Error),
+    #[error("the broker closed the connection")]
+    Closed,
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("the broker refused the connection: {0}")]
+    Refused(String),
+    #[error("no CONNACK within {0:?}")]
+    Timeout(Duration),
+    #[error("{0} is not supported yet")]
+    Unsupported(&'static str),
+}
+
+/// What the broker said in its CONNACK.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnAckInfo {
+    pub session_present: bool,
+    /// 0 = accepted; v3 return codes 1-5 or v5 reason codes.
+    pub code: u8,
+    pub receive_maximum: Option<u16>,
+    pub maximum_qos: Option<u8>,
+    pub maximum_packet_size: Option<u32>,
+    pub topic_alias_maximum: Option<u16>,
+    pub reason: Option<String>,
+}
+
+/// A PUBLISH as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundPublish {
+    pub pkid: u16,
+    pub qos: Qos,
+    pub dup: bool,
+    pub retain: bool,
+    pub topic: String,
+    pub payload: Bytes,
+    pub properties: Option<Box<Properties>>,
+}
+
+/// A decoded packet from the broker, the same for every protocol version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    ConnAck(ConnAckInfo),
+    Publish(InboundPublish),
+    PubAck { pkid: u16, reason: u8 },
+    PubRec { pkid: u16, reason: u8 },
+    PubRel { pkid: u16 },
+    PubComp { pkid: u16 },
+    SubAck { pkid: u16, codes: Vec<u8> },
+    PingReq,
+    PingResp,
+    Disconnect { reason: u8 },
+    /// A packet a client never expects from a broker (e.g. CONNECT): a protocol violation.
+    Unexpected(String),
+}
+
+/// What we put in our CONNECT.
+#[derive(Debug, Clone)]
+pub struct ConnectParams {
+    pub client_id: String,
+    pub clean_start: bool,
+    pub keep_alive_secs: u16,
+    pub session_expiry_secs: u32,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// v5 only: the window we allow the broker (mirrors the target's).
+    pub receive_maximum: Option<u16>,
+    /// v5 only: the largest packet we accept (mirrors the target's).
+    pub maximum_packet_size: Option<u32>,
+}
+
+impl ConnectParams {
+    /// Parameters for a connection to `broker` with the given client id.
+    pub fn for_broker(broker: &BrokerPlan, client_id: String) -> Self {
+        let expiry = broker.session_expiry.as_secs().min(u64::from(u32::MAX)) as u32;
+        ConnectParams {
+            client_id,
+            clean_start: expiry == 0,
+            keep_alive_secs: broker.keep_alive.as_secs().min(u64::from(u16::MAX)) as u16,
+            session_expiry_secs: expiry,
+            username: broker.username.clone(),
+            password: broker.password.clone(),
+            receive_maximum: None,
+            maximum_packet_size: None,
+        }
+    }
+}
+
+/// Encoder/decoder for one protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Codec {
+    protocol: Protocol,
+    /// Largest packet we accept.
+    max_incoming: u32,
+}
+
+/// Largest packet accepted unless configured otherwise (MQTT's own limit is 256 MiB).
+pub const DEFAULT_MAX_INCOMING: u32 = 16 * 1024 * 1024;
+
+impl Codec {
+    pub fn new(protocol: Protocol, max_incoming: u32) -> Self {
+        Codec { protocol, max_incoming }
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// Takes one whole packet off the front of `buf`, or `None` if it is not all there yet.
+    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Inbound>, LinkError> {
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        match self.protocol {
+            Protocol::V5 => v5::decode(buf, self.max_incoming),
+            _ => v3::decode(buf, self.max_incoming as usize),
+        }
+    }
+
+    pub fn connect(&self, p: &ConnectParams, buf: &mut BytesMut) {
+        match self.protocol {
+            Protocol::V31 => v3::encode_connect(p, 3, buf),
+            Protocol::V311 => v3::encode_connect(p, 4, buf),
+            Protocol::V5 => v5::encode_connect(p, buf),
+        }
+    }
+
+    pub fn publish(&self, pkid: u16, dup: bool, m: &Message, buf: &mut BytesMut) {
+        match self.protocol {
+            Protocol::V5 => v5::encode_publish(pkid, dup, m, buf),
+            _ => v3::encode_publish(pkid, dup, m, buf),
+        }
+    }
+
+    pub fn puback(&self, pkid: u16, buf: &mut BytesMut) {
+        v3::encode_ack(0x40, pkid, buf); // v5 allows the short form for reason Success
+    }
+
+    pub fn pubrec(&self, pkid: u16, buf: &mut BytesMut) {
+        v3::encode_ack(0x50, pkid, buf);
+    }
+
+    pub fn pubrel(&self, pkid: u16, buf: &mut BytesMut) {
+        v3::encode_ack(0x62, pkid, buf);
+    }
+
+    pub fn pubcomp(&self, pkid: u16, buf: &mut BytesMut) {
+        v3::encode_ack(0x70, pkid, buf);
+    }
+
+    pub fn subscribe(&self, pkid: u16, filters: &[String], qos: Qos, buf: &mut BytesMut) {
+        match self.protocol {
+            Protocol::V5 => v5::encode_subscribe(pkid, filters, qos, buf),
+            _ => v3::encode_subscribe(pkid, filters, qos, buf),
+        }
+    }
+
+    pub fn pingreq(&self, buf: &mut BytesMut) {
+        buf.extend_from_slice(&[0xC0, 0]);
+    }
+
+    pub fn pingresp(&self, buf: &mut BytesMut) {
+        buf.extend_from_slice(&[0xD0, 0]);
+    }
+
+    pub fn disconnect(&self, buf: &mut BytesMut) {
+        match self.protocol {
+            Protocol::V5 => v5::encode_disconnect(buf),
+            _ => buf.extend_from_slice(&[0xE0, 0]),
+        }
+    }
+}
+
+/// An established connection: CONNACK received and accepted.
+pub struct Connection {
+    pub reader: OwnedReadHalf,
+    pub writer: OwnedWriteHalf,
+    /// Bytes read and not decoded yet (may already hold packets that followed the CONNACK).
+    pub rbuf: BytesMut,
+    pub codec: Codec,
+    pub connack: ConnAckInfo,
+}
+
+/// How long a broker may take to answer CONNECT.
+const CONNACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens a connection: TCP, CONNECT, CONNACK. Refusals come back as `LinkError::Refused`.
+pub async fn connect(broker: &BrokerPlan, params: &ConnectParams) -> Result<Connection, LinkError> {
+    if broker.transport != Transport::Tcp {
+        return Err(LinkError::Unsupported("TLS and WebSocket transport"));
+    }
+    let addr = format!("{}:{}", broker.host, broker.port);
+    let stream = tokio::time::timeout(CONNACK_TIMEOUT, TcpStream::connect(&addr))
+        .await
+        .map_err(|_| LinkError::Timeout(CONNACK_TIMEOUT))?
+        .map_err(|source| LinkError::Connect { addr: addr.clone(), source })?;
+    stream.set_nodelay(true)?;
+    let (mut reader, mut writer) = stream.into_split();
+    let codec = Codec::new(broker.protocol, DEFAULT_MAX_INCOMING);
+    let mut wbuf = BytesMut::new();
+    codec.connect(params, &mut wbuf);
+    writer.write_all(&wbuf).await?;
+    let mut rbuf = BytesMut::with_capacity(64 * 1024);
+    let connack = tokio::time::timeout(CONNACK_TIMEOUT, async {
+        loop {
+            if let Some(packet) = codec.decode(&mut rbuf)? {
+                return match packet {
+                    Inbound::ConnAck(c) => Ok(c),
+                    other => Err(LinkError::Protocol(format!("expected CONNACK, got {other:?}"))),
+                };
+            }
+            if reader.read_buf(&mut rbuf).await? == 0 {
+                return Err(LinkError::Closed);
+            }
+        }
+    })
+    .await
+    .map_err(|_| LinkError::Timeout(CONNACK_TIMEOUT))??;
+    if connack.code != 0 {
+        return Err(LinkError::Refused(refusal(broker.protocol, &connack)));
+    }
+    Ok(Connection { reader, writer, rbuf, codec, connack })
+}
+
+/// A CONNACK refusal in words.
+fn refusal(protocol: Protocol, c: &ConnAckInfo) -> String {
+    let words = match (protocol, c.code) {
+        (Protocol::V5, 0x84) | (_, 1) => "unsupported protocol version",
+        (Protocol::V5, 0x85) | (_, 2) => "client identifier not valid",
+        (Protocol::V5, 0x88) | (_, 3) => "server unavailable",
+        (Protocol::V5, 0x86) | (_, 4) => "bad user name or password",
+        (Protocol::V5, 0x87) | (_, 5) => "not authorized",
+        (Protocol::V5, 0x89) => "server busy",
+        (Protocol::V5, 0x8A) => "banned",
+        (Protocol::V5, 0x97) => "quota exceeded",
+        _ => "refused",
+    };
+    match &c.reason {
+        Some(r) => format!("{words} (code {:#04x}: {r})", c.code),
+        None => format!("{words} (code {:#04x})", c.code),
+    }
+}

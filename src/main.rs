@@ -1,0 +1,99 @@
+//! Command line only: parse arguments, set up logging, hand over to the library.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// mqbridge: a broker-to-broker MQTT bridge. Pools of paired connections consume from a source
+/// broker through shared subscriptions and republish to a target broker, acknowledging to the
+/// source only what the target took.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the bridge until SIGINT/SIGTERM, then drain in-flight messages and exit 0.
+    Run {
+        /// Configuration file (TOML; YAML or JSON by extension).
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate the configuration and print the resolved plan (exit 0 valid, 2 invalid).
+    Check {
+        /// Configuration file (TOML; YAML or JSON by extension).
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Dry run: which routes take this topic and what each rewrites it to.
+        #[arg(long)]
+        topic: Option<String>,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = std::env::var("MQBRIDGE_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Check { config, topic } => match mqbridge::config::load_plan(&config) {
+            Ok(plan) => {
+                match topic {
+                    Some(t) => print!("{}", mqbridge::check::dry_run(&plan, &t)),
+                    None => print!("{}", mqbridge::check::render_plan(&plan)),
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config } => {
+            let plan = match mqbridge::config::load_plan(&config) {
+                Ok(plan) => plan,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match runtime.block_on(mqbridge::run::run(plan)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}

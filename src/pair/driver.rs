@@ -1,0 +1,580 @@
+//! Runs one pair over real sockets: connects and reconnects both sides with backoff, feeds what
+//! arrives into the `Window` and writes what it asks for. All decisions are the window's; this
+//! file only moves bytes, keeps connections alive and decides when to read.
+//!
+//! Backpressure: the source socket is read only while the window can take another message and the
+//! target's write buffer is below its bounds, so a slow target leaves messages in the source broker.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Duration,
+};
+
+use bytes::BytesMut;
+use rand::RngExt;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::tcp::{OwnedReadHalf, OwnedWriteHalf},
+    sync::watch,
+    time::Instant,
+};
+use tracing::{debug, info, warn};
+
+use super::{
+    stats::PairStats,
+    window::{Action, SourceAck, Window},
+};
+use crate::{
+    config::{BrokerPlan, PropertiesMode, Protocol, Qos, RetainMode, RoutePlan},
+    link::{self, Codec, Connection, ConnectParams, Inbound, InboundPublish, LinkError},
+    message::Message,
+};
+
+/// Everything one pair needs to run.
+pub struct PairSpec {
+    pub route: Arc<RoutePlan>,
+    pub index: usize,
+    pub source_client_id: String,
+    pub target_client_id: String,
+    pub stats: Arc<PairStats>,
+    pub drain_timeout: Duration,
+    /// Process start, the zero of `PairStats::last_progress_ms`.
+    pub epoch: std::time::Instant,
+}
+
+/// Stop decoding source packets while the target's unwritten bytes exceed this.
+const TARGET_WBUF_HIGH: usize = 1024 * 1024;
+/// Stop reading the source socket while this many undecoded bytes wait.
+const SOURCE_RBUF_HIGH: usize = 256 * 1024;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+type Connecting = Pin<Box<dyn Future<Output = Result<Connection, LinkError>> + Send>>;
+
+/// One side's connection and its reconnect state.
+struct Side {
+    role: &'static str,
+    broker: Arc<BrokerPlan>,
+    client_id: String,
+    codec: Codec,
+    reader: Option<OwnedReadHalf>,
+    writer: Option<OwnedWriteHalf>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    connecting: Option<Connecting>,
+    retry_at: Instant,
+    backoff: Duration,
+    last_write: Instant,
+    ping_sent: Option<Instant>,
+    /// Successful connections so far (the first is not a reconnect).
+    connects: u64,
+}
+
+impl Side {
+    fn new(role: &'static str, broker: Arc<BrokerPlan>, client_id: String) -> Self {
+        let now = Instant::now();
+        Side {
+            role,
+            codec: Codec::new(broker.protocol, link::DEFAULT_MAX_INCOMING),
+            broker,
+            client_id,
+            reader: None,
+            writer: None,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            connecting: None,
+            retry_at: now,
+            backoff: BACKOFF_MIN,
+            last_write: now,
+            ping_sent: None,
+            connects: 0,
+        }
+    }
+
+    fn is_up(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    fn start_connecting(&mut self, params: ConnectParams) {
+        let broker = self.broker.clone();
+        self.connecting = Some(Box::pin(async move { link::connect(&broker, &params).await }));
+    }
+
+    fn established(&mut self, c: Connection) {
+        self.reader = Some(c.reader);
+        self.writer = Some(c.writer);
+        self.rbuf = c.rbuf;
+        self.wbuf.clear();
+        self.codec = c.codec;
+        self.backoff = BACKOFF_MIN;
+        self.last_write = Instant::now();
+        self.ping_sent = None;
+        self.connects += 1;
+    }
+
+    /// Drops the connection (if any) and schedules the next attempt with backoff and jitter.
+    fn lost(&mut self, why: &dyn std::fmt::Display) {
+        if self.is_up() {
+            warn!(broker = %self.broker.name, side = self.role, client_id = %self.client_id, "connection lost: {why}; reconnecting");
+        } else {
+            warn!(broker = %self.broker.name, side = self.role, url = %self.broker.url, "cannot connect: {why}; retrying in {:?}", self.backoff);
+        }
+        self.reader = None;
+        self.writer = None;
+        self.connecting = None;
+        self.rbuf = BytesMut::new();
+        self.wbuf.clear();
+        let jitter = rand::rng().random_range(0.5..1.0);
+        self.retry_at = Instant::now() + self.backoff.mul_f64(jitter);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    fn keep_alive(&self) -> Duration {
+        self.broker.keep_alive
+    }
+}
+
+async fn read_some(reader: &mut Option<OwnedReadHalf>, buf: &mut BytesMut) -> std::io::Result<usize> {
+    match reader {
+        Some(r) => r.read_buf(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn write_some(writer: &mut Option<OwnedWriteHalf>, buf: &[u8]) -> std::io::Result<usize> {
+    match writer {
+        Some(w) => w.write(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn connecting(c: &mut Option<Connecting>) -> Result<Connection, LinkError> {
+    match c {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The running pair.
+struct Pair {
+    spec: PairSpec,
+    window: Window,
+    source: Side,
+    target: Side,
+    /// The target's Maximum QoS (v5 CONNACK), 2 when unknown.
+    target_max_qos: Qos,
+    /// The target's Maximum Packet Size, mirrored to the source on v5.
+    target_max_packet: Option<u32>,
+    /// SUBSCRIBE packet ids still waiting for their SUBACK.
+    suback_pending: Vec<u16>,
+    /// QoS 0 messages encoded into the target's write buffer and not written yet.
+    qos0_buffered: usize,
+    draining: bool,
+}
+
+/// Runs one pair until `shutdown` turns true and the pair has drained (or `drain_timeout` passed).
+pub async fn run(spec: PairSpec, mut shutdown: watch::Receiver<bool>) {
+    let route = spec.route.clone();
+    let mut pair = Pair {
+        window: Window::new(usize::from(route.to.max_inflight)),
+        source: Side::new("source", route.from.clone(), spec.source_client_id.clone()),
+        target: Side::new("target", route.to.clone(), spec.target_client_id.clone()),
+        target_max_qos: Qos::ExactlyOnce,
+        target_max_packet: None,
+        suback_pending: Vec::new(),
+        qos0_buffered: 0,
+        draining: *shutdown.borrow(),
+        spec,
+    };
+    let mut drain_deadline = None;
+    loop {
+        pair.start_due_connections();
+        pair.process_target_input();
+        pair.process_source_input();
+        pair.apply_actions();
+        pair.publish_stats();
+
+        if pair.draining {
+            let deadline = *drain_deadline.get_or_insert_with(|| Instant::now() + pair.spec.drain_timeout);
+            if pair.drained() || Instant::now() >= deadline {
+                pair.disconnect().await;
+                return;
+            }
+        }
+
+        let next_timer = pair.next_timer(drain_deadline);
+        let draining = pair.draining;
+        let read_source = pair.source.is_up() && pair.window.can_accept() && !draining && pair.source.rbuf.len() < SOURCE_RBUF_HIGH;
+        let Pair { source, target, .. } = &mut pair;
+        tokio::select! {
+            r = read_some(&mut target.reader, &mut target.rbuf) => match r {
+                Ok(0) => pair.side_lost(Role::Target, &LinkError::Closed),
+                Ok(_) => target.ping_sent = None,
+                Err(e) => pair.side_lost(Role::Target, &e),
+            },
+            r = read_some(&mut source.reader, &mut source.rbuf), if read_source => match r {
+                Ok(0) => pair.side_lost(Role::Source, &LinkError::Closed),
+                Ok(_) => source.ping_sent = None,
+                Err(e) => pair.side_lost(Role::Source, &e),
+            },
+            r = write_some(&mut target.writer, &target.wbuf), if !target.wbuf.is_empty() => match r {
+                Ok(n) => {
+                    let _ = target.wbuf.split_to(n);
+                    target.last_write = Instant::now();
+                    if target.wbuf.is_empty() {
+                        pair.qos0_buffered = 0;
+                    }
+                }
+                Err(e) => pair.side_lost(Role::Target, &e),
+            },
+            r = write_some(&mut source.writer, &source.wbuf), if !source.wbuf.is_empty() => match r {
+                Ok(n) => {
+                    let _ = source.wbuf.split_to(n);
+                    source.last_write = Instant::now();
+                }
+                Err(e) => pair.side_lost(Role::Source, &e),
+            },
+            c = connecting(&mut target.connecting) => {
+                target.connecting = None;
+                match c {
+                    Ok(c) => pair.target_established(c),
+                    Err(e) => pair.side_lost(Role::Target, &e),
+                }
+            }
+            c = connecting(&mut source.connecting) => {
+                source.connecting = None;
+                match c {
+                    Ok(c) => pair.source_established(c),
+                    Err(e) => pair.side_lost(Role::Source, &e),
+                }
+            }
+            _ = shutdown.changed(), if !draining => {
+                pair.draining = true;
+                debug!(route = %route.name, pair = pair.spec.index, in_flight = pair.window.in_flight(), "draining");
+            }
+            _ = tokio::time::sleep_until(next_timer) => pair.keep_alive_tick(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Source,
+    Target,
+}
+
+impl Pair {
+    fn side(&mut self, role: Role) -> &mut Side {
+        match role {
+            Role::Source => &mut self.source,
+            Role::Target => &mut self.target,
+        }
+    }
+
+    fn start_due_connections(&mut self) {
+        let now = Instant::now();
+        let target = &mut self.target;
+        if !target.is_up() && target.connecting.is_none() && now >= target.retry_at {
+            let params = ConnectParams::for_broker(&target.broker, target.client_id.clone());
+            target.start_connecting(params);
+        }
+        // The source connects once the target has, so its advertised window mirrors the target's.
+        let source = &mut self.source;
+        if !self.draining && self.target.connects > 0 && !source.is_up() && source.connecting.is_none() && now >= source.retry_at {
+            let mut params = ConnectParams::for_broker(&source.broker, source.client_id.clone());
+            if source.broker.protocol == Protocol::V5 {
+                params.receive_maximum = Some(self.window.window().min(usize::from(u16::MAX)) as u16);
+                params.maximum_packet_size = self.target_max_packet;
+            }
+            source.start_connecting(params);
+        }
+    }
+
+    fn target_established(&mut self, c: Connection) {
+        let info = c.connack.clone();
+        let broker_window = info.receive_maximum.unwrap_or(u16::MAX);
+        let window = usize::from(broker_window.min(self.target.broker.max_inflight));
+        self.target_max_qos = info.maximum_qos.and_then(Qos::from_u8).unwrap_or(Qos::ExactlyOnce);
+        self.target_max_packet = info.maximum_packet_size;
+        if self.target.connects > 0 {
+            PairStats::add(&self.spec.stats.target_reconnects, 1);
+        }
+        self.target.established(c);
+        info!(route = %self.spec.route.name, pair = self.spec.index, broker = %self.target.broker.name, client_id = %self.target.client_id, session_present = info.session_present, window, "target connected");
+        self.window.target_connected(info.session_present, window);
+        self.spec.stats.target_up.store(true, Relaxed);
+    }
+
+    fn source_established(&mut self, c: Connection) {
+        let info = c.connack.clone();
+        if self.source.connects > 0 {
+            PairStats::add(&self.spec.stats.source_reconnects, 1);
+        }
+        self.source.established(c);
+        info!(route = %self.spec.route.name, pair = self.spec.index, broker = %self.source.broker.name, client_id = %self.source.client_id, session_present = info.session_present, "source connected");
+        self.window.source_connected(info.session_present);
+        self.spec.stats.source_up.store(true, Relaxed);
+        self.subscribe();
+    }
+
+    /// SUBSCRIBE every filter, split to respect `max_filters_per_subscribe`. Done on every
+    /// connect: a resumed session keeps its subscriptions, but the config may have changed.
+    fn subscribe(&mut self) {
+        let route = &self.spec.route;
+        let subs = route.subscriptions();
+        let per_packet = self.source.broker.max_filters_per_subscribe.max(1);
+        self.suback_pending.clear();
+        for (i, chunk) in subs.chunks(per_packet).enumerate() {
+            // Ids for SUBSCRIBE live in their own range, apart from nothing we publish here.
+            let pkid = 1 + i as u16;
+            self.source.codec.subscribe(pkid, chunk, route.qos, &mut self.source.wbuf);
+            self.suback_pending.push(pkid);
+        }
+        self.spec.stats.subscribed.store(false, Relaxed);
+    }
+
+    fn side_lost(&mut self, role: Role, why: &dyn std::fmt::Display) {
+        match role {
+            Role::Source => {
+                self.window.source_disconnected();
+                self.spec.stats.source_up.store(false, Relaxed);
+                self.spec.stats.subscribed.store(false, Relaxed);
+            }
+            Role::Target => {
+                self.window.target_disconnected();
+                self.spec.stats.target_up.store(false, Relaxed);
+                self.qos0_buffered = 0;
+            }
+        }
+        self.side(role).lost(why);
+    }
+
+    fn process_target_input(&mut self) {
+        while self.target.is_up() {
+            let packet = match self.target.codec.decode(&mut self.target.rbuf) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => return self.side_lost(Role::Target, &e),
+            };
+            match packet {
+                Inbound::PubAck { pkid, reason } => self.window.target_puback(pkid, reason),
+                Inbound::PubRec { pkid, reason } => self.window.target_pubrec(pkid, reason),
+                Inbound::PubComp { pkid } => self.window.target_pubcomp(pkid),
+                Inbound::PingResp | Inbound::SubAck { .. } => {}
+                Inbound::PingReq => self.target.codec.pingresp(&mut self.target.wbuf),
+                Inbound::Publish(p) => {
+                    // We subscribe nothing on the target; a stale session might still deliver.
+                    // Ack it so the broker's window towards us never fills.
+                    match p.qos {
+                        Qos::AtMostOnce => {}
+                        Qos::AtLeastOnce => self.target.codec.puback(p.pkid, &mut self.target.wbuf),
+                        Qos::ExactlyOnce => self.target.codec.pubrec(p.pkid, &mut self.target.wbuf),
+                    }
+                }
+                Inbound::PubRel { pkid } => self.target.codec.pubcomp(pkid, &mut self.target.wbuf),
+                Inbound::Disconnect { reason } => {
+                    return self.side_lost(Role::Target, &format!("the broker sent DISCONNECT (reason {reason:#04x})"));
+                }
+                Inbound::ConnAck(_) | Inbound::Unexpected(_) => {
+                    return self.side_lost(Role::Target, &format!("unexpected packet {packet:?}"));
+                }
+            }
+            self.apply_actions();
+        }
+    }
+
+    fn process_source_input(&mut self) {
+        while self.source.is_up()
+            && !self.draining
+            && self.window.can_accept()
+            && self.qos0_buffered < self.spec.route.queue_capacity
+            && self.target.wbuf.len() < TARGET_WBUF_HIGH
+        {
+            let packet = match self.source.codec.decode(&mut self.source.rbuf) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => return self.side_lost(Role::Source, &e),
+            };
+            match packet {
+                Inbound::Publish(p) => self.source_publish(p),
+                Inbound::PubRel { pkid } => self.window.source_pubrel(pkid),
+                Inbound::SubAck { pkid, codes } => self.suback(pkid, &codes),
+                Inbound::PingResp | Inbound::PubAck { .. } | Inbound::PubRec { .. } | Inbound::PubComp { .. } => {}
+                Inbound::PingReq => self.source.codec.pingresp(&mut self.source.wbuf),
+                Inbound::Disconnect { reason } => {
+                    return self.side_lost(Role::Source, &format!("the broker sent DISCONNECT (reason {reason:#04x})"));
+                }
+                Inbound::ConnAck(_) | Inbound::Unexpected(_) => {
+                    return self.side_lost(Role::Source, &format!("unexpected packet {packet:?}"));
+                }
+            }
+            self.apply_actions();
+        }
+    }
+
+    fn suback(&mut self, pkid: u16, codes: &[u8]) {
+        let route = &self.spec.route;
+        if let Some(bad) = codes.iter().find(|c| **c >= 0x80) {
+            warn!(route = %route.name, broker = %self.source.broker.name, code = bad, subscriptions = ?route.subscriptions(), "the source broker refused a subscription (shared subscriptions or ACLs?); retrying by reconnecting");
+            return self.side_lost(Role::Source, &"subscription refused");
+        }
+        self.suback_pending.retain(|p| *p != pkid);
+        if self.suback_pending.is_empty() {
+            self.spec.stats.subscribed.store(true, Relaxed);
+            debug!(route = %route.name, pair = self.spec.index, "subscribed");
+        }
+    }
+
+    /// Turns a source PUBLISH into the message for the target: rewritten topic, capped QoS,
+    /// retain and properties per the route, then hands it to the window.
+    fn source_publish(&mut self, p: InboundPublish) {
+        let route = &self.spec.route;
+        let topic = match route.rewrite.apply(&p.topic) {
+            Ok(t) => t.into_owned(),
+            Err(e) => {
+                warn!(route = %route.name, topic = %p.topic, "dropped: the rewritten topic {e}");
+                PairStats::add(&self.spec.stats.dropped_invalid_topic, 1);
+                if p.qos != Qos::AtMostOnce {
+                    self.window.source_discard(p.pkid, p.qos, p.dup);
+                }
+                return;
+            }
+        };
+        let qos = p.qos.min(route.qos).min(self.target_max_qos);
+        let properties = match (route.properties, self.target.broker.protocol) {
+            (PropertiesMode::Forward, Protocol::V5) => p.properties,
+            _ => None,
+        };
+        let message = Message {
+            topic,
+            payload: p.payload,
+            qos,
+            retain: p.retain && route.retain == RetainMode::AsPublished,
+            properties,
+        };
+        let pkid = (p.qos != Qos::AtMostOnce).then_some(p.pkid);
+        self.window.source_publish(pkid, p.qos, p.dup, message);
+    }
+
+    /// Encodes what the window asked for into the write buffers.
+    fn apply_actions(&mut self) {
+        while let Some(action) = self.window.poll_action() {
+            match action {
+                Action::SendPublish { pkid, dup } => {
+                    if let Some(m) = self.window.held(pkid) {
+                        PairStats::add(&self.spec.stats.bytes_forwarded, m.payload.len() as u64);
+                        self.target.codec.publish(pkid, dup, m, &mut self.target.wbuf);
+                    }
+                }
+                Action::SendQos0(m) => {
+                    if self.target.is_up() {
+                        PairStats::add(&self.spec.stats.bytes_forwarded, m.payload.len() as u64);
+                        self.target.codec.publish(0, false, &m, &mut self.target.wbuf);
+                        self.qos0_buffered += 1;
+                    } else {
+                        PairStats::add(&self.spec.stats.dropped_qos0_target_down, 1);
+                    }
+                }
+                Action::SendPubRel(pkid) => self.target.codec.pubrel(pkid, &mut self.target.wbuf),
+                Action::AckSource(ack) => {
+                    let codec = self.source.codec;
+                    let buf = &mut self.source.wbuf;
+                    match ack {
+                        SourceAck::PubAck(id) => codec.puback(id, buf),
+                        SourceAck::PubRec(id) => codec.pubrec(id, buf),
+                        SourceAck::PubComp(id) => codec.pubcomp(id, buf),
+                    }
+                    self.mark_progress();
+                }
+                Action::Refused { message, reason } => {
+                    warn!(route = %self.spec.route.name, topic = %message.topic, reason = format!("{reason:#04x}"), "the target refused a message; acknowledged to the source and dropped");
+                    PairStats::add(&self.spec.stats.dropped_refused, 1);
+                }
+            }
+        }
+    }
+
+    fn mark_progress(&self) {
+        let ms = self.spec.epoch.elapsed().as_millis() as u64;
+        PairStats::set(&self.spec.stats.last_progress_ms, ms);
+    }
+
+    fn publish_stats(&self) {
+        let s = &self.spec.stats;
+        let c = self.window.counters();
+        PairStats::set(&s.received, c.received);
+        PairStats::set(&s.forwarded, c.forwarded);
+        PairStats::set(&s.redeliveries, c.redeliveries);
+        let in_flight = self.window.in_flight() as u64;
+        PairStats::set(&s.in_flight, in_flight);
+        PairStats::raise(&s.in_flight_max, in_flight);
+        PairStats::set(&s.window, self.window.window() as u64);
+    }
+
+    fn drained(&self) -> bool {
+        self.window.in_flight() == 0 && self.target.wbuf.is_empty() && self.source.wbuf.is_empty()
+    }
+
+    /// Clean DISCONNECT on both sides; with a persistent session the broker keeps what we did
+    /// not acknowledge and delivers it to the next run.
+    async fn disconnect(&mut self) {
+        for side in [&mut self.source, &mut self.target] {
+            if let Some(mut w) = side.writer.take() {
+                let mut buf = std::mem::take(&mut side.wbuf);
+                side.codec.disconnect(&mut buf);
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    let _ = w.write_all(&buf).await;
+                    let _ = w.shutdown().await;
+                })
+                .await;
+            }
+        }
+        self.spec.stats.source_up.store(false, Relaxed);
+        self.spec.stats.target_up.store(false, Relaxed);
+        info!(route = %self.spec.route.name, pair = self.spec.index, left_in_flight = self.window.in_flight(), "pair stopped");
+    }
+
+    /// When the loop must wake without I/O: a reconnect falls due, a keep-alive, the drain deadline.
+    fn next_timer(&self, drain_deadline: Option<Instant>) -> Instant {
+        let mut t = Instant::now() + Duration::from_secs(1);
+        for side in [&self.source, &self.target] {
+            if !side.is_up() && side.connecting.is_none() {
+                t = t.min(side.retry_at);
+            }
+        }
+        if let Some(d) = drain_deadline {
+            t = t.min(d);
+        }
+        t
+    }
+
+    /// PINGREQ on idle connections; a connection whose PINGRESP does not come is dead.
+    fn keep_alive_tick(&mut self) {
+        let now = Instant::now();
+        let read_source = self.window.can_accept() && !self.draining;
+        for role in [Role::Source, Role::Target] {
+            let reading = role == Role::Target || read_source;
+            let side = self.side(role);
+            let ka = side.keep_alive();
+            if !side.is_up() || ka.is_zero() {
+                continue;
+            }
+            if let Some(sent) = side.ping_sent {
+                if !reading {
+                    // We are not reading this socket on purpose; its PINGRESP waits unread.
+                    side.ping_sent = None;
+                } else if now.duration_since(sent) > ka {
+                    self.side_lost(role, &format!("no PINGRESP within {ka:?}"));
+                    continue;
+                }
+            }
+            let side = self.side(role);
+            if now.duration_since(side.last_write) >= ka.mul_f32(0.75) && side.ping_sent.is_none() {
+                side.codec.pingreq(&mut side.wbuf);
+                side.ping_sent = Some(now);
+            }
+        }
+    }
+}

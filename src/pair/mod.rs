@@ -1,0 +1,6 @@
+//! A pair: one source connection and one target connection that live and die together.
+//! `window` is the sans-IO heart (ack chaining and flow control); `driver` runs it over sockets.
+
+pub mod driver;
+pub mod stats;
+pub mod window;

@@ -1,0 +1,863 @@
+//! The pair window: ack chaining and flow control between one source and one target connection,
+//! as a plain state machine (events in, actions out; no sockets, no clocks).
+//!
+//! Invariants it keeps (and the property tests check):
+//! - a QoS ≥ 1 source message is acknowledged to the source only after the target acknowledged
+//!   the forwarded copy (PUBACK after PUBACK, PUBREC after PUBREC), and at most once;
+//! - the target never has more than `window` of our QoS ≥ 1 publishes unacknowledged;
+//! - a disconnect of either side loses nothing that was not acknowledged: held messages are sent
+//!   again when the target is back, and a source redelivery (DUP) of a message still held is
+//!   recognised by its packet id and not forwarded twice.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use crate::{config::Qos, message::Message};
+
+/// An acknowledgement owed to the source broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SourceAck {
+    /// QoS 1 done.
+    PubAck(u16),
+    /// QoS 2, first half: the target has taken the message.
+    PubRec(u16),
+    /// QoS 2, second half: answer to the source's PUBREL.
+    PubComp(u16),
+}
+
+/// What the driver must do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Write PUBLISH `pkid` to the target; the message is `Window::held(pkid)`.
+    SendPublish { pkid: u16, dup: bool },
+    /// Write this message to the target at QoS 0 (nothing is held for it).
+    SendQos0(Message),
+    /// Write PUBREL to the target.
+    SendPubRel(u16),
+    /// Write this acknowledgement to the source.
+    AckSource(SourceAck),
+    /// The target refused a message with a reason code ≥ 0x80; it is acknowledged to the source
+    /// anyway (it would be refused again), so the driver logs, counts and dead-letters it.
+    Refused { message: Message, reason: u8 },
+}
+
+/// Where a held message came from, so its ack can go back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SourceRef {
+    pkid: u16,
+    qos: Qos,
+    /// Source session generation: acks for a lost session are dropped, not sent to the new one.
+    epoch: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// PUBLISH not written yet (target down, or window shrank on reconnect).
+    Queued,
+    /// PUBLISH written, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Published,
+    /// PUBREL written, waiting for PUBCOMP.
+    Released,
+}
+
+#[derive(Debug)]
+struct Slot {
+    message: Message,
+    source: Option<SourceRef>,
+    stage: Stage,
+    /// Order of first arrival, for resending in order after a reconnect.
+    seq: u64,
+    /// Written to the target at least once: a resend carries DUP.
+    sent: bool,
+}
+
+/// Counters the driver turns into metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// Source PUBLISH packets taken (redeliveries of a held message not included).
+    pub received: u64,
+    /// Messages the target took (QoS 0 when written, QoS ≥ 1 on its ack).
+    pub forwarded: u64,
+    /// Refused by the target with a reason code ≥ 0x80.
+    pub refused: u64,
+    /// Source redeliveries recognised as already forwarded.
+    pub redeliveries: u64,
+    /// Acks from the target for packet ids we do not hold.
+    pub unsolicited_acks: u64,
+}
+
+/// The window and ack-chaining state of one pair.
+#[derive(Debug)]
+pub struct Window {
+    /// Most QoS ≥ 1 messages held at once (= target Receive Maximum capped by `max_inflight`).
+    window: usize,
+    slots: HashMap<u16, Slot>,
+    /// Held messages not yet written, in arrival order.
+    queued: VecDeque<u16>,
+    /// Slots written and not finished (`Published` or `Released`).
+    on_wire: usize,
+    /// Source packet id → target packet id, while the source ack is outstanding.
+    pending: HashMap<u16, u16>,
+    /// QoS 2 source ids we sent PUBREC for and whose PUBREL has not come yet.
+    awaiting_rel: HashSet<u16>,
+    /// QoS 1 acks that fell due while the source was down: sent when the source redelivers.
+    owed: HashSet<u16>,
+    /// Source ids held or owed when the current source connection came up. The broker redelivers
+    /// them with DUP right away; one whose ack we already sent on this connection crossed it, and
+    /// must be neither forwarded nor acked again (the broker may reuse the id once it has the ack).
+    carried: HashSet<u16>,
+    source_up: bool,
+    target_up: bool,
+    epoch: u64,
+    next_pkid: u16,
+    next_seq: u64,
+    actions: VecDeque<Action>,
+    counters: Counters,
+}
+
+impl Window {
+    /// A window allowing `window` QoS ≥ 1 messages in flight (at least 1).
+    pub fn new(window: usize) -> Self {
+        Window {
+            window: window.clamp(1, u16::MAX as usize),
+            slots: HashMap::new(),
+            queued: VecDeque::new(),
+            on_wire: 0,
+            pending: HashMap::new(),
+            awaiting_rel: HashSet::new(),
+            owed: HashSet::new(),
+            carried: HashSet::new(),
+            source_up: false,
+            target_up: false,
+            epoch: 0,
+            next_pkid: 1,
+            next_seq: 0,
+            actions: VecDeque::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// True while one more source message may be read: the target is up and the window has room.
+    /// The driver stops reading the source socket otherwise, so the source broker holds the rest.
+    pub fn can_accept(&self) -> bool {
+        self.target_up && self.slots.len() < self.window
+    }
+
+    /// QoS ≥ 1 messages held (written or queued), the `mqbridge_inflight` gauge.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Messages written to the target and not yet finished: never above `window()`.
+    pub fn on_wire(&self) -> usize {
+        self.on_wire
+    }
+
+    pub fn window(&self) -> usize {
+        self.window
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// The held message for a `SendPublish` action.
+    pub fn held(&self, pkid: u16) -> Option<&Message> {
+        self.slots.get(&pkid).map(|s| &s.message)
+    }
+
+    /// Next action for the driver, in order.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    // ---- source side -------------------------------------------------------------------------
+
+    /// The source connection is up (CONNACK received). Without a resumed session the broker
+    /// forgot every packet id we owe an ack for: those acks are dropped, the messages still go.
+    pub fn source_connected(&mut self, session_present: bool) {
+        self.source_up = true;
+        if !session_present {
+            self.epoch += 1;
+            self.pending.clear();
+            self.awaiting_rel.clear();
+            self.owed.clear();
+            for slot in self.slots.values_mut() {
+                slot.source = None;
+            }
+        }
+        self.carried = self.pending.keys().chain(self.owed.iter()).copied().collect();
+    }
+
+    pub fn source_disconnected(&mut self) {
+        self.source_up = false;
+    }
+
+    /// A PUBLISH from the source. `pkid` is `None` at QoS 0. `message.qos` is the QoS it will be
+    /// forwarded with, already capped by the route and the target; `source_qos` is what the
+    /// source used and decides the ack.
+    pub fn source_publish(&mut self, pkid: Option<u16>, source_qos: Qos, dup: bool, message: Message) {
+        let pkid = match (source_qos, pkid) {
+            (Qos::AtMostOnce, _) | (_, None) => {
+                self.counters.received += 1;
+                self.counters.forwarded += 1;
+                self.actions.push_back(Action::SendQos0(message));
+                return;
+            }
+            (_, Some(id)) => id,
+        };
+        if self.pending.contains_key(&pkid) {
+            // Redelivery of a message we still hold: its ack follows the target's.
+            self.counters.redeliveries += 1;
+            return;
+        }
+        if self.awaiting_rel.contains(&pkid) {
+            if dup {
+                // Our PUBREC was lost; say it again, do not forward again (exactly once).
+                self.counters.redeliveries += 1;
+                self.push_source(SourceAck::PubRec(pkid));
+                return;
+            }
+            // A new message reusing the id means the broker finished the old one.
+            self.awaiting_rel.remove(&pkid);
+        }
+        if self.owed.remove(&pkid) && dup {
+            self.counters.redeliveries += 1;
+            self.push_source(SourceAck::PubAck(pkid));
+            return;
+        }
+        if self.carried.remove(&pkid) && dup {
+            // Redelivered before our ack (sent on this connection) reached the broker.
+            self.counters.redeliveries += 1;
+            return;
+        }
+        self.counters.received += 1;
+        let source = SourceRef { pkid, qos: source_qos, epoch: self.epoch };
+        if message.qos == Qos::AtMostOnce {
+            // Forwarded at QoS 0 (route or target caps it): taken once written.
+            self.counters.forwarded += 1;
+            self.actions.push_back(Action::SendQos0(message));
+            self.ack_source(source);
+            return;
+        }
+        let target_pkid = self.allocate_pkid();
+        self.pending.insert(pkid, target_pkid);
+        self.insert_slot(target_pkid, message, Some(source));
+    }
+
+    /// A source PUBLISH that will not be forwarded (e.g. its topic rewrites to an invalid name):
+    /// the driver has logged, counted and dead-lettered it, so it is acknowledged now rather than
+    /// redelivered forever.
+    pub fn source_discard(&mut self, pkid: u16, source_qos: Qos, dup: bool) {
+        if self.pending.contains_key(&pkid) || (dup && self.awaiting_rel.contains(&pkid)) {
+            self.counters.redeliveries += 1;
+        } else {
+            self.counters.received += 1;
+        }
+        if self.pending.contains_key(&pkid) {
+            return;
+        }
+        self.owed.remove(&pkid);
+        self.ack_source(SourceRef { pkid, qos: source_qos, epoch: self.epoch });
+    }
+
+    /// PUBREL from the source for a QoS 2 message we sent PUBREC for.
+    pub fn source_pubrel(&mut self, pkid: u16) {
+        self.awaiting_rel.remove(&pkid);
+        self.push_source(SourceAck::PubComp(pkid));
+    }
+
+    // ---- target side -------------------------------------------------------------------------
+
+    /// The target connection is up with room for `window` messages (its Receive Maximum capped by
+    /// our `max_inflight`). Held messages are written again, in order; with a resumed session the
+    /// same packet ids and DUP, and QoS 2 messages past PUBREC get their PUBREL again.
+    pub fn target_connected(&mut self, session_present: bool, window: usize) {
+        self.target_up = true;
+        self.window = window.clamp(1, u16::MAX as usize);
+        let mut held: Vec<(u64, u16)> = self.slots.iter().map(|(id, s)| (s.seq, *id)).collect();
+        held.sort_unstable();
+        self.queued.clear();
+        self.on_wire = 0;
+        for (_, pkid) in held {
+            let slot = self.slots.get_mut(&pkid).expect("listed above");
+            match slot.stage {
+                Stage::Released if !session_present => {
+                    // A new target session knows nothing of it, but the target took it at PUBREC.
+                    self.slots.remove(&pkid);
+                }
+                Stage::Released => {
+                    self.on_wire += 1;
+                    self.actions.push_back(Action::SendPubRel(pkid));
+                }
+                Stage::Queued | Stage::Published => {
+                    slot.stage = Stage::Queued;
+                    self.queued.push_back(pkid);
+                }
+            }
+        }
+        self.send_queued();
+    }
+
+    pub fn target_disconnected(&mut self) {
+        self.target_up = false;
+    }
+
+    /// PUBACK from the target (QoS 1). `reason` ≥ 0x80 means refused.
+    pub fn target_puback(&mut self, pkid: u16, reason: u8) {
+        if !self.is(pkid, Stage::Published, Qos::AtLeastOnce) {
+            self.counters.unsolicited_acks += 1;
+            return;
+        }
+        self.finish(pkid, reason);
+    }
+
+    /// PUBREC from the target (QoS 2). `reason` ≥ 0x80 means refused and ends the exchange.
+    pub fn target_pubrec(&mut self, pkid: u16, reason: u8) {
+        if !self.is(pkid, Stage::Published, Qos::ExactlyOnce) {
+            if self.slots.get(&pkid).is_some_and(|s| s.stage == Stage::Released) {
+                // A repeated PUBREC (e.g. our PUBREL crossed it): say PUBREL again.
+                self.actions.push_back(Action::SendPubRel(pkid));
+            } else {
+                self.counters.unsolicited_acks += 1;
+            }
+            return;
+        }
+        if reason >= 0x80 {
+            self.finish(pkid, reason);
+            return;
+        }
+        let slot = self.slots.get_mut(&pkid).expect("checked above");
+        slot.stage = Stage::Released;
+        let source = slot.source.take();
+        self.counters.forwarded += 1;
+        self.actions.push_back(Action::SendPubRel(pkid));
+        if let Some(source) = source {
+            self.pending.remove(&source.pkid);
+            self.ack_source(source);
+        }
+    }
+
+    /// PUBCOMP from the target: the QoS 2 exchange is over and its place in the window is free.
+    pub fn target_pubcomp(&mut self, pkid: u16) {
+        if self.slots.get(&pkid).is_none_or(|s| s.stage != Stage::Released) {
+            self.counters.unsolicited_acks += 1;
+            return;
+        }
+        self.slots.remove(&pkid);
+        self.on_wire -= 1;
+        self.send_queued();
+    }
+
+    // ---- internals ---------------------------------------------------------------------------
+
+    fn is(&self, pkid: u16, stage: Stage, qos: Qos) -> bool {
+        self.slots.get(&pkid).is_some_and(|s| s.stage == stage && s.message.qos == qos)
+    }
+
+    /// The first ack of a published slot: done (or refused). Frees the slot and acks the source.
+    fn finish(&mut self, pkid: u16, reason: u8) {
+        let slot = self.slots.remove(&pkid).expect("caller checked");
+        self.on_wire -= 1;
+        if reason >= 0x80 {
+            self.counters.refused += 1;
+            self.actions.push_back(Action::Refused { message: slot.message, reason });
+        } else {
+            self.counters.forwarded += 1;
+        }
+        if let Some(source) = slot.source {
+            self.pending.remove(&source.pkid);
+            self.ack_source(source);
+        }
+        self.send_queued();
+    }
+
+    fn insert_slot(&mut self, pkid: u16, message: Message, source: Option<SourceRef>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.slots.insert(pkid, Slot { message, source, stage: Stage::Queued, seq, sent: false });
+        self.queued.push_back(pkid);
+        self.send_queued();
+    }
+
+    /// Writes queued messages while the target is up and the window has room.
+    fn send_queued(&mut self) {
+        while self.target_up && self.on_wire < self.window {
+            let Some(pkid) = self.queued.pop_front() else { break };
+            let slot = self.slots.get_mut(&pkid).expect("queued ids are held");
+            slot.stage = Stage::Published;
+            let dup = std::mem::replace(&mut slot.sent, true);
+            self.on_wire += 1;
+            self.actions.push_back(Action::SendPublish { pkid, dup });
+        }
+    }
+
+    fn ack_source(&mut self, source: SourceRef) {
+        if source.epoch != self.epoch {
+            return; // that session is gone; its broker will not expect this ack
+        }
+        match source.qos {
+            Qos::AtMostOnce => {}
+            Qos::AtLeastOnce if self.source_up => self.push_source(SourceAck::PubAck(source.pkid)),
+            Qos::AtLeastOnce => {
+                self.owed.insert(source.pkid);
+            }
+            Qos::ExactlyOnce => {
+                self.awaiting_rel.insert(source.pkid);
+                self.push_source(SourceAck::PubRec(source.pkid));
+            }
+        }
+    }
+
+    fn push_source(&mut self, ack: SourceAck) {
+        if self.source_up {
+            self.actions.push_back(Action::AckSource(ack));
+        }
+    }
+
+    fn allocate_pkid(&mut self) -> u16 {
+        // At most 65535 slots exist (the window is capped), so a free id is always found.
+        loop {
+            let id = self.next_pkid;
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if !self.slots.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A model of both brokers around the window, driven by random event sequences, with lossy
+    //! links that drop what is in transit when a connection breaks.
+    use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn msg(id: u32, qos: Qos) -> Message {
+        Message {
+            topic: format!("t/{id}"),
+            payload: Bytes::from(id.to_be_bytes().to_vec()),
+            qos,
+            retain: false,
+            properties: None,
+        }
+    }
+
+    fn id_of(m: &Message) -> u32 {
+        u32::from_be_bytes(m.payload[..4].try_into().unwrap())
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Step {
+        /// The source broker offers its next message (if the pair reads).
+        Offer,
+        /// Deliver what the bridge wrote towards the target.
+        ToTarget,
+        /// The target acks one outstanding publish/pubrel (by index).
+        TargetAck(usize),
+        /// Deliver what the bridge wrote towards the source.
+        ToSource,
+        /// The source broker sends PUBREL for one PUBREC'd message (by index).
+        SourceRel(usize),
+        SourceDrop,
+        TargetDrop,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => Just(Step::Offer),
+            4 => Just(Step::ToTarget),
+            4 => (0usize..64).prop_map(Step::TargetAck),
+            4 => Just(Step::ToSource),
+            2 => (0usize..64).prop_map(Step::SourceRel),
+            1 => Just(Step::SourceDrop),
+            1 => Just(Step::TargetDrop),
+        ]
+    }
+
+    /// Source broker with a persistent session: a queue of messages, in-flight publishes by
+    /// packet id, and what it has been acknowledged.
+    #[derive(Default)]
+    struct SourceBroker {
+        next: u32,
+        total: u32,
+        qos: Vec<Qos>,
+        /// pkid → (message id, PUBREC received)
+        inflight: BTreeMap<u16, (u32, bool)>,
+        next_pkid: u16,
+        acked: HashSet<u32>,
+        up: bool,
+        /// Packets written by the bridge towards the source, lost on disconnect.
+        wire: VecDeque<SourceAck>,
+        /// Packet ids to send again after a reconnect (PUBLISH with DUP, or PUBREL).
+        redeliver: VecDeque<u16>,
+    }
+
+    /// Target broker: QoS 2 receiver state by packet id, and what its subscribers got.
+    #[derive(Default)]
+    struct TargetBroker {
+        up: bool,
+        /// What the bridge wrote (the held message is encoded at write time), lost on disconnect.
+        wire: VecDeque<(Action, Option<Message>)>,
+        /// Acks the target owes on the current connection: pkid → what it will answer. A broker
+        /// answers packets received on the connection; what it owed the last one is gone.
+        ackable: BTreeMap<u16, TargetAck>,
+        /// QoS 2 messages received and not released (the receiver's dedupe state, kept in the
+        /// target's session across reconnects).
+        stored: HashMap<u16, u32>,
+        delivered: HashMap<u32, u32>,
+        /// Message ids the target has acknowledged (PUBACK or PUBREC sent).
+        took: HashSet<u32>,
+        max_unacked: usize,
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum TargetAck {
+        PubAck(u32),
+        PubRec(u32),
+        PubComp,
+    }
+
+    struct World {
+        w: Window,
+        s: SourceBroker,
+        t: TargetBroker,
+        window: usize,
+    }
+
+    impl World {
+        fn new(qos: Vec<Qos>, window: usize) -> Self {
+            let mut w = World {
+                w: Window::new(window),
+                s: SourceBroker { total: qos.len() as u32, qos, next_pkid: 1, ..Default::default() },
+                t: TargetBroker::default(),
+                window,
+            };
+            w.connect_target();
+            w.connect_source();
+            w
+        }
+
+        fn pump(&mut self) {
+            while let Some(a) = self.w.poll_action() {
+                match a {
+                    Action::AckSource(ack) => self.s.wire.push_back(ack),
+                    Action::Refused { .. } => panic!("nothing refuses here"),
+                    Action::SendPublish { pkid, dup } => {
+                        let m = self.w.held(pkid).expect("a publish we are asked to send is held").clone();
+                        self.t.wire.push_back((Action::SendPublish { pkid, dup }, Some(m)));
+                    }
+                    other => self.t.wire.push_back((other, None)),
+                }
+            }
+        }
+
+        fn connect_source(&mut self) {
+            self.s.up = true;
+            self.w.source_connected(true);
+            // Every unacknowledged publish goes again with DUP, PUBREL for PUBREC'd ones, before
+            // anything new; the pair reads them like any other packet.
+            self.s.redeliver = self.s.inflight.keys().copied().collect();
+        }
+
+        fn connect_target(&mut self) {
+            self.t.up = true;
+            self.w.target_connected(true, self.window);
+            self.pump();
+        }
+
+        fn apply(&mut self, step: Step) {
+            match step {
+                Step::Offer if self.s.up && self.w.can_accept() && !self.s.redeliver.is_empty() => {
+                    let pkid = self.s.redeliver.pop_front().unwrap();
+                    if let Some(&(id, rec)) = self.s.inflight.get(&pkid) {
+                        if rec {
+                            self.w.source_pubrel(pkid);
+                        } else {
+                            let q = self.s.qos[id as usize];
+                            self.w.source_publish(Some(pkid), q, true, msg(id, q));
+                        }
+                    }
+                }
+                Step::Offer => {
+                    if self.s.up && self.w.can_accept() && self.s.next < self.s.total {
+                        let id = self.s.next;
+                        self.s.next += 1;
+                        let q = self.s.qos[id as usize];
+                        if q == Qos::AtMostOnce {
+                            self.w.source_publish(None, q, false, msg(id, q));
+                        } else {
+                            let mut pkid = self.s.next_pkid;
+                            while self.s.inflight.contains_key(&pkid) {
+                                pkid = pkid % 100 + 1;
+                            }
+                            self.s.next_pkid = pkid % 100 + 1;
+                            self.s.inflight.insert(pkid, (id, false));
+                            self.w.source_publish(Some(pkid), q, false, msg(id, q));
+                        }
+                    }
+                }
+                Step::ToTarget => {
+                    while let Some((a, m)) = self.t.wire.pop_front() {
+                        self.target_receives(a, m);
+                    }
+                }
+                Step::TargetAck(i) => {
+                    if !self.t.up || self.t.ackable.is_empty() {
+                        return;
+                    }
+                    let pkid = *self.t.ackable.keys().nth(i % self.t.ackable.len()).unwrap();
+                    match self.t.ackable.remove(&pkid).unwrap() {
+                        TargetAck::PubAck(id) => {
+                            self.t.took.insert(id);
+                            self.w.target_puback(pkid, 0);
+                        }
+                        TargetAck::PubRec(id) => {
+                            self.t.took.insert(id);
+                            self.w.target_pubrec(pkid, 0);
+                        }
+                        TargetAck::PubComp => self.w.target_pubcomp(pkid),
+                    }
+                }
+                Step::ToSource => {
+                    while let Some(ack) = self.s.wire.pop_front() {
+                        self.source_receives(ack);
+                    }
+                }
+                Step::SourceRel(i) => {
+                    let recs: Vec<u16> =
+                        self.s.inflight.iter().filter(|(_, (_, r))| *r).map(|(p, _)| *p).collect();
+                    if self.s.up && self.s.redeliver.is_empty() && !recs.is_empty() {
+                        self.w.source_pubrel(recs[i % recs.len()]);
+                    }
+                }
+                Step::SourceDrop => {
+                    self.s.up = false;
+                    self.s.wire.clear();
+                    self.w.source_disconnected();
+                }
+                Step::TargetDrop => {
+                    self.t.up = false;
+                    self.t.wire.clear();
+                    self.t.ackable.clear();
+                    self.w.target_disconnected();
+                }
+            }
+            self.pump();
+            if !self.s.up && matches!(step, Step::Offer) {
+                self.connect_source();
+            }
+            if !self.t.up && matches!(step, Step::ToTarget) {
+                self.connect_target();
+            }
+            self.check();
+        }
+
+        fn target_receives(&mut self, a: Action, m: Option<Message>) {
+            match a {
+                Action::SendPublish { pkid, .. } => {
+                    let m = m.expect("publishes carry their message");
+                    let id = id_of(&m);
+                    if m.qos == Qos::AtLeastOnce {
+                        *self.t.delivered.entry(id).or_default() += 1;
+                        self.t.ackable.insert(pkid, TargetAck::PubAck(id));
+                    } else {
+                        // A QoS 2 receiver delivers once per packet id until PUBREL.
+                        if self.t.stored.insert(pkid, id).is_none() {
+                            *self.t.delivered.entry(id).or_default() += 1;
+                        }
+                        self.t.ackable.insert(pkid, TargetAck::PubRec(id));
+                    }
+                    let outstanding = self.t.stored.len()
+                        + self.t.ackable.keys().filter(|p| !self.t.stored.contains_key(p)).count();
+                    self.t.max_unacked = self.t.max_unacked.max(outstanding);
+                }
+                Action::SendQos0(m) => *self.t.delivered.entry(id_of(&m)).or_default() += 1,
+                Action::SendPubRel(pkid) => {
+                    self.t.stored.remove(&pkid);
+                    self.t.ackable.insert(pkid, TargetAck::PubComp);
+                }
+                other => panic!("{other:?} is not for the target"),
+            }
+            self.pump();
+        }
+
+        fn source_receives(&mut self, ack: SourceAck) {
+            match ack {
+                SourceAck::PubAck(pkid) => {
+                    let (id, rec) = self.s.inflight.remove(&pkid).expect("PUBACK for an id in flight");
+                    assert!(!rec);
+                    assert_eq!(self.s.qos[id as usize], Qos::AtLeastOnce);
+                    assert!(self.t.took.contains(&id), "message {id} acked before the target took it");
+                    assert!(self.s.acked.insert(id), "message {id} acked twice");
+                }
+                SourceAck::PubRec(pkid) => {
+                    let entry = self.s.inflight.get_mut(&pkid).expect("PUBREC for an id in flight");
+                    let id = entry.0;
+                    assert!(self.t.took.contains(&id), "message {id} acked before the target took it");
+                    if !entry.1 {
+                        entry.1 = true;
+                        assert!(self.s.acked.insert(id), "message {id} acked twice");
+                    }
+                }
+                SourceAck::PubComp(pkid) => {
+                    if self.s.inflight.get(&pkid).is_some_and(|(_, r)| *r) {
+                        self.s.inflight.remove(&pkid);
+                    }
+                }
+            }
+        }
+
+        fn check(&self) {
+            assert!(self.t.max_unacked <= self.window, "target saw {} unacked > window {}", self.t.max_unacked, self.window);
+            assert!(self.w.on_wire() <= self.window);
+            assert!(self.w.in_flight() <= self.window);
+        }
+
+        /// Reconnect everything and let every exchange finish.
+        fn settle(&mut self) {
+            for _ in 0..10_000 {
+                if !self.s.up {
+                    self.connect_source();
+                }
+                if !self.t.up {
+                    self.connect_target();
+                }
+                for step in [Step::ToTarget, Step::TargetAck(0), Step::ToSource, Step::SourceRel(0), Step::Offer] {
+                    self.apply(step);
+                }
+                if self.s.next == self.s.total
+                    && self.s.inflight.is_empty()
+                    && self.w.in_flight() == 0
+                    && self.t.wire.is_empty()
+                    && self.t.ackable.is_empty()
+                {
+                    return;
+                }
+            }
+            panic!("did not settle: {} in flight at the source, {} held", self.s.inflight.len(), self.w.in_flight());
+        }
+    }
+
+    fn qos_list() -> impl Strategy<Value = Vec<Qos>> {
+        prop::collection::vec(prop_oneof![Just(Qos::AtMostOnce), Just(Qos::AtLeastOnce), Just(Qos::ExactlyOnce)], 1..60)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        /// Every QoS ≥ 1 message is acked exactly once and only after the target took it; the
+        /// target never sees more than the window; nothing is lost across disconnects; QoS 2
+        /// reaches the target's subscribers exactly once.
+        #[test]
+        fn ack_chaining_survives_any_interleaving(qos in qos_list(), window in 1usize..8, steps in prop::collection::vec(step(), 0..300)) {
+            let mut world = World::new(qos.clone(), window);
+            for s in steps {
+                world.apply(s);
+            }
+            world.settle();
+            for (id, q) in qos.iter().enumerate() {
+                let id = id as u32;
+                let got = world.t.delivered.get(&id).copied().unwrap_or(0);
+                match q {
+                    Qos::AtMostOnce => prop_assert!(got <= 1),
+                    Qos::AtLeastOnce => {
+                        prop_assert!(got >= 1, "QoS 1 message {} lost", id);
+                        prop_assert!(world.s.acked.contains(&id));
+                    }
+                    Qos::ExactlyOnce => {
+                        prop_assert_eq!(got, 1, "QoS 2 message {} delivered {} times", id, got);
+                        prop_assert!(world.s.acked.contains(&id));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn window_full_stops_reading_and_an_ack_resumes_it() {
+        let mut w = Window::new(2);
+        w.target_connected(false, 2);
+        w.source_connected(false);
+        w.source_publish(Some(1), Qos::AtLeastOnce, false, msg(1, Qos::AtLeastOnce));
+        w.source_publish(Some(2), Qos::AtLeastOnce, false, msg(2, Qos::AtLeastOnce));
+        assert!(!w.can_accept());
+        assert_eq!(w.poll_action(), Some(Action::SendPublish { pkid: 1, dup: false }));
+        assert_eq!(w.poll_action(), Some(Action::SendPublish { pkid: 2, dup: false }));
+        assert_eq!(w.poll_action(), None, "no ack before the target's");
+        w.target_puback(2, 0);
+        assert_eq!(w.poll_action(), Some(Action::AckSource(SourceAck::PubAck(2))));
+        assert!(w.can_accept());
+    }
+
+    #[test]
+    fn qos2_source_ack_waits_for_target_pubrec_and_window_for_pubcomp() {
+        let mut w = Window::new(1);
+        w.target_connected(false, 1);
+        w.source_connected(false);
+        w.source_publish(Some(7), Qos::ExactlyOnce, false, msg(1, Qos::ExactlyOnce));
+        assert_eq!(w.poll_action(), Some(Action::SendPublish { pkid: 1, dup: false }));
+        w.target_pubrec(1, 0);
+        assert_eq!(w.poll_action(), Some(Action::SendPubRel(1)));
+        assert_eq!(w.poll_action(), Some(Action::AckSource(SourceAck::PubRec(7))));
+        assert!(!w.can_accept(), "PUBREL outstanding still holds the window");
+        // A redelivery of 7 (our PUBREC was lost) is answered, not forwarded again.
+        w.source_publish(Some(7), Qos::ExactlyOnce, true, msg(1, Qos::ExactlyOnce));
+        assert_eq!(w.poll_action(), Some(Action::AckSource(SourceAck::PubRec(7))));
+        w.target_pubcomp(1);
+        w.source_pubrel(7);
+        assert_eq!(w.poll_action(), Some(Action::AckSource(SourceAck::PubComp(7))));
+        assert!(w.can_accept());
+    }
+
+    #[test]
+    fn refused_message_is_reported_and_still_acked() {
+        let mut w = Window::new(4);
+        w.target_connected(false, 4);
+        w.source_connected(false);
+        w.source_publish(Some(3), Qos::AtLeastOnce, false, msg(1, Qos::AtLeastOnce));
+        w.poll_action();
+        w.target_puback(1, 0x87);
+        assert!(matches!(w.poll_action(), Some(Action::Refused { reason: 0x87, .. })));
+        assert_eq!(w.poll_action(), Some(Action::AckSource(SourceAck::PubAck(3))));
+        assert_eq!(w.counters().refused, 1);
+    }
+
+    #[test]
+    fn target_reconnect_resends_held_messages_in_order_with_dup() {
+        let mut w = Window::new(3);
+        w.target_connected(false, 3);
+        w.source_connected(false);
+        for i in 1..=3 {
+            w.source_publish(Some(i), Qos::AtLeastOnce, false, msg(u32::from(i), Qos::AtLeastOnce));
+        }
+        while w.poll_action().is_some() {}
+        w.target_disconnected();
+        assert!(!w.can_accept());
+        w.target_connected(true, 2); // the target came back with a smaller window
+        assert_eq!(w.poll_action(), Some(Action::SendPublish { pkid: 1, dup: true }));
+        assert_eq!(w.poll_action(), Some(Action::SendPublish { pkid: 2, dup: true }));
+        assert_eq!(w.poll_action(), None, "the third waits for room");
+        w.target_puback(1, 0);
+        assert_eq!(w.poll_action(), Some(Action::AckSource(SourceAck::PubAck(1))));
+        assert_eq!(w.poll_action(), Some(Action::SendPublish { pkid: 3, dup: true }));
+    }
+
+    #[test]
+    fn lost_source_session_drops_acks_but_not_messages() {
+        let mut w = Window::new(2);
+        w.target_connected(false, 2);
+        w.source_connected(false);
+        w.source_publish(Some(9), Qos::AtLeastOnce, false, msg(1, Qos::AtLeastOnce));
+        w.poll_action();
+        w.source_disconnected();
+        w.source_connected(false); // the broker forgot the session: id 9 means nothing now
+        w.target_puback(1, 0);
+        assert_eq!(w.poll_action(), None, "no ack for a forgotten packet id");
+        assert_eq!(w.counters().forwarded, 1);
+    }
+}

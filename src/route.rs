@@ -1,0 +1,90 @@
+//! A route's pool: `pool_size` pairs, each a task running `pair::driver`, sharing the route's
+//! subscriptions through the broker's shared subscription group.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    config::{BridgePlan, RoutePlan, Side, client_id},
+    pair::{
+        driver::{self, PairSpec},
+        stats::PairStats,
+    },
+};
+
+/// A running route: its pairs' stats and tasks.
+pub struct RunningRoute {
+    pub plan: Arc<RoutePlan>,
+    pub pairs: Vec<Arc<PairStats>>,
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+/// Starts every pair of `route`. They stop (draining) when `shutdown` turns true.
+pub fn start(
+    bridge: &BridgePlan,
+    route: &RoutePlan,
+    shutdown: &watch::Receiver<bool>,
+    epoch: std::time::Instant,
+) -> RunningRoute {
+    let plan = Arc::new(route.clone());
+    let mut pairs = Vec::new();
+    let mut tasks = Vec::new();
+    for index in 0..route.pool_size {
+        let stats = Arc::new(PairStats::default());
+        let spec = PairSpec {
+            route: plan.clone(),
+            index,
+            source_client_id: client_id(bridge, route, index, Side::Source),
+            target_client_id: client_id(bridge, route, index, Side::Target),
+            stats: stats.clone(),
+            drain_timeout: bridge.drain_timeout,
+            epoch,
+        };
+        pairs.push(stats);
+        tasks.push(tokio::spawn(driver::run(spec, shutdown.clone())));
+    }
+    RunningRoute { plan, pairs, tasks }
+}
+
+/// Totals over a route's pairs, for the summary line.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RouteTotals {
+    pub received: u64,
+    pub forwarded: u64,
+    pub dropped: u64,
+    pub in_flight: u64,
+    pub in_flight_max: u64,
+    pub window: u64,
+    pub pairs_ready: usize,
+    pub reconnects: u64,
+}
+
+impl RunningRoute {
+    pub fn totals(&self) -> RouteTotals {
+        let mut t = RouteTotals::default();
+        for s in &self.pairs {
+            let g = PairStats::get;
+            t.received += g(&s.received);
+            t.forwarded += g(&s.forwarded);
+            t.dropped += g(&s.dropped_refused) + g(&s.dropped_invalid_topic) + g(&s.dropped_qos0_target_down);
+            t.in_flight += g(&s.in_flight);
+            t.in_flight_max = t.in_flight_max.max(g(&s.in_flight_max));
+            t.window = t.window.max(g(&s.window));
+            t.pairs_ready += usize::from(s.ready());
+            t.reconnects += g(&s.source_reconnects) + g(&s.target_reconnects);
+        }
+        t
+    }
+
+    /// Waits for every pair to finish (after shutdown), at most `limit`.
+    pub async fn join(&mut self, limit: Duration) {
+        let tasks = std::mem::take(&mut self.tasks);
+        let _ = tokio::time::timeout(limit, async {
+            for t in tasks {
+                let _ = t.await;
+            }
+        })
+        .await;
+    }
+}

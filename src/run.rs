@@ -1,0 +1,70 @@
+//! `mqbridge run`: starts every route from a validated plan, logs a summary line per interval,
+//! and on SIGINT/SIGTERM drains in-flight messages before exiting.
+
+use std::time::{Duration, Instant};
+
+use tokio::{signal::unix::SignalKind, sync::watch};
+use tracing::info;
+
+use crate::{config::Plan, route};
+
+/// Runs until a termination signal, then drains. Returns when every pair has stopped.
+pub async fn run(plan: Plan) -> anyhow::Result<()> {
+    let epoch = Instant::now();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let routes: Vec<_> = plan
+        .routes
+        .iter()
+        .map(|r| route::start(&plan.bridge, r, &stop_rx, epoch))
+        .collect();
+    info!(bridge = %plan.bridge.name, instance = %plan.bridge.instance, routes = routes.len(), pairs = routes.iter().map(|r| r.pairs.len()).sum::<usize>(), "mqbridge running");
+
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut summary = tokio::time::interval(plan.bridge.summary_interval);
+    summary.tick().await;
+    let mut last: Vec<(u64, u64)> = vec![(0, 0); routes.len()];
+    let mut last_at = Instant::now();
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = summary.tick() => {
+                let secs = last_at.elapsed().as_secs_f64().max(1e-3);
+                last_at = Instant::now();
+                for (r, prev) in routes.iter().zip(last.iter_mut()) {
+                    let t = r.totals();
+                    info!(
+                        route = %r.plan.name,
+                        received_per_s = format!("{:.0}", (t.received - prev.0) as f64 / secs),
+                        forwarded_per_s = format!("{:.0}", (t.forwarded - prev.1) as f64 / secs),
+                        received = t.received,
+                        forwarded = t.forwarded,
+                        dropped = t.dropped,
+                        in_flight = t.in_flight,
+                        in_flight_max = t.in_flight_max,
+                        window = t.window,
+                        pairs_ready = t.pairs_ready,
+                        pairs = r.pairs.len(),
+                        reconnects = t.reconnects,
+                        "summary"
+                    );
+                    *prev = (t.received, t.forwarded);
+                }
+            }
+        }
+    }
+    info!(drain_timeout = ?plan.bridge.drain_timeout, "stopping: draining in-flight messages");
+    let _ = stop_tx.send(true);
+    let limit = plan.bridge.drain_timeout + Duration::from_secs(3);
+    let mut routes = routes;
+    for r in &mut routes {
+        r.join(limit).await;
+    }
+    for r in &routes {
+        let t = r.totals();
+        info!(route = %r.plan.name, received = t.received, forwarded = t.forwarded, dropped = t.dropped, in_flight = t.in_flight, in_flight_max = t.in_flight_max, window = t.window, "final");
+    }
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,33 @@
+//! Shared harness for the integration tests: real mosquitto brokers, the `mqbridge` binary as a
+//! child process, and MQTT 3.1.1 / 5 clients that publish numbered messages and record what
+//! arrives. Every wait has a deadline, and every child process dies with its handle.
+//!
+//! Each test binary uses a different part of it, hence the allowances for unused items.
+#![allow(dead_code)]
+
+mod bridge;
+mod client;
+mod ids;
+mod mosquitto;
+mod process;
+mod temp;
+mod wait;
+
+#[allow(unused_imports)]
+pub use bridge::{Bridge, CliOutput, http_get, mqbridge_cli};
+#[allow(unused_imports)]
+pub use client::{
+    Collector, PUBLISH_WINDOW, Proto, Publisher, Received, publish_numbered,
+    publish_numbered_paced, publish_one,
+};
+#[allow(unused_imports)]
+pub use ids::{
+    IdCount, assert_at_least_once, assert_exactly_once, count_ids, ids_in_order, numbered_payload,
+    padded_payload, parse_id,
+};
+#[allow(unused_imports)]
+pub use mosquitto::{Mosquitto, MosquittoOpts};
+#[allow(unused_imports)]
+pub use temp::{TestDir, free_port, write_temp};
+#[allow(unused_imports)]
+pub use wait::{wait_until, wait_until_async};
