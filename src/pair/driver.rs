@@ -423,7 +423,7 @@ impl Pair {
         self.suback_pending.retain(|p| *p != pkid);
         if self.suback_pending.is_empty() {
             self.spec.stats.subscribed.store(true, Relaxed);
-            debug!(route = %route.name, pair = self.spec.index, "subscribed");
+            info!(route = %route.name, pair = self.spec.index, "pair ready: subscribed");
         }
     }
 

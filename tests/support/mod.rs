@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 mod bridge;
+mod configs;
 mod client;
 mod ids;
 mod mosquitto;
@@ -15,6 +16,8 @@ mod wait;
 
 #[allow(unused_imports)]
 pub use bridge::{Bridge, CliOutput, http_get, mqbridge_cli};
+#[allow(unused_imports)]
+pub use configs::{RouteConfig, start_ready, wait_ready};
 #[allow(unused_imports)]
 pub use client::{
     Collector, PUBLISH_WINDOW, Proto, Publisher, Received, publish_numbered,

@@ -1,0 +1,102 @@
+//! Forwarding through real mosquitto brokers: every message arrives once, rewritten, at each QoS
+//! and across protocol versions (issue #2, "done when" 1).
+
+mod support;
+
+use std::time::Duration;
+use support::*;
+
+/// 3 publishers × 1000 messages at `qos` through a pool of 3 pairs with a rewrite rule.
+async fn three_publishers(src_proto: Proto, dst_proto: Proto, qos: u8) {
+    let src = Mosquitto::start().await;
+    let dst = Mosquitto::start().await;
+    let mut cfg = RouteConfig::new(src.port(), src_proto, dst.port(), dst_proto);
+    cfg.topics = r#"["factory/+/telemetry/#"]"#;
+    cfg.pool_size = 3;
+    cfg.qos = qos;
+    cfg.tail = "[[routes.rewrite]]\nmatch = \"factory/+/telemetry/#\"\nto = \"sites/edge-1/{1}/telemetry/{2}\"\n".into();
+    let collector = Collector::start(dst.port(), Proto::V5, "#", 2).await;
+    let mut bridge = start_ready(&cfg.toml(), 3).await;
+
+    let port = src.port();
+    let publishers: Vec<_> = (0..3u32)
+        .map(|p| {
+            tokio::spawn(async move {
+                let topic = move |i: u32| format!("factory/line{p}/telemetry/t{}", i % 7);
+                if qos == 0 {
+                    publish_numbered_paced(port, src_proto, topic, 0, p * 1000, 1000, "m", Duration::from_micros(500)).await;
+                } else {
+                    publish_numbered(port, src_proto, topic, qos, p * 1000, 1000, "m").await;
+                }
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.await.unwrap();
+    }
+    assert!(
+        collector.wait_for_count(3000, Duration::from_secs(30)).await,
+        "{}",
+        count_ids(&collector.received(), "m", 0..3000)
+    );
+    collector.settle(Duration::from_millis(300), Duration::from_secs(3)).await;
+    let rx = collector.received();
+    assert_exactly_once(&rx, "m", 0..3000);
+    for r in &rx {
+        let id = parse_id(&r.payload, "m").unwrap();
+        let p = id / 1000;
+        assert_eq!(r.topic, format!("sites/edge-1/line{p}/telemetry/t{}", id % 7));
+        assert_eq!(r.qos, qos, "forwarded with the publisher's QoS");
+    }
+    assert!(bridge.stop(Duration::from_secs(15)).await.is_some_and(|s| s.success()), "{}", bridge.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_v5_to_v5() {
+    three_publishers(Proto::V5, Proto::V5, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_v311_to_v311() {
+    three_publishers(Proto::V311, Proto::V311, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_v5_to_v311() {
+    three_publishers(Proto::V5, Proto::V311, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_v311_to_v5() {
+    three_publishers(Proto::V311, Proto::V5, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_v5_to_v5() {
+    three_publishers(Proto::V5, Proto::V5, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_v311_to_v311() {
+    three_publishers(Proto::V311, Proto::V311, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_v5_to_v311() {
+    three_publishers(Proto::V5, Proto::V311, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_v311_to_v5() {
+    three_publishers(Proto::V311, Proto::V5, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_v5_to_v5_at_a_moderate_rate() {
+    three_publishers(Proto::V5, Proto::V5, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_v311_to_v311_at_a_moderate_rate() {
+    three_publishers(Proto::V311, Proto::V311, 0).await;
+}

@@ -1,0 +1,98 @@
+//! Bridge configurations for tests: one route between two test brokers, with knobs.
+
+use super::{Bridge, Proto};
+use std::time::Duration;
+
+/// One route `src → dst` as TOML. `route_extra` is appended inside `[[routes]]` (before any
+/// `[[routes.rewrite]]`), `tail` after everything (rewrite rules, more tables).
+pub struct RouteConfig {
+    pub name: &'static str,
+    pub src_port: u16,
+    pub src_proto: Proto,
+    pub dst_port: u16,
+    pub dst_proto: Proto,
+    pub topics: &'static str,
+    pub qos: u8,
+    pub pool_size: usize,
+    pub broker_extra: &'static str,
+    pub route_extra: String,
+    pub tail: String,
+}
+
+impl RouteConfig {
+    pub fn new(src_port: u16, src_proto: Proto, dst_port: u16, dst_proto: Proto) -> Self {
+        RouteConfig {
+            name: "r",
+            src_port,
+            src_proto,
+            dst_port,
+            dst_proto,
+            topics: r#"["in/#"]"#,
+            qos: 2,
+            pool_size: 1,
+            broker_extra: "",
+            route_extra: String::new(),
+            tail: String::new(),
+        }
+    }
+
+    pub fn toml(&self) -> String {
+        format!(
+            r#"[bridge]
+name = "test"
+instance = "t{src}"
+summary_interval = "1s"
+drain_timeout = "10s"
+
+[brokers.src]
+url = "mqtt://127.0.0.1:{src}"
+protocol = "{sp}"
+session_expiry = "1h"
+keep_alive = "5s"
+{be}
+[brokers.dst]
+url = "mqtt://127.0.0.1:{dst}"
+protocol = "{dp}"
+session_expiry = "1h"
+keep_alive = "5s"
+{be}
+[[routes]]
+name = "{name}"
+from = "src"
+to = "dst"
+topics = {topics}
+qos = {qos}
+pool_size = {pool}
+{re}
+{tail}
+"#,
+            src = self.src_port,
+            dst = self.dst_port,
+            sp = self.src_proto.as_config(),
+            dp = self.dst_proto.as_config(),
+            be = self.broker_extra,
+            name = self.name,
+            topics = self.topics,
+            qos = self.qos,
+            pool = self.pool_size,
+            re = self.route_extra,
+            tail = self.tail,
+        )
+    }
+}
+
+/// Starts the bridge and waits until every pair has subscribed (`pairs` "pair ready" lines).
+pub async fn start_ready(toml: &str, pairs: usize) -> Bridge {
+    let bridge = Bridge::start(toml);
+    wait_ready(&bridge, pairs, 1).await;
+    bridge
+}
+
+/// Waits until the bridge log holds `pairs * round` "pair ready" lines.
+pub async fn wait_ready(bridge: &Bridge, pairs: usize, round: usize) {
+    let ok = super::wait_until(Duration::from_secs(20), || {
+        bridge.log().matches("pair ready").count() >= pairs * round
+    })
+    .await;
+    assert!(ok, "bridge not ready; log:\n{}", bridge.log());
+}
