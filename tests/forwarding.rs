@@ -24,7 +24,17 @@ async fn three_publishers(src_proto: Proto, dst_proto: Proto, qos: u8) {
             tokio::spawn(async move {
                 let topic = move |i: u32| format!("factory/line{p}/telemetry/t{}", i % 7);
                 if qos == 0 {
-                    publish_numbered_paced(port, src_proto, topic, 0, p * 1000, 1000, "m", Duration::from_micros(500)).await;
+                    publish_numbered_paced(
+                        port,
+                        src_proto,
+                        topic,
+                        0,
+                        p * 1000,
+                        1000,
+                        "m",
+                        Duration::from_micros(500),
+                    )
+                    .await;
                 } else {
                     publish_numbered(port, src_proto, topic, qos, p * 1000, 1000, "m").await;
                 }
@@ -35,20 +45,34 @@ async fn three_publishers(src_proto: Proto, dst_proto: Proto, qos: u8) {
         p.await.unwrap();
     }
     assert!(
-        collector.wait_for_count(3000, Duration::from_secs(30)).await,
+        collector
+            .wait_for_count(3000, Duration::from_secs(30))
+            .await,
         "{}",
         count_ids(&collector.received(), "m", 0..3000)
     );
-    collector.settle(Duration::from_millis(300), Duration::from_secs(3)).await;
+    collector
+        .settle(Duration::from_millis(300), Duration::from_secs(3))
+        .await;
     let rx = collector.received();
     assert_exactly_once(&rx, "m", 0..3000);
     for r in &rx {
         let id = parse_id(&r.payload, "m").unwrap();
         let p = id / 1000;
-        assert_eq!(r.topic, format!("sites/edge-1/line{p}/telemetry/t{}", id % 7));
+        assert_eq!(
+            r.topic,
+            format!("sites/edge-1/line{p}/telemetry/t{}", id % 7)
+        );
         assert_eq!(r.qos, qos, "forwarded with the publisher's QoS");
     }
-    assert!(bridge.stop(Duration::from_secs(15)).await.is_some_and(|s| s.success()), "{}", bridge.log());
+    assert!(
+        bridge
+            .stop(Duration::from_secs(15))
+            .await
+            .is_some_and(|s| s.success()),
+        "{}",
+        bridge.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

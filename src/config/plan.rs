@@ -235,9 +235,9 @@ pub fn client_id(bridge: &BridgePlan, route: &RoutePlan, index: usize, side: Sid
 /// Cuts `id` to `max` bytes, the last 9 being `-` and 8 hex digits of a stable hash of `id`.
 fn shorten(id: &str, max: usize) -> String {
     // FNV-1a: stable across Rust versions and platforms, unlike `DefaultHasher`.
-    let hash = id
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
     let tag = format!("-{:08x}", hash as u32);
     let mut keep = max - tag.len();
     while !id.is_char_boundary(keep) {

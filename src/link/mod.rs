@@ -72,14 +72,29 @@ pub struct InboundPublish {
 pub enum Inbound {
     ConnAck(ConnAckInfo),
     Publish(InboundPublish),
-    PubAck { pkid: u16, reason: u8 },
-    PubRec { pkid: u16, reason: u8 },
-    PubRel { pkid: u16 },
-    PubComp { pkid: u16 },
-    SubAck { pkid: u16, codes: Vec<u8> },
+    PubAck {
+        pkid: u16,
+        reason: u8,
+    },
+    PubRec {
+        pkid: u16,
+        reason: u8,
+    },
+    PubRel {
+        pkid: u16,
+    },
+    PubComp {
+        pkid: u16,
+    },
+    SubAck {
+        pkid: u16,
+        codes: Vec<u8>,
+    },
     PingReq,
     PingResp,
-    Disconnect { reason: u8 },
+    Disconnect {
+        reason: u8,
+    },
     /// A packet a client never expects from a broker (e.g. CONNECT): a protocol violation.
     Unexpected(String),
 }
@@ -129,7 +144,10 @@ pub const DEFAULT_MAX_INCOMING: u32 = 16 * 1024 * 1024;
 
 impl Codec {
     pub fn new(protocol: Protocol, max_incoming: u32) -> Self {
-        Codec { protocol, max_incoming }
+        Codec {
+            protocol,
+            max_incoming,
+        }
     }
 
     pub fn protocol(&self) -> Protocol {
@@ -223,7 +241,10 @@ pub async fn connect(broker: &BrokerPlan, params: &ConnectParams) -> Result<Conn
     let stream = tokio::time::timeout(CONNACK_TIMEOUT, TcpStream::connect(&addr))
         .await
         .map_err(|_| LinkError::Timeout(CONNACK_TIMEOUT))?
-        .map_err(|source| LinkError::Connect { addr: addr.clone(), source })?;
+        .map_err(|source| LinkError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
     stream.set_nodelay(true)?;
     let (mut reader, mut writer) = stream.into_split();
     let codec = Codec::new(broker.protocol, DEFAULT_MAX_INCOMING);
@@ -236,7 +257,9 @@ pub async fn connect(broker: &BrokerPlan, params: &ConnectParams) -> Result<Conn
             if let Some(packet) = codec.decode(&mut rbuf)? {
                 return match packet {
                     Inbound::ConnAck(c) => Ok(c),
-                    other => Err(LinkError::Protocol(format!("expected CONNACK, got {other:?}"))),
+                    other => Err(LinkError::Protocol(format!(
+                        "expected CONNACK, got {other:?}"
+                    ))),
                 };
             }
             if reader.read_buf(&mut rbuf).await? == 0 {
@@ -249,7 +272,13 @@ pub async fn connect(broker: &BrokerPlan, params: &ConnectParams) -> Result<Conn
     if connack.code != 0 {
         return Err(LinkError::Refused(refusal(broker.protocol, &connack)));
     }
-    Ok(Connection { reader, writer, rbuf, codec, connack })
+    Ok(Connection {
+        reader,
+        writer,
+        rbuf,
+        codec,
+        connack,
+    })
 }
 
 /// A CONNACK refusal in words.

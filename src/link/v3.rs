@@ -89,8 +89,14 @@ pub(super) fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, 
             payload: p.payload,
             properties: None,
         }),
-        v4::Packet::PubAck(a) => Inbound::PubAck { pkid: a.pkid, reason: 0 },
-        v4::Packet::PubRec(a) => Inbound::PubRec { pkid: a.pkid, reason: 0 },
+        v4::Packet::PubAck(a) => Inbound::PubAck {
+            pkid: a.pkid,
+            reason: 0,
+        },
+        v4::Packet::PubRec(a) => Inbound::PubRec {
+            pkid: a.pkid,
+            reason: 0,
+        },
         v4::Packet::PubRel(a) => Inbound::PubRel { pkid: a.pkid },
         v4::Packet::PubComp(a) => Inbound::PubComp { pkid: a.pkid },
         v4::Packet::SubAck(s) => Inbound::SubAck {

@@ -148,8 +148,14 @@ pub(super) fn decode(buf: &mut BytesMut, max: u32) -> Result<Option<Inbound>, Li
                 }),
             })
         }
-        v5::Packet::PubAck(a) => Inbound::PubAck { pkid: a.pkid, reason: puback_code(a.reason) },
-        v5::Packet::PubRec(a) => Inbound::PubRec { pkid: a.pkid, reason: pubrec_code(a.reason) },
+        v5::Packet::PubAck(a) => Inbound::PubAck {
+            pkid: a.pkid,
+            reason: puback_code(a.reason),
+        },
+        v5::Packet::PubRec(a) => Inbound::PubRec {
+            pkid: a.pkid,
+            reason: pubrec_code(a.reason),
+        },
         v5::Packet::PubRel(a) => Inbound::PubRel { pkid: a.pkid },
         v5::Packet::PubComp(a) => Inbound::PubComp { pkid: a.pkid },
         v5::Packet::SubAck(s) => Inbound::SubAck {
@@ -165,7 +171,9 @@ pub(super) fn decode(buf: &mut BytesMut, max: u32) -> Result<Option<Inbound>, Li
         },
         v5::Packet::PingResp(_) => Inbound::PingResp,
         v5::Packet::PingReq(_) => Inbound::PingReq,
-        v5::Packet::Disconnect(d) => Inbound::Disconnect { reason: d.reason_code as u8 },
+        v5::Packet::Disconnect(d) => Inbound::Disconnect {
+            reason: d.reason_code as u8,
+        },
         other => Inbound::Unexpected(format!("{other:?}").chars().take(40).collect()),
     }))
 }

@@ -28,7 +28,7 @@ use super::{
 };
 use crate::{
     config::{BrokerPlan, PropertiesMode, Protocol, Qos, RetainMode, RoutePlan},
-    link::{self, Codec, Connection, ConnectParams, Inbound, InboundPublish, LinkError},
+    link::{self, Codec, ConnectParams, Connection, Inbound, InboundPublish, LinkError},
     message::Message,
 };
 
@@ -99,7 +99,9 @@ impl Side {
 
     fn start_connecting(&mut self, params: ConnectParams) {
         let broker = self.broker.clone();
-        self.connecting = Some(Box::pin(async move { link::connect(&broker, &params).await }));
+        self.connecting = Some(Box::pin(
+            async move { link::connect(&broker, &params).await },
+        ));
     }
 
     fn established(&mut self, c: Connection) {
@@ -136,7 +138,10 @@ impl Side {
     }
 }
 
-async fn read_some(reader: &mut Option<OwnedReadHalf>, buf: &mut BytesMut) -> std::io::Result<usize> {
+async fn read_some(
+    reader: &mut Option<OwnedReadHalf>,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
     match reader {
         Some(r) => r.read_buf(buf).await,
         None => std::future::pending().await,
@@ -197,7 +202,8 @@ pub async fn run(spec: PairSpec, mut shutdown: watch::Receiver<bool>) {
         pair.publish_stats();
 
         if pair.draining {
-            let deadline = *drain_deadline.get_or_insert_with(|| Instant::now() + pair.spec.drain_timeout);
+            let deadline =
+                *drain_deadline.get_or_insert_with(|| Instant::now() + pair.spec.drain_timeout);
             if pair.drained() || Instant::now() >= deadline {
                 pair.disconnect().await;
                 return;
@@ -206,7 +212,10 @@ pub async fn run(spec: PairSpec, mut shutdown: watch::Receiver<bool>) {
 
         let next_timer = pair.next_timer(drain_deadline);
         let draining = pair.draining;
-        let read_source = pair.source.is_up() && pair.window.can_accept() && !draining && pair.source.rbuf.len() < SOURCE_RBUF_HIGH;
+        let read_source = pair.source.is_up()
+            && pair.window.can_accept()
+            && !draining
+            && pair.source.rbuf.len() < SOURCE_RBUF_HIGH;
         let Pair { source, target, .. } = &mut pair;
         tokio::select! {
             r = read_some(&mut target.reader, &mut target.rbuf) => match r {
@@ -282,10 +291,16 @@ impl Pair {
         }
         // The source connects once the target has, so its advertised window mirrors the target's.
         let source = &mut self.source;
-        if !self.draining && self.target.connects > 0 && !source.is_up() && source.connecting.is_none() && now >= source.retry_at {
+        if !self.draining
+            && self.target.connects > 0
+            && !source.is_up()
+            && source.connecting.is_none()
+            && now >= source.retry_at
+        {
             let mut params = ConnectParams::for_broker(&source.broker, source.client_id.clone());
             if source.broker.protocol == Protocol::V5 {
-                params.receive_maximum = Some(self.window.window().min(usize::from(u16::MAX)) as u16);
+                params.receive_maximum =
+                    Some(self.window.window().min(usize::from(u16::MAX)) as u16);
                 params.maximum_packet_size = self.target_max_packet;
             }
             source.start_connecting(params);
@@ -296,7 +311,10 @@ impl Pair {
         let info = c.connack.clone();
         let broker_window = info.receive_maximum.unwrap_or(u16::MAX);
         let window = usize::from(broker_window.min(self.target.broker.max_inflight));
-        self.target_max_qos = info.maximum_qos.and_then(Qos::from_u8).unwrap_or(Qos::ExactlyOnce);
+        self.target_max_qos = info
+            .maximum_qos
+            .and_then(Qos::from_u8)
+            .unwrap_or(Qos::ExactlyOnce);
         self.target_max_packet = info.maximum_packet_size;
         if self.target.connects > 0 {
             PairStats::add(&self.spec.stats.target_reconnects, 1);
@@ -329,7 +347,9 @@ impl Pair {
         for (i, chunk) in subs.chunks(per_packet).enumerate() {
             // Ids for SUBSCRIBE live in their own range, apart from nothing we publish here.
             let pkid = 1 + i as u16;
-            self.source.codec.subscribe(pkid, chunk, route.qos, &mut self.source.wbuf);
+            self.source
+                .codec
+                .subscribe(pkid, chunk, route.qos, &mut self.source.wbuf);
             self.suback_pending.push(pkid);
         }
         self.spec.stats.subscribed.store(false, Relaxed);
@@ -375,7 +395,10 @@ impl Pair {
                 }
                 Inbound::PubRel { pkid } => self.target.codec.pubcomp(pkid, &mut self.target.wbuf),
                 Inbound::Disconnect { reason } => {
-                    return self.side_lost(Role::Target, &format!("the broker sent DISCONNECT (reason {reason:#04x})"));
+                    return self.side_lost(
+                        Role::Target,
+                        &format!("the broker sent DISCONNECT (reason {reason:#04x})"),
+                    );
                 }
                 Inbound::ConnAck(_) | Inbound::Unexpected(_) => {
                     return self.side_lost(Role::Target, &format!("unexpected packet {packet:?}"));
@@ -401,10 +424,16 @@ impl Pair {
                 Inbound::Publish(p) => self.source_publish(p),
                 Inbound::PubRel { pkid } => self.window.source_pubrel(pkid),
                 Inbound::SubAck { pkid, codes } => self.suback(pkid, &codes),
-                Inbound::PingResp | Inbound::PubAck { .. } | Inbound::PubRec { .. } | Inbound::PubComp { .. } => {}
+                Inbound::PingResp
+                | Inbound::PubAck { .. }
+                | Inbound::PubRec { .. }
+                | Inbound::PubComp { .. } => {}
                 Inbound::PingReq => self.source.codec.pingresp(&mut self.source.wbuf),
                 Inbound::Disconnect { reason } => {
-                    return self.side_lost(Role::Source, &format!("the broker sent DISCONNECT (reason {reason:#04x})"));
+                    return self.side_lost(
+                        Role::Source,
+                        &format!("the broker sent DISCONNECT (reason {reason:#04x})"),
+                    );
                 }
                 Inbound::ConnAck(_) | Inbound::Unexpected(_) => {
                     return self.side_lost(Role::Source, &format!("unexpected packet {packet:?}"));
@@ -465,13 +494,17 @@ impl Pair {
                 Action::SendPublish { pkid, dup } => {
                     if let Some(m) = self.window.held(pkid) {
                         PairStats::add(&self.spec.stats.bytes_forwarded, m.payload.len() as u64);
-                        self.target.codec.publish(pkid, dup, m, &mut self.target.wbuf);
+                        self.target
+                            .codec
+                            .publish(pkid, dup, m, &mut self.target.wbuf);
                     }
                 }
                 Action::SendQos0(m) => {
                     if self.target.is_up() {
                         PairStats::add(&self.spec.stats.bytes_forwarded, m.payload.len() as u64);
-                        self.target.codec.publish(0, false, &m, &mut self.target.wbuf);
+                        self.target
+                            .codec
+                            .publish(0, false, &m, &mut self.target.wbuf);
                         self.qos0_buffered += 1;
                     } else {
                         PairStats::add(&self.spec.stats.dropped_qos0_target_down, 1);

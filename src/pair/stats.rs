@@ -46,6 +46,8 @@ impl PairStats {
     }
 
     pub fn ready(&self) -> bool {
-        self.source_up.load(Relaxed) && self.target_up.load(Relaxed) && self.subscribed.load(Relaxed)
+        self.source_up.load(Relaxed)
+            && self.target_up.load(Relaxed)
+            && self.subscribed.load(Relaxed)
     }
 }

@@ -185,7 +185,12 @@ impl Window {
                 slot.source = None;
             }
         }
-        self.carried = self.pending.keys().chain(self.owed.iter()).copied().collect();
+        self.carried = self
+            .pending
+            .keys()
+            .chain(self.owed.iter())
+            .copied()
+            .collect();
     }
 
     pub fn source_disconnected(&mut self) {
@@ -195,7 +200,13 @@ impl Window {
     /// A PUBLISH from the source. `pkid` is `None` at QoS 0. `message.qos` is the QoS it will be
     /// forwarded with, already capped by the route and the target; `source_qos` is what the
     /// source used and decides the ack.
-    pub fn source_publish(&mut self, pkid: Option<u16>, source_qos: Qos, dup: bool, message: Message) {
+    pub fn source_publish(
+        &mut self,
+        pkid: Option<u16>,
+        source_qos: Qos,
+        dup: bool,
+        message: Message,
+    ) {
         let pkid = match (source_qos, pkid) {
             (Qos::AtMostOnce, _) | (_, None) => {
                 self.counters.received += 1;
@@ -231,7 +242,11 @@ impl Window {
             return;
         }
         self.counters.received += 1;
-        let source = SourceRef { pkid, qos: source_qos, epoch: self.epoch };
+        let source = SourceRef {
+            pkid,
+            qos: source_qos,
+            epoch: self.epoch,
+        };
         if message.qos == Qos::AtMostOnce {
             // Forwarded at QoS 0 (route or target caps it): taken once written.
             self.counters.forwarded += 1;
@@ -257,7 +272,11 @@ impl Window {
             return;
         }
         self.owed.remove(&pkid);
-        self.ack_source(SourceRef { pkid, qos: source_qos, epoch: self.epoch });
+        self.ack_source(SourceRef {
+            pkid,
+            qos: source_qos,
+            epoch: self.epoch,
+        });
     }
 
     /// PUBREL from the source for a QoS 2 message we sent PUBREC for.
@@ -314,7 +333,11 @@ impl Window {
     /// PUBREC from the target (QoS 2). `reason` ≥ 0x80 means refused and ends the exchange.
     pub fn target_pubrec(&mut self, pkid: u16, reason: u8) {
         if !self.is(pkid, Stage::Published, Qos::ExactlyOnce) {
-            if self.slots.get(&pkid).is_some_and(|s| s.stage == Stage::Released) {
+            if self
+                .slots
+                .get(&pkid)
+                .is_some_and(|s| s.stage == Stage::Released)
+            {
                 // A repeated PUBREC (e.g. our PUBREL crossed it): say PUBREL again.
                 self.actions.push_back(Action::SendPubRel(pkid));
             } else {
@@ -339,7 +362,11 @@ impl Window {
 
     /// PUBCOMP from the target: the QoS 2 exchange is over and its place in the window is free.
     pub fn target_pubcomp(&mut self, pkid: u16) {
-        if self.slots.get(&pkid).is_none_or(|s| s.stage != Stage::Released) {
+        if self
+            .slots
+            .get(&pkid)
+            .is_none_or(|s| s.stage != Stage::Released)
+        {
             self.counters.unsolicited_acks += 1;
             return;
         }
@@ -351,7 +378,9 @@ impl Window {
     // ---- internals ---------------------------------------------------------------------------
 
     fn is(&self, pkid: u16, stage: Stage, qos: Qos) -> bool {
-        self.slots.get(&pkid).is_some_and(|s| s.stage == stage && s.message.qos == qos)
+        self.slots
+            .get(&pkid)
+            .is_some_and(|s| s.stage == stage && s.message.qos == qos)
     }
 
     /// The first ack of a published slot: done (or refused). Frees the slot and acks the source.
@@ -360,7 +389,10 @@ impl Window {
         self.on_wire -= 1;
         if reason >= 0x80 {
             self.counters.refused += 1;
-            self.actions.push_back(Action::Refused { message: slot.message, reason });
+            self.actions.push_back(Action::Refused {
+                message: slot.message,
+                reason,
+            });
         } else {
             self.counters.forwarded += 1;
         }
@@ -374,7 +406,16 @@ impl Window {
     fn insert_slot(&mut self, pkid: u16, message: Message, source: Option<SourceRef>) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.slots.insert(pkid, Slot { message, source, stage: Stage::Queued, seq, sent: false });
+        self.slots.insert(
+            pkid,
+            Slot {
+                message,
+                source,
+                stage: Stage::Queued,
+                seq,
+                sent: false,
+            },
+        );
         self.queued.push_back(pkid);
         self.send_queued();
     }
@@ -382,7 +423,9 @@ impl Window {
     /// Writes queued messages while the target is up and the window has room.
     fn send_queued(&mut self) {
         while self.target_up && self.on_wire < self.window {
-            let Some(pkid) = self.queued.pop_front() else { break };
+            let Some(pkid) = self.queued.pop_front() else {
+                break;
+            };
             let slot = self.slots.get_mut(&pkid).expect("queued ids are held");
             slot.stage = Stage::Published;
             let dup = std::mem::replace(&mut slot.sent, true);
@@ -516,6 +559,7 @@ mod tests {
     }
 
     #[derive(Debug, Clone, Copy)]
+    #[allow(clippy::enum_variant_names)] // named after the packets
     enum TargetAck {
         PubAck(u32),
         PubRec(u32),
@@ -533,7 +577,12 @@ mod tests {
         fn new(qos: Vec<Qos>, window: usize) -> Self {
             let mut w = World {
                 w: Window::new(window),
-                s: SourceBroker { total: qos.len() as u32, qos, next_pkid: 1, ..Default::default() },
+                s: SourceBroker {
+                    total: qos.len() as u32,
+                    qos,
+                    next_pkid: 1,
+                    ..Default::default()
+                },
                 t: TargetBroker::default(),
                 window,
             };
@@ -548,8 +597,14 @@ mod tests {
                     Action::AckSource(ack) => self.s.wire.push_back(ack),
                     Action::Refused { .. } => panic!("nothing refuses here"),
                     Action::SendPublish { pkid, dup } => {
-                        let m = self.w.held(pkid).expect("a publish we are asked to send is held").clone();
-                        self.t.wire.push_back((Action::SendPublish { pkid, dup }, Some(m)));
+                        let m = self
+                            .w
+                            .held(pkid)
+                            .expect("a publish we are asked to send is held")
+                            .clone();
+                        self.t
+                            .wire
+                            .push_back((Action::SendPublish { pkid, dup }, Some(m)));
                     }
                     other => self.t.wire.push_back((other, None)),
                 }
@@ -629,8 +684,13 @@ mod tests {
                     }
                 }
                 Step::SourceRel(i) => {
-                    let recs: Vec<u16> =
-                        self.s.inflight.iter().filter(|(_, (_, r))| *r).map(|(p, _)| *p).collect();
+                    let recs: Vec<u16> = self
+                        .s
+                        .inflight
+                        .iter()
+                        .filter(|(_, (_, r))| *r)
+                        .map(|(p, _)| *p)
+                        .collect();
                     if self.s.up && self.s.redeliver.is_empty() && !recs.is_empty() {
                         self.w.source_pubrel(recs[i % recs.len()]);
                     }
@@ -673,7 +733,12 @@ mod tests {
                         self.t.ackable.insert(pkid, TargetAck::PubRec(id));
                     }
                     let outstanding = self.t.stored.len()
-                        + self.t.ackable.keys().filter(|p| !self.t.stored.contains_key(p)).count();
+                        + self
+                            .t
+                            .ackable
+                            .keys()
+                            .filter(|p| !self.t.stored.contains_key(p))
+                            .count();
                     self.t.max_unacked = self.t.max_unacked.max(outstanding);
                 }
                 Action::SendQos0(m) => *self.t.delivered.entry(id_of(&m)).or_default() += 1,
@@ -689,16 +754,30 @@ mod tests {
         fn source_receives(&mut self, ack: SourceAck) {
             match ack {
                 SourceAck::PubAck(pkid) => {
-                    let (id, rec) = self.s.inflight.remove(&pkid).expect("PUBACK for an id in flight");
+                    let (id, rec) = self
+                        .s
+                        .inflight
+                        .remove(&pkid)
+                        .expect("PUBACK for an id in flight");
                     assert!(!rec);
                     assert_eq!(self.s.qos[id as usize], Qos::AtLeastOnce);
-                    assert!(self.t.took.contains(&id), "message {id} acked before the target took it");
+                    assert!(
+                        self.t.took.contains(&id),
+                        "message {id} acked before the target took it"
+                    );
                     assert!(self.s.acked.insert(id), "message {id} acked twice");
                 }
                 SourceAck::PubRec(pkid) => {
-                    let entry = self.s.inflight.get_mut(&pkid).expect("PUBREC for an id in flight");
+                    let entry = self
+                        .s
+                        .inflight
+                        .get_mut(&pkid)
+                        .expect("PUBREC for an id in flight");
                     let id = entry.0;
-                    assert!(self.t.took.contains(&id), "message {id} acked before the target took it");
+                    assert!(
+                        self.t.took.contains(&id),
+                        "message {id} acked before the target took it"
+                    );
                     if !entry.1 {
                         entry.1 = true;
                         assert!(self.s.acked.insert(id), "message {id} acked twice");
@@ -713,7 +792,12 @@ mod tests {
         }
 
         fn check(&self) {
-            assert!(self.t.max_unacked <= self.window, "target saw {} unacked > window {}", self.t.max_unacked, self.window);
+            assert!(
+                self.t.max_unacked <= self.window,
+                "target saw {} unacked > window {}",
+                self.t.max_unacked,
+                self.window
+            );
             assert!(self.w.on_wire() <= self.window);
             assert!(self.w.in_flight() <= self.window);
         }
@@ -727,7 +811,13 @@ mod tests {
                 if !self.t.up {
                     self.connect_target();
                 }
-                for step in [Step::ToTarget, Step::TargetAck(0), Step::ToSource, Step::SourceRel(0), Step::Offer] {
+                for step in [
+                    Step::ToTarget,
+                    Step::TargetAck(0),
+                    Step::ToSource,
+                    Step::SourceRel(0),
+                    Step::Offer,
+                ] {
                     self.apply(step);
                 }
                 if self.s.next == self.s.total
@@ -739,12 +829,23 @@ mod tests {
                     return;
                 }
             }
-            panic!("did not settle: {} in flight at the source, {} held", self.s.inflight.len(), self.w.in_flight());
+            panic!(
+                "did not settle: {} in flight at the source, {} held",
+                self.s.inflight.len(),
+                self.w.in_flight()
+            );
         }
     }
 
     fn qos_list() -> impl Strategy<Value = Vec<Qos>> {
-        prop::collection::vec(prop_oneof![Just(Qos::AtMostOnce), Just(Qos::AtLeastOnce), Just(Qos::ExactlyOnce)], 1..60)
+        prop::collection::vec(
+            prop_oneof![
+                Just(Qos::AtMostOnce),
+                Just(Qos::AtLeastOnce),
+                Just(Qos::ExactlyOnce)
+            ],
+            1..60,
+        )
     }
 
     proptest! {
@@ -786,11 +887,26 @@ mod tests {
         w.source_publish(Some(1), Qos::AtLeastOnce, false, msg(1, Qos::AtLeastOnce));
         w.source_publish(Some(2), Qos::AtLeastOnce, false, msg(2, Qos::AtLeastOnce));
         assert!(!w.can_accept());
-        assert_eq!(w.poll_action(), Some(Action::SendPublish { pkid: 1, dup: false }));
-        assert_eq!(w.poll_action(), Some(Action::SendPublish { pkid: 2, dup: false }));
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::SendPublish {
+                pkid: 1,
+                dup: false
+            })
+        );
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::SendPublish {
+                pkid: 2,
+                dup: false
+            })
+        );
         assert_eq!(w.poll_action(), None, "no ack before the target's");
         w.target_puback(2, 0);
-        assert_eq!(w.poll_action(), Some(Action::AckSource(SourceAck::PubAck(2))));
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::AckSource(SourceAck::PubAck(2)))
+        );
         assert!(w.can_accept());
     }
 
@@ -800,17 +916,32 @@ mod tests {
         w.target_connected(false, 1);
         w.source_connected(false);
         w.source_publish(Some(7), Qos::ExactlyOnce, false, msg(1, Qos::ExactlyOnce));
-        assert_eq!(w.poll_action(), Some(Action::SendPublish { pkid: 1, dup: false }));
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::SendPublish {
+                pkid: 1,
+                dup: false
+            })
+        );
         w.target_pubrec(1, 0);
         assert_eq!(w.poll_action(), Some(Action::SendPubRel(1)));
-        assert_eq!(w.poll_action(), Some(Action::AckSource(SourceAck::PubRec(7))));
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::AckSource(SourceAck::PubRec(7)))
+        );
         assert!(!w.can_accept(), "PUBREL outstanding still holds the window");
         // A redelivery of 7 (our PUBREC was lost) is answered, not forwarded again.
         w.source_publish(Some(7), Qos::ExactlyOnce, true, msg(1, Qos::ExactlyOnce));
-        assert_eq!(w.poll_action(), Some(Action::AckSource(SourceAck::PubRec(7))));
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::AckSource(SourceAck::PubRec(7)))
+        );
         w.target_pubcomp(1);
         w.source_pubrel(7);
-        assert_eq!(w.poll_action(), Some(Action::AckSource(SourceAck::PubComp(7))));
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::AckSource(SourceAck::PubComp(7)))
+        );
         assert!(w.can_accept());
     }
 
@@ -822,8 +953,14 @@ mod tests {
         w.source_publish(Some(3), Qos::AtLeastOnce, false, msg(1, Qos::AtLeastOnce));
         w.poll_action();
         w.target_puback(1, 0x87);
-        assert!(matches!(w.poll_action(), Some(Action::Refused { reason: 0x87, .. })));
-        assert_eq!(w.poll_action(), Some(Action::AckSource(SourceAck::PubAck(3))));
+        assert!(matches!(
+            w.poll_action(),
+            Some(Action::Refused { reason: 0x87, .. })
+        ));
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::AckSource(SourceAck::PubAck(3)))
+        );
         assert_eq!(w.counters().refused, 1);
     }
 
@@ -833,18 +970,35 @@ mod tests {
         w.target_connected(false, 3);
         w.source_connected(false);
         for i in 1..=3 {
-            w.source_publish(Some(i), Qos::AtLeastOnce, false, msg(u32::from(i), Qos::AtLeastOnce));
+            w.source_publish(
+                Some(i),
+                Qos::AtLeastOnce,
+                false,
+                msg(u32::from(i), Qos::AtLeastOnce),
+            );
         }
         while w.poll_action().is_some() {}
         w.target_disconnected();
         assert!(!w.can_accept());
         w.target_connected(true, 2); // the target came back with a smaller window
-        assert_eq!(w.poll_action(), Some(Action::SendPublish { pkid: 1, dup: true }));
-        assert_eq!(w.poll_action(), Some(Action::SendPublish { pkid: 2, dup: true }));
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::SendPublish { pkid: 1, dup: true })
+        );
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::SendPublish { pkid: 2, dup: true })
+        );
         assert_eq!(w.poll_action(), None, "the third waits for room");
         w.target_puback(1, 0);
-        assert_eq!(w.poll_action(), Some(Action::AckSource(SourceAck::PubAck(1))));
-        assert_eq!(w.poll_action(), Some(Action::SendPublish { pkid: 3, dup: true }));
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::AckSource(SourceAck::PubAck(1)))
+        );
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::SendPublish { pkid: 3, dup: true })
+        );
     }
 
     #[test]

@@ -6,8 +6,8 @@
 #![allow(dead_code)]
 
 mod bridge;
-mod configs;
 mod client;
+mod configs;
 mod ids;
 mod mosquitto;
 mod process;
@@ -17,12 +17,12 @@ mod wait;
 #[allow(unused_imports)]
 pub use bridge::{Bridge, CliOutput, http_get, mqbridge_cli};
 #[allow(unused_imports)]
-pub use configs::{RouteConfig, start_ready, wait_ready};
-#[allow(unused_imports)]
 pub use client::{
     Collector, PUBLISH_WINDOW, Proto, Publisher, Received, publish_numbered,
     publish_numbered_paced, publish_one,
 };
+#[allow(unused_imports)]
+pub use configs::{RouteConfig, start_ready, wait_ready};
 #[allow(unused_imports)]
 pub use ids::{
     IdCount, assert_at_least_once, assert_exactly_once, count_ids, ids_in_order, numbered_payload,
