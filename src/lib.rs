@@ -3,6 +3,7 @@
 //! The core (`topic`, `pair::window`, `message`) is sans-IO: plain data in, data out.
 //! The edges (`link`, `pair::driver`, `route`, `run`) own sockets, timers and tasks.
 
+pub mod admin;
 pub mod check;
 pub mod config;
 pub mod link;

@@ -36,4 +36,33 @@ pub struct Message {
     pub retain: bool,
     /// v5 properties, `None` when the source is 3.x or the route drops them.
     pub properties: Option<Box<Properties>>,
+    /// When its Message Expiry Interval runs out (set when received with one). The interval
+    /// forwarded is what is left of it, so time held in the bridge counts (SPEC 4.4).
+    pub expires_at: Option<std::time::Instant>,
+}
+
+impl Message {
+    /// Seconds left before expiry at `now`: `None` without expiry, `Some(0)` once expired.
+    pub fn remaining_expiry(&self, now: std::time::Instant) -> Option<u32> {
+        self.expires_at.map(|at| {
+            let left = at.saturating_duration_since(now);
+            // Round up: a message with 0.4 s left is not expired yet.
+            (left.as_millis().div_ceil(1000)).min(u128::from(u32::MAX)) as u32
+        })
+    }
+
+    /// An upper bound of the PUBLISH packet's size, to compare with a Maximum Packet Size.
+    pub fn encoded_size_bound(&self) -> usize {
+        let props = self.properties.as_deref().map_or(0, |p| {
+            16 + p.content_type.as_ref().map_or(0, |s| s.len() + 3)
+                + p.response_topic.as_ref().map_or(0, |s| s.len() + 3)
+                + p.correlation_data.as_ref().map_or(0, |s| s.len() + 3)
+                + p.user_properties
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 5)
+                    .sum::<usize>()
+        });
+        // Fixed header (≤ 5), topic length + topic, packet id, properties length (≤ 4).
+        5 + 2 + self.topic.len() + 2 + 4 + props + self.payload.len()
+    }
 }

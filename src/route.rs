@@ -67,9 +67,7 @@ impl RunningRoute {
             let g = PairStats::get;
             t.received += g(&s.received);
             t.forwarded += g(&s.forwarded);
-            t.dropped += g(&s.dropped_refused)
-                + g(&s.dropped_invalid_topic)
-                + g(&s.dropped_qos0_target_down);
+            t.dropped += s.dropped_total();
             t.in_flight += g(&s.in_flight);
             t.in_flight_max = t.in_flight_max.max(g(&s.in_flight_max));
             t.window = t.window.max(g(&s.window));

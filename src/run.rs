@@ -1,16 +1,25 @@
-//! `mqbridge run`: starts every route from a validated plan, logs a summary line per interval,
-//! and on SIGINT/SIGTERM drains in-flight messages before exiting.
+//! `mqbridge run`: starts every route from a validated plan, serves the admin endpoint when
+//! `[admin]` is set, logs a summary line per interval, and on SIGINT/SIGTERM drains in-flight
+//! messages before exiting.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::{signal::unix::SignalKind, sync::watch};
 use tracing::info;
 
-use crate::{config::Plan, route};
+use crate::{admin, config::Plan, route};
 
 /// Runs until a termination signal, then drains. Returns when every pair has stopped.
 pub async fn run(plan: Plan) -> anyhow::Result<()> {
     let epoch = Instant::now();
+    // Bound before any route starts: a taken port is an error before any broker is touched.
+    let admin_listener = match plan.admin_listen {
+        Some(addr) => Some((addr, admin::bind(addr).await?)),
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let routes: Vec<_> = plan
         .routes
@@ -18,6 +27,13 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
         .map(|r| route::start(&plan.bridge, r, &stop_rx, epoch))
         .collect();
     info!(bridge = %plan.bridge.name, instance = %plan.bridge.instance, routes = routes.len(), pairs = routes.iter().map(|r| r.pairs.len()).sum::<usize>(), "mqbridge running");
+    // Kept serving through the drain, so probes see the pairs go down rather than a refusal.
+    let admin_task = admin_listener.map(|(addr, listener)| {
+        let stats = routes.iter().map(admin::RouteStats::of).collect();
+        let state = admin::Admin::new(stats, epoch, plan.bridge.stall_timeout);
+        info!(listen = %addr, "admin endpoint: /metrics, /healthz, /readyz");
+        admin::spawn(listener, Arc::new(state))
+    });
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
@@ -64,6 +80,9 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
     for r in &routes {
         let t = r.totals();
         info!(route = %r.plan.name, received = t.received, forwarded = t.forwarded, dropped = t.dropped, in_flight = t.in_flight, in_flight_max = t.in_flight_max, window = t.window, "final");
+    }
+    if let Some(task) = admin_task {
+        task.abort();
     }
     info!("stopped");
     Ok(())

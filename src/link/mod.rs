@@ -173,9 +173,17 @@ impl Codec {
         }
     }
 
-    pub fn publish(&self, pkid: u16, dup: bool, m: &Message, buf: &mut BytesMut) {
+    /// PUBLISH `m`; on v5 its Message Expiry Interval is `expiry` (what is left of it).
+    pub fn publish(
+        &self,
+        pkid: u16,
+        dup: bool,
+        m: &Message,
+        expiry: Option<u32>,
+        buf: &mut BytesMut,
+    ) {
         match self.protocol {
-            Protocol::V5 => v5::encode_publish(pkid, dup, m, buf),
+            Protocol::V5 => v5::encode_publish(pkid, dup, m, expiry, buf),
             _ => v3::encode_publish(pkid, dup, m, buf),
         }
     }

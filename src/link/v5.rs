@@ -178,10 +178,16 @@ pub(super) fn decode(buf: &mut BytesMut, max: u32) -> Result<Option<Inbound>, Li
     }))
 }
 
-pub(super) fn encode_publish(pkid: u16, dup: bool, m: &Message, buf: &mut BytesMut) {
+pub(super) fn encode_publish(
+    pkid: u16,
+    dup: bool,
+    m: &Message,
+    expiry: Option<u32>,
+    buf: &mut BytesMut,
+) {
     let properties = m.properties.as_deref().map(|p| v5::PublishProperties {
         payload_format_indicator: p.payload_format_indicator,
-        message_expiry_interval: p.message_expiry_interval,
+        message_expiry_interval: expiry.or(p.message_expiry_interval),
         topic_alias: None,
         response_topic: p.response_topic.clone(),
         correlation_data: p.correlation_data.clone(),

@@ -177,6 +177,40 @@ struct Pair {
     /// QoS 0 messages encoded into the target's write buffer and not written yet.
     qos0_buffered: usize,
     draining: bool,
+    /// Last packet id used for our own PUBLISH on the source (dead letters).
+    source_pkid: u16,
+    /// The window the source connection advertised (v5), to notice a change of the target's.
+    advertised: Option<u16>,
+    last_drop_log: Option<Instant>,
+}
+
+/// Why a message was not delivered: the `reason` label of `mqbridge_messages_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    Refused,
+    InvalidTopic,
+    TooLarge,
+    Expired,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Refused => "refused",
+            DropReason::InvalidTopic => "invalid_topic",
+            DropReason::TooLarge => "too_large",
+            DropReason::Expired => "expired",
+        }
+    }
+
+    fn counter(self, s: &PairStats) -> &std::sync::atomic::AtomicU64 {
+        match self {
+            DropReason::Refused => &s.dropped_refused,
+            DropReason::InvalidTopic => &s.dropped_invalid_topic,
+            DropReason::TooLarge => &s.dropped_too_large,
+            DropReason::Expired => &s.dropped_expired,
+        }
+    }
 }
 
 /// Runs one pair until `shutdown` turns true and the pair has drained (or `drain_timeout` passed).
@@ -191,6 +225,9 @@ pub async fn run(spec: PairSpec, mut shutdown: watch::Receiver<bool>) {
         suback_pending: Vec::new(),
         qos0_buffered: 0,
         draining: *shutdown.borrow(),
+        source_pkid: 999,
+        advertised: None,
+        last_drop_log: None,
         spec,
     };
     let mut drain_deadline = None;
@@ -299,9 +336,13 @@ impl Pair {
         {
             let mut params = ConnectParams::for_broker(&source.broker, source.client_id.clone());
             if source.broker.protocol == Protocol::V5 {
-                params.receive_maximum =
-                    Some(self.window.window().min(usize::from(u16::MAX)) as u16);
-                params.maximum_packet_size = self.target_max_packet;
+                let window = self.window.window().min(usize::from(u16::MAX)) as u16;
+                params.receive_maximum = Some(window);
+                // Not the target's Maximum Packet Size: a v5 broker silently discards what is
+                // over the client's limit, and an oversize message must be dead-lettered and
+                // counted here instead (SPEC 4.7). Ours only guards our memory.
+                params.maximum_packet_size = Some(link::DEFAULT_MAX_INCOMING);
+                self.advertised = Some(window);
             }
             source.start_connecting(params);
         }
@@ -323,6 +364,14 @@ impl Pair {
         info!(route = %self.spec.route.name, pair = self.spec.index, broker = %self.target.broker.name, client_id = %self.target.client_id, session_present = info.session_present, window, "target connected");
         self.window.target_connected(info.session_present, window);
         self.spec.stats.target_up.store(true, Relaxed);
+        // The source advertised the old target's window: if the target came back with another,
+        // reconnect the source so what it may send us mirrors the target again.
+        let now = Some(window.min(usize::from(u16::MAX)) as u16);
+        if self.source.is_up() && self.advertised.is_some() && self.advertised != now {
+            info!(route = %self.spec.route.name, pair = self.spec.index, "the target's window changed; reconnecting the source to mirror it");
+            self.side_lost(Role::Source, &"the target's window changed");
+            self.source.retry_at = Instant::now();
+        }
     }
 
     fn source_established(&mut self, c: Connection) {
@@ -456,35 +505,129 @@ impl Pair {
         }
     }
 
-    /// Turns a source PUBLISH into the message for the target: rewritten topic, capped QoS,
-    /// retain and properties per the route, then hands it to the window.
+    /// Turns a source PUBLISH into the message for the target: rewritten topic (and response
+    /// topic), capped QoS, retain and properties per the route, then hands it to the window.
+    /// What cannot be delivered is dead-lettered and acknowledged here (SPEC 4.7).
     fn source_publish(&mut self, p: InboundPublish) {
-        let route = &self.spec.route;
+        let route = self.spec.route.clone();
         let topic = match route.rewrite.apply(&p.topic) {
             Ok(t) => t.into_owned(),
             Err(e) => {
-                warn!(route = %route.name, topic = %p.topic, "dropped: the rewritten topic {e}");
-                PairStats::add(&self.spec.stats.dropped_invalid_topic, 1);
-                if p.qos != Qos::AtMostOnce {
-                    self.window.source_discard(p.pkid, p.qos, p.dup);
-                }
-                return;
+                let why = format!("the rewritten topic {e}");
+                return self.undeliverable(p, DropReason::InvalidTopic, &why);
             }
         };
-        let qos = p.qos.min(route.qos).min(self.target_max_qos);
-        let properties = match (route.properties, self.target.broker.protocol) {
-            (PropertiesMode::Forward, Protocol::V5) => p.properties,
-            _ => None,
-        };
+        let mut qos = p.qos.min(route.qos);
+        if qos > self.target_max_qos {
+            qos = self.target_max_qos;
+            PairStats::add(&self.spec.stats.qos_downgraded, 1);
+        }
+        let mut properties = None;
+        if let Some(mut props) = p.properties.clone() {
+            if route.properties == PropertiesMode::Forward
+                && self.target.broker.protocol == Protocol::V5
+            {
+                if let Some(rt) = props.response_topic.as_deref() {
+                    if let Ok(std::borrow::Cow::Owned(rewritten)) = route.rewrite.apply(rt) {
+                        props.response_topic = Some(rewritten);
+                    }
+                }
+                properties = Some(props);
+            } else if !props.is_empty() {
+                PairStats::add(&self.spec.stats.properties_dropped, 1);
+            }
+        }
+        let expires_at = p
+            .properties
+            .as_ref()
+            .and_then(|pp| pp.message_expiry_interval)
+            .map(|secs| std::time::Instant::now() + Duration::from_secs(u64::from(secs)));
         let message = Message {
             topic,
-            payload: p.payload,
+            payload: p.payload.clone(),
             qos,
             retain: p.retain && route.retain == RetainMode::AsPublished,
             properties,
+            expires_at,
         };
+        if let Some(max) = self.target_max_packet {
+            if message.encoded_size_bound() > max as usize {
+                let why = format!(
+                    "{} bytes is over the target's Maximum Packet Size of {max}",
+                    message.encoded_size_bound()
+                );
+                return self.undeliverable(p, DropReason::TooLarge, &why);
+            }
+        }
         let pkid = (p.qos != Qos::AtMostOnce).then_some(p.pkid);
         self.window.source_publish(pkid, p.qos, p.dup, message);
+    }
+
+    /// A source message that will not reach the target: logged, counted, dead-lettered when the
+    /// route has a `dead_letter` topic, and only then acknowledged to the source.
+    fn undeliverable(&mut self, p: InboundPublish, reason: DropReason, why: &str) {
+        self.drop_message(&p.topic, &p.payload, p.properties.as_deref(), reason, why);
+        if p.qos != Qos::AtMostOnce {
+            self.window.source_discard(p.pkid, p.qos, p.dup);
+        }
+    }
+
+    /// Logs (rate-limited), counts and dead-letters one dropped message.
+    fn drop_message(
+        &mut self,
+        topic: &str,
+        payload: &bytes::Bytes,
+        props: Option<&crate::message::Properties>,
+        reason: DropReason,
+        why: &str,
+    ) {
+        let stats = &self.spec.stats;
+        PairStats::add(reason.counter(stats), 1);
+        let now = Instant::now();
+        if self
+            .last_drop_log
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.last_drop_log = Some(now);
+            warn!(route = %self.spec.route.name, topic, reason = reason.as_str(), "undeliverable message: {why}");
+        }
+        let Some(dl) = self.spec.route.dead_letter.clone() else {
+            return;
+        };
+        if !self.source.is_up() {
+            return;
+        }
+        let mut user = props.map(|p| p.user_properties.clone()).unwrap_or_default();
+        user.push(("mqbridge-original-topic".into(), topic.to_string()));
+        user.push(("mqbridge-reason".into(), reason.as_str().into()));
+        let message = Message {
+            topic: dl.as_str().to_string(),
+            payload: payload.clone(),
+            qos: Qos::AtLeastOnce,
+            retain: false,
+            properties: Some(Box::new(crate::message::Properties {
+                user_properties: user,
+                ..Default::default()
+            })),
+            expires_at: None,
+        };
+        // Written before the source ack, on the same connection: the broker has the dead letter
+        // before it learns the original is done. Its PUBACK is only read to free the id.
+        let pkid = self.next_source_pkid();
+        self.source
+            .codec
+            .publish(pkid, false, &message, None, &mut self.source.wbuf);
+        PairStats::add(&self.spec.stats.dead_lettered, 1);
+    }
+
+    /// Packet ids for our own PUBLISHes on the source (dead letters), clear of SUBSCRIBE's ids.
+    fn next_source_pkid(&mut self) -> u16 {
+        self.source_pkid = if self.source_pkid >= u16::MAX - 1 {
+            1000
+        } else {
+            self.source_pkid.max(999) + 1
+        };
+        self.source_pkid
     }
 
     /// Encodes what the window asked for into the write buffers.
@@ -492,19 +635,43 @@ impl Pair {
         while let Some(action) = self.window.poll_action() {
             match action {
                 Action::SendPublish { pkid, dup } => {
-                    if let Some(m) = self.window.held(pkid) {
-                        PairStats::add(&self.spec.stats.bytes_forwarded, m.payload.len() as u64);
-                        self.target
-                            .codec
-                            .publish(pkid, dup, m, &mut self.target.wbuf);
+                    let Some(m) = self.window.held(pkid) else {
+                        continue;
+                    };
+                    let expiry = m.remaining_expiry(std::time::Instant::now());
+                    if expiry == Some(0) {
+                        let (topic, payload, props) =
+                            (m.topic.clone(), m.payload.clone(), m.properties.clone());
+                        self.window.expired(pkid);
+                        self.drop_message(
+                            &topic,
+                            &payload,
+                            props.as_deref(),
+                            DropReason::Expired,
+                            "its Message Expiry Interval ran out while held",
+                        );
+                        continue;
                     }
+                    PairStats::add(&self.spec.stats.bytes_forwarded, m.payload.len() as u64);
+                    self.target
+                        .codec
+                        .publish(pkid, dup, m, expiry, &mut self.target.wbuf);
                 }
                 Action::SendQos0(m) => {
-                    if self.target.is_up() {
+                    let expiry = m.remaining_expiry(std::time::Instant::now());
+                    if expiry == Some(0) {
+                        self.drop_message(
+                            &m.topic,
+                            &m.payload,
+                            m.properties.as_deref(),
+                            DropReason::Expired,
+                            "its Message Expiry Interval ran out",
+                        );
+                    } else if self.target.is_up() {
                         PairStats::add(&self.spec.stats.bytes_forwarded, m.payload.len() as u64);
                         self.target
                             .codec
-                            .publish(0, false, &m, &mut self.target.wbuf);
+                            .publish(0, false, &m, expiry, &mut self.target.wbuf);
                         self.qos0_buffered += 1;
                     } else {
                         PairStats::add(&self.spec.stats.dropped_qos0_target_down, 1);
@@ -522,8 +689,14 @@ impl Pair {
                     self.mark_progress();
                 }
                 Action::Refused { message, reason } => {
-                    warn!(route = %self.spec.route.name, topic = %message.topic, reason = format!("{reason:#04x}"), "the target refused a message; acknowledged to the source and dropped");
-                    PairStats::add(&self.spec.stats.dropped_refused, 1);
+                    let why = format!("the target refused it with reason code {reason:#04x}");
+                    self.drop_message(
+                        &message.topic,
+                        &message.payload,
+                        message.properties.as_deref(),
+                        DropReason::Refused,
+                        &why,
+                    );
                 }
             }
         }

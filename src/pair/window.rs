@@ -83,6 +83,8 @@ pub struct Counters {
     pub redeliveries: u64,
     /// Acks from the target for packet ids we do not hold.
     pub unsolicited_acks: u64,
+    /// Held messages whose Message Expiry ran out before they could be written.
+    pub expired: u64,
 }
 
 /// The window and ack-chaining state of one pair.
@@ -375,6 +377,25 @@ impl Window {
         self.send_queued();
     }
 
+    /// The driver found the message of a `SendPublish` expired: it is not written. Its place in
+    /// the window is freed and the source acknowledged (an expired message is done, not lost).
+    pub fn expired(&mut self, pkid: u16) {
+        let Some(slot) = self.slots.get(&pkid) else {
+            return;
+        };
+        if slot.stage != Stage::Published {
+            return;
+        }
+        let slot = self.slots.remove(&pkid).expect("checked above");
+        self.on_wire -= 1;
+        self.counters.expired += 1;
+        if let Some(source) = slot.source {
+            self.pending.remove(&source.pkid);
+            self.ack_source(source);
+        }
+        self.send_queued();
+    }
+
     // ---- internals ---------------------------------------------------------------------------
 
     fn is(&self, pkid: u16, stage: Stage, qos: Qos) -> bool {
@@ -487,6 +508,7 @@ mod tests {
             qos,
             retain: false,
             properties: None,
+            expires_at: None,
         }
     }
 

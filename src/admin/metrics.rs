@@ -1,0 +1,413 @@
+//! `/metrics`: the Prometheus text exposition of every route, built at scrape time by a custom
+//! `prometheus-client` collector that sums the pairs' `PairStats` atomics. Nothing is updated
+//! per message on behalf of metrics: the pair's task only bumps its own atomics, lock-free.
+
+use std::{fmt, sync::Arc};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet, prometheus_text},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+
+use super::RouteStats;
+use crate::pair::stats::{LATENCY_BUCKETS, LatencySnapshot, PairStats};
+
+/// `Content-Type` of the exposition (Prometheus text format 0.0.4).
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// The registry behind `/metrics`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new(routes: Arc<[RouteStats]>) -> Metrics {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(BridgeCollector { routes }));
+        Metrics { registry }
+    }
+
+    /// The exposition text as of now.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail; an error could only come from our own encoding.
+        if let Err(e) = prometheus_text::encode(&mut out, &self.registry) {
+            tracing::warn!("metrics encoding failed: {e}");
+        }
+        out
+    }
+}
+
+#[derive(Debug)]
+struct BridgeCollector {
+    routes: Arc<[RouteStats]>,
+}
+
+/// One route's pairs summed at one moment.
+#[derive(Debug, Default)]
+struct RouteSample<'a> {
+    route: &'a str,
+    source_broker: &'a str,
+    target_broker: &'a str,
+    pairs: u64,
+    pairs_ready: u64,
+    received: u64,
+    forwarded: u64,
+    bytes_forwarded: u64,
+    drops: Vec<(&'static str, u64)>,
+    redeliveries: u64,
+    qos_downgraded: u64,
+    properties_dropped: u64,
+    dead_lettered: u64,
+    in_flight: u64,
+    window: u64,
+    source_up: u64,
+    target_up: u64,
+    source_reconnects: u64,
+    target_reconnects: u64,
+    latency: LatencySnapshot,
+}
+
+impl<'a> RouteSample<'a> {
+    fn take(r: &'a RouteStats) -> RouteSample<'a> {
+        let g = PairStats::get;
+        let up = |b: &std::sync::atomic::AtomicBool| {
+            u64::from(b.load(std::sync::atomic::Ordering::Relaxed))
+        };
+        let mut s = RouteSample {
+            route: &r.name,
+            source_broker: &r.source_broker,
+            target_broker: &r.target_broker,
+            ..Default::default()
+        };
+        for p in r.pairs.iter() {
+            s.pairs += 1;
+            s.pairs_ready += u64::from(p.ready());
+            s.received += g(&p.received);
+            s.forwarded += g(&p.forwarded);
+            s.bytes_forwarded += g(&p.bytes_forwarded);
+            let drops = p.drops();
+            if s.drops.is_empty() {
+                s.drops = drops.iter().map(|(reason, _)| (*reason, 0)).collect();
+            }
+            for (sum, (_, n)) in s.drops.iter_mut().zip(drops) {
+                sum.1 += n;
+            }
+            s.redeliveries += g(&p.redeliveries);
+            s.qos_downgraded += g(&p.qos_downgraded);
+            s.properties_dropped += g(&p.properties_dropped);
+            s.dead_lettered += g(&p.dead_lettered);
+            s.in_flight += g(&p.in_flight);
+            s.window += g(&p.window);
+            s.source_up += up(&p.source_up);
+            s.target_up += up(&p.target_up);
+            s.source_reconnects += g(&p.source_reconnects);
+            s.target_reconnects += g(&p.target_reconnects);
+            s.latency.merge(&p.forward_latency.snapshot());
+        }
+        s
+    }
+
+    /// (broker, connections up, reconnects) for the route's brokers. A route from a broker to
+    /// itself has one series for it: a label set must not repeat within a metric.
+    fn brokers(&self) -> Vec<(&'a str, u64, u64)> {
+        let source = (self.source_broker, self.source_up, self.source_reconnects);
+        let target = (self.target_broker, self.target_up, self.target_reconnects);
+        if self.source_broker == self.target_broker {
+            vec![(source.0, source.1 + target.1, source.2 + target.2)]
+        } else {
+            vec![source, target]
+        }
+    }
+}
+
+type RouteLabel<'a> = [(&'static str, &'a str); 1];
+type PairLabels<'a> = [(&'static str, &'a str); 2];
+
+impl Collector for BridgeCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let samples: Vec<RouteSample> = self.routes.iter().map(RouteSample::take).collect();
+        let by_route = |value: fn(&RouteSample) -> u64| {
+            samples
+                .iter()
+                .map(move |s| -> (RouteLabel, u64) { ([("route", s.route)], value(s)) })
+        };
+        use MetricType::{Counter, Gauge};
+
+        family(
+            &mut enc,
+            "mqbridge_messages_received",
+            "Messages taken from the source (redeliveries of held messages not counted).",
+            Counter,
+            by_route(|s| s.received),
+        )?;
+        family(
+            &mut enc,
+            "mqbridge_messages_forwarded",
+            "Messages the target took (QoS 0 when written, QoS 1/2 on its acknowledgement).",
+            Counter,
+            by_route(|s| s.forwarded),
+        )?;
+        family(
+            &mut enc,
+            "mqbridge_messages_dropped",
+            "Messages not delivered, by reason.",
+            Counter,
+            samples.iter().flat_map(|s| {
+                s.drops.iter().map(|(reason, n)| -> (PairLabels, u64) {
+                    ([("route", s.route), ("reason", reason)], *n)
+                })
+            }),
+        )?;
+        family(
+            &mut enc,
+            "mqbridge_bytes_forwarded",
+            "Payload bytes written to the target.",
+            Counter,
+            by_route(|s| s.bytes_forwarded),
+        )?;
+        family(
+            &mut enc,
+            "mqbridge_inflight",
+            "QoS 1/2 messages held by the route's pairs: taken from the source, not yet acknowledged by the target.",
+            Gauge,
+            by_route(|s| s.in_flight),
+        )?;
+        family(
+            &mut enc,
+            "mqbridge_window",
+            "Most QoS 1/2 messages the route's pairs may hold at once (sum of the pairs' windows).",
+            Gauge,
+            by_route(|s| s.window),
+        )?;
+        let brokers: Vec<(PairLabels, u64, u64)> = samples
+            .iter()
+            .flat_map(|s| {
+                s.brokers().into_iter().map(|(broker, up, reconnects)| {
+                    ([("broker", broker), ("route", s.route)], up, reconnects)
+                })
+            })
+            .collect();
+        family(
+            &mut enc,
+            "mqbridge_connections_up",
+            "Connections of the route's pairs to this broker that are up.",
+            Gauge,
+            brokers.iter().map(|(l, up, _)| (*l, *up)),
+        )?;
+        family(
+            &mut enc,
+            "mqbridge_reconnects",
+            "Reconnections of the route's pairs to this broker (the first connection not counted).",
+            Counter,
+            brokers.iter().map(|(l, _, n)| (*l, *n)),
+        )?;
+        family(
+            &mut enc,
+            "mqbridge_pairs",
+            "Pairs of connections in the route (pool_size).",
+            Gauge,
+            by_route(|s| s.pairs),
+        )?;
+        family(
+            &mut enc,
+            "mqbridge_pairs_ready",
+            "Pairs with both connections up and the source subscribed.",
+            Gauge,
+            by_route(|s| s.pairs_ready),
+        )?;
+        family(
+            &mut enc,
+            "mqbridge_redeliveries",
+            "Source redeliveries recognised as already held or forwarded, and not forwarded again.",
+            Counter,
+            by_route(|s| s.redeliveries),
+        )?;
+        family(
+            &mut enc,
+            "mqbridge_qos_downgraded",
+            "Messages forwarded at a lower QoS than received because of the target's Maximum QoS.",
+            Counter,
+            by_route(|s| s.qos_downgraded),
+        )?;
+        family(
+            &mut enc,
+            "mqbridge_properties_dropped",
+            "MQTT 5 messages whose properties could not be carried to the target.",
+            Counter,
+            by_route(|s| s.properties_dropped),
+        )?;
+        family(
+            &mut enc,
+            "mqbridge_dead_lettered",
+            "Undeliverable messages published to the route's dead letter topic.",
+            Counter,
+            by_route(|s| s.dead_lettered),
+        )?;
+
+        let mut m = enc.encode_descriptor(
+            "mqbridge_forward_latency_seconds",
+            "Time from receiving a QoS 1/2 message from the source to the target's acknowledgement.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for s in &samples {
+            let labels: RouteLabel = [("route", s.route)];
+            let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+                .iter()
+                .copied()
+                .chain([f64::INFINITY])
+                .zip(s.latency.buckets)
+                .collect();
+            m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+                s.latency.sum_seconds,
+                s.latency.count(),
+                &buckets,
+                None,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// One metric: its HELP and TYPE lines, then one sample per label set. Counters get their
+/// `_total` suffix from the encoder.
+fn family<L: EncodeLabelSet>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric_type: MetricType,
+    series: impl IntoIterator<Item = (L, u64)>,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, metric_type)?;
+    for (labels, value) in series {
+        let sample = m.encode_family(&labels)?;
+        match metric_type {
+            MetricType::Counter => ConstCounter::new(value).encode(sample)?,
+            _ => ConstGauge::new(value).encode(sample)?,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, from: &str, to: &str, pairs: usize) -> RouteStats {
+        RouteStats {
+            name: name.into(),
+            source_broker: from.into(),
+            target_broker: to.into(),
+            pairs: (0..pairs).map(|_| Arc::new(PairStats::default())).collect(),
+        }
+    }
+
+    fn has_line(text: &str, line: &str) -> bool {
+        text.lines().any(|l| l == line)
+    }
+
+    #[test]
+    fn route_counters_are_the_sum_of_their_pairs() {
+        let up = route("up", "edge", "cloud", 2);
+        for (p, n) in up.pairs.iter().zip([5, 7]) {
+            PairStats::add(&p.received, n);
+            PairStats::add(&p.forwarded, n);
+            PairStats::add(&p.bytes_forwarded, 10 * n);
+            PairStats::add(&p.dropped_refused, 1);
+            PairStats::set(&p.in_flight, n);
+            PairStats::set(&p.window, 20);
+        }
+        let text = Metrics::new(Arc::from([up])).render();
+        for line in [
+            "# TYPE mqbridge_messages_received_total counter",
+            r#"mqbridge_messages_received_total{route="up"} 12"#,
+            r#"mqbridge_messages_forwarded_total{route="up"} 12"#,
+            r#"mqbridge_bytes_forwarded_total{route="up"} 120"#,
+            r#"mqbridge_messages_dropped_total{route="up",reason="refused"} 2"#,
+            r#"mqbridge_messages_dropped_total{route="up",reason="loop"} 0"#,
+            r#"mqbridge_messages_dropped_total{route="up",reason="target_down_qos0"} 0"#,
+            "# TYPE mqbridge_inflight gauge",
+            r#"mqbridge_inflight{route="up"} 12"#,
+            r#"mqbridge_window{route="up"} 40"#,
+            r#"mqbridge_pairs{route="up"} 2"#,
+            r#"mqbridge_pairs_ready{route="up"} 0"#,
+        ] {
+            assert!(has_line(&text, line), "missing {line:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn connections_are_labelled_by_broker_and_route() {
+        let up = route("up", "edge", "cloud", 3);
+        for p in &up.pairs {
+            p.target_up
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        up.pairs[0]
+            .source_up
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        PairStats::add(&up.pairs[1].target_reconnects, 2);
+        let same = route("loopback", "edge", "edge", 1);
+        PairStats::add(&same.pairs[0].source_reconnects, 1);
+        PairStats::add(&same.pairs[0].target_reconnects, 1);
+        let text = Metrics::new(Arc::from([up, same])).render();
+        for line in [
+            r#"mqbridge_connections_up{broker="edge",route="up"} 1"#,
+            r#"mqbridge_connections_up{broker="cloud",route="up"} 3"#,
+            r#"mqbridge_reconnects_total{broker="edge",route="up"} 0"#,
+            r#"mqbridge_reconnects_total{broker="cloud",route="up"} 2"#,
+            // One broker on both sides: one series, both sides counted.
+            r#"mqbridge_reconnects_total{broker="edge",route="loopback"} 2"#,
+        ] {
+            assert!(has_line(&text, line), "missing {line:?} in:\n{text}");
+        }
+        assert_eq!(
+            text.matches(r#"mqbridge_connections_up{broker="edge",route="loopback"}"#)
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn latency_is_a_cumulative_histogram_per_route() {
+        let up = route("up", "edge", "cloud", 2);
+        up.pairs[0].forward_latency.record(0.0008);
+        up.pairs[0].forward_latency.record(0.02);
+        up.pairs[1].forward_latency.record(0.0009);
+        up.pairs[1].forward_latency.record(90.0);
+        let text = Metrics::new(Arc::from([up])).render();
+        for line in [
+            "# TYPE mqbridge_forward_latency_seconds histogram",
+            r#"mqbridge_forward_latency_seconds_bucket{route="up",le="0.0005"} 0"#,
+            r#"mqbridge_forward_latency_seconds_bucket{route="up",le="0.001"} 2"#,
+            r#"mqbridge_forward_latency_seconds_bucket{route="up",le="0.025"} 3"#,
+            r#"mqbridge_forward_latency_seconds_bucket{route="up",le="60"} 3"#,
+            r#"mqbridge_forward_latency_seconds_bucket{route="up",le="+Inf"} 4"#,
+            r#"mqbridge_forward_latency_seconds_count{route="up"} 4"#,
+        ] {
+            assert!(has_line(&text, line), "missing {line:?} in:\n{text}");
+        }
+        let sum: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(r#"mqbridge_forward_latency_seconds_sum{route="up"} "#))
+            .expect("a _sum sample")
+            .parse()
+            .unwrap();
+        assert!((sum - 90.0217).abs() < 1e-6, "{sum}");
+    }
+
+    #[test]
+    fn every_sample_line_is_well_formed() {
+        let text = Metrics::new(Arc::from([route("up", "edge", "cloud", 1)])).render();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (series, value) = line.rsplit_once(' ').expect("name and value");
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+            assert!(series.starts_with("mqbridge_"), "{line}");
+            assert!(series.ends_with('}'), "every sample carries labels: {line}");
+        }
+    }
+}

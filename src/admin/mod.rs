@@ -1,0 +1,292 @@
+//! The admin HTTP endpoint (`[admin] listen`): `/metrics` (Prometheus text), `/healthz` (the
+//! process runs) and `/readyz` (every pair connected, subscribed and not stalled). A small
+//! hyper server on the bridge's runtime; it only reads the pairs' atomics, never blocks them.
+
+pub mod health;
+pub mod metrics;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::Incoming,
+    header::{self, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::{debug, warn};
+
+use self::{
+    health::{BusySince, PairHealth, PairId, Readiness},
+    metrics::Metrics,
+};
+use crate::{pair::stats::PairStats, route::RunningRoute};
+
+/// A route as the endpoint sees it: names for labels and messages, and its pairs' stats.
+#[derive(Debug)]
+pub struct RouteStats {
+    pub name: String,
+    pub source_broker: String,
+    pub target_broker: String,
+    pub pairs: Vec<Arc<PairStats>>,
+}
+
+impl RouteStats {
+    pub fn of(route: &RunningRoute) -> RouteStats {
+        RouteStats {
+            name: route.plan.name.clone(),
+            source_broker: route.plan.from.name.clone(),
+            target_broker: route.plan.to.name.clone(),
+            pairs: route.pairs.clone(),
+        }
+    }
+}
+
+/// What the endpoint serves from.
+#[derive(Debug)]
+pub struct Admin {
+    routes: Arc<[RouteStats]>,
+    metrics: Metrics,
+    /// Process start: the zero of `PairStats::last_progress_ms`.
+    epoch: Instant,
+    stall_timeout: Duration,
+    /// One per pair, routes in order. Only the admin task and its requests touch it.
+    busy: Mutex<Vec<BusySince>>,
+}
+
+/// An answer: status, content type, body.
+type Answer = (StatusCode, &'static str, String);
+
+const TEXT: &str = "text/plain; charset=utf-8";
+
+impl Admin {
+    pub fn new(routes: Vec<RouteStats>, epoch: Instant, stall_timeout: Duration) -> Admin {
+        let routes: Arc<[RouteStats]> = routes.into();
+        let pairs = routes.iter().map(|r| r.pairs.len()).sum();
+        Admin {
+            metrics: Metrics::new(routes.clone()),
+            routes,
+            epoch,
+            stall_timeout,
+            busy: Mutex::new(vec![BusySince::default(); pairs]),
+        }
+    }
+
+    /// How often the pairs' in-flight counts are sampled for stall detection: often enough that
+    /// a stall is reported within a small part of `stall_timeout`.
+    fn sample_every(&self) -> Duration {
+        (self.stall_timeout / 10).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Reads every pair once, noting when its in-flight count rose from zero.
+    fn sample(&self) -> Vec<PairHealth> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.now_ms();
+        // A panic while holding this lock cannot leave the counts inconsistent: take it anyway.
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let pairs = self.routes.iter().flat_map(|r| r.pairs.iter());
+        pairs
+            .zip(busy.iter_mut())
+            .map(|(p, busy)| {
+                let in_flight = PairStats::get(&p.in_flight);
+                busy.observe(in_flight, now);
+                PairHealth {
+                    source_up: p.source_up.load(Relaxed),
+                    target_up: p.target_up.load(Relaxed),
+                    subscribed: p.subscribed.load(Relaxed),
+                    in_flight,
+                    waiting_since_ms: busy.waiting_since(PairStats::get(&p.last_progress_ms)),
+                }
+            })
+            .collect()
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        let healths = self.sample();
+        let ids = self.routes.iter().flat_map(|r| {
+            (0..r.pairs.len()).map(|index| PairId {
+                route: &r.name,
+                index,
+                source_broker: &r.source_broker,
+                target_broker: &r.target_broker,
+            })
+        });
+        health::readiness(ids.zip(healths), self.now_ms(), self.stall_timeout)
+    }
+
+    /// The answer to `method path`, without any I/O.
+    pub fn answer(&self, method: &Method, path: &str) -> Answer {
+        if method != Method::GET && method != Method::HEAD {
+            return (
+                StatusCode::METHOD_NOT_ALLOWED,
+                TEXT,
+                "only GET and HEAD\n".into(),
+            );
+        }
+        match path {
+            "/metrics" => (StatusCode::OK, metrics::CONTENT_TYPE, self.metrics.render()),
+            "/healthz" => (StatusCode::OK, TEXT, "ok\n".into()),
+            "/readyz" => {
+                let r = self.readiness();
+                let status = if r.is_ready() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                (status, TEXT, r.to_string())
+            }
+            _ => (
+                StatusCode::NOT_FOUND,
+                TEXT,
+                "not found; try /metrics, /healthz or /readyz\n".into(),
+            ),
+        }
+    }
+}
+
+/// Binds `admin.listen`. Done before any route starts, so a taken port stops the bridge before
+/// it touches a broker.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "admin.listen: cannot listen on {addr}: {e}; free the port or set another admin.listen"
+        )
+    })
+}
+
+/// Serves the endpoint on `listener` and samples the pairs for stall detection, until aborted.
+pub fn spawn(listener: TcpListener, admin: Arc<Admin>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(admin.sample_every());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    admin.sample();
+                }
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        tokio::spawn(serve_connection(stream, peer, admin.clone()));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait rather than spin.
+                        warn!("admin endpoint: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+    })
+}
+
+async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, admin: Arc<Admin>) {
+    let service = service_fn(move |req: Request<Incoming>| {
+        let (status, content_type, body) = admin.answer(req.method(), req.uri().path());
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        async move { Ok::<_, Infallible>(response) }
+    });
+    // A client that never finishes its headers must not hold a connection open forever.
+    let result = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(e) = result {
+        debug!(%peer, "admin endpoint: connection ended: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    fn admin(pairs: usize) -> Admin {
+        let route = RouteStats {
+            name: "up".into(),
+            source_broker: "edge".into(),
+            target_broker: "cloud".into(),
+            pairs: (0..pairs).map(|_| Arc::new(PairStats::default())).collect(),
+        };
+        Admin::new(vec![route], Instant::now(), Duration::from_secs(30))
+    }
+
+    fn connect(p: &PairStats) {
+        p.source_up.store(true, Relaxed);
+        p.target_up.store(true, Relaxed);
+        p.subscribed.store(true, Relaxed);
+    }
+
+    #[test]
+    fn healthz_answers_while_nothing_is_connected() {
+        let a = admin(1);
+        assert_eq!(a.answer(&Method::GET, "/healthz").0, StatusCode::OK);
+    }
+
+    #[test]
+    fn readyz_waits_for_every_pair() {
+        let a = admin(2);
+        connect(&a.routes[0].pairs[0]);
+        let (status, _, body) = a.answer(&Method::GET, "/readyz");
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.contains("route up pair 1: source down (broker edge); target down (broker cloud)"),
+            "{body}"
+        );
+        connect(&a.routes[0].pairs[1]);
+        assert_eq!(a.answer(&Method::GET, "/readyz").0, StatusCode::OK);
+    }
+
+    #[test]
+    fn readyz_does_not_call_a_fresh_message_stalled_after_an_idle_spell() {
+        // Last progress at 0 ms and the process is older than stall_timeout: a message that
+        // arrives now has only just started waiting.
+        let route = RouteStats {
+            name: "up".into(),
+            source_broker: "edge".into(),
+            target_broker: "cloud".into(),
+            pairs: vec![Arc::new(PairStats::default())],
+        };
+        let long_ago = Instant::now() - Duration::from_secs(120);
+        let a = Admin::new(vec![route], long_ago, Duration::from_secs(30));
+        connect(&a.routes[0].pairs[0]);
+        PairStats::set(&a.routes[0].pairs[0].in_flight, 1);
+        assert_eq!(a.answer(&Method::GET, "/readyz").0, StatusCode::OK);
+    }
+
+    #[test]
+    fn metrics_are_prometheus_text() {
+        let a = admin(1);
+        let (status, content_type, body) = a.answer(&Method::GET, "/metrics");
+        assert_eq!(status, StatusCode::OK);
+        assert!(content_type.starts_with("text/plain; version=0.0.4"));
+        assert!(body.contains("mqbridge_messages_forwarded_total{route=\"up\"} 0"));
+    }
+
+    #[test]
+    fn other_paths_and_methods_are_refused() {
+        let a = admin(1);
+        assert_eq!(a.answer(&Method::GET, "/").0, StatusCode::NOT_FOUND);
+        assert_eq!(
+            a.answer(&Method::POST, "/metrics").0,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+    }
+}
