@@ -11,6 +11,7 @@ use crate::config::{
     BrokerPlan, Plan, PropertiesMode, RetainMode, RoutePlan, Share, Side, Transport, client_id,
     load::sample_topic,
 };
+use crate::loops::analysis::{self, Cut};
 use crate::topic::{RewriteRule, TopicFilter, TopicName};
 
 /// Pairs listed one by one in `check`; a bigger pool shows the first ones and a count.
@@ -322,65 +323,35 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-/// Where one route's output lands in another route's input.
-struct Overlap<'a> {
-    output: TopicFilter,
-    input: &'a TopicFilter,
-}
-
-/// Routes in opposite directions between two brokers (or one route from a broker to itself)
-/// whose outputs the other takes back.
+/// Route pairs whose outputs come back, and what cuts each way round.
 fn write_loops(out: &mut String, plan: &Plan) -> fmt::Result {
-    let mut found = false;
-    let routes = &plan.routes;
-    for (i, a) in routes.iter().enumerate() {
-        for b in &routes[i..] {
-            let opposite = a.from.name == b.to.name && a.to.name == b.from.name;
-            if !opposite {
-                continue;
-            }
-            let there = takes_output(a, b);
-            let back = takes_output(b, a);
-            let same = std::ptr::eq(a, b);
-            let echoed_back = back.is_some();
-            match (there, back) {
-                (Some(there), Some(back)) => {
-                    found = true;
-                    if same {
-                        writeln!(
-                            out,
-                            "  could loop: {} ({} → itself) takes back what it publishes:",
-                            a.name, a.from.name
-                        )?;
-                    } else {
-                        writeln!(
-                            out,
-                            "  could loop: {} ({} → {}) and {} ({} → {})",
-                            a.name, a.from.name, a.to.name, b.name, b.from.name, b.to.name
-                        )?;
-                    }
-                    write_overlap(out, a, b, &there)?;
-                    if !same {
-                        write_overlap(out, b, a, &back)?;
-                    }
-                    writeln!(out, "    {}", loop_guard(a))?;
-                }
-                (Some(echo), None) | (None, Some(echo)) if !same => {
-                    found = true;
-                    let (x, y) = if echoed_back { (b, a) } else { (a, b) };
-                    writeln!(
-                        out,
-                        "  could echo: what {} forwards to {} is taken back to {} by {}",
-                        x.name, x.to.name, x.from.name, y.name
-                    )?;
-                    write_overlap(out, x, y, &echo)?;
-                    writeln!(out, "    {}", loop_guard(a))?;
-                }
-                _ => {}
-            }
+    let findings = analysis::find(plan);
+    for f in &findings {
+        let (a, b) = (f.a, f.b);
+        if std::ptr::eq(a, b) {
+            writeln!(out, "  could loop: {} ({} → itself) takes back what it publishes:", a.name, a.from.name)?;
+        } else if f.is_loop() {
+            writeln!(
+                out,
+                "  could loop: {} ({} → {}) and {} ({} → {})",
+                a.name, a.from.name, a.to.name, b.name, b.from.name, b.to.name
+            )?;
+        } else {
+            writeln!(
+                out,
+                "  could echo: what {} forwards to {} is taken back to {} by {}",
+                a.name, a.to.name, a.from.name, b.name
+            )?;
+        }
+        write_overlap(out, a, b, &f.there)?;
+        if let Some(back) = &f.back {
+            write_overlap(out, b, a, back)?;
+        }
+        for (broker, cut) in f.cuts(&plan.bridge) {
+            writeln!(out, "    at {broker}: {}", describe(cut))?;
         }
     }
-    if !found {
+    if findings.is_empty() {
         writeln!(
             out,
             "  no loops: no route takes another route's output back to where it came from"
@@ -389,7 +360,7 @@ fn write_loops(out: &mut String, plan: &Plan) -> fmt::Result {
     Ok(())
 }
 
-fn write_overlap(out: &mut String, a: &RoutePlan, b: &RoutePlan, o: &Overlap) -> fmt::Result {
+fn write_overlap(out: &mut String, a: &RoutePlan, b: &RoutePlan, o: &analysis::Overlap) -> fmt::Result {
     writeln!(
         out,
         "    {} publishes {} on {}, which {} takes with {}",
@@ -397,103 +368,16 @@ fn write_overlap(out: &mut String, a: &RoutePlan, b: &RoutePlan, o: &Overlap) ->
     )
 }
 
-/// How `run` cuts a loop between these brokers, and what to do where it cannot.
-fn loop_guard(route: &RoutePlan) -> String {
-    if route.from.protocol.is_v5() && route.to.protocol.is_v5() {
-        "cut by the mqbridge-via marker (both brokers speak MQTT 5); counted as `loop`".to_owned()
-    } else {
-        let v3 = if route.from.protocol.is_v5() {
-            &route.to
-        } else {
-            &route.from
-        };
-        format!(
-            "{} speaks MQTT {}, which carries no marker: only a short-lived digest of recent \
-             messages suppresses the echo; better make the topics disjoint (e.g. rewrite into a \
-             prefix the other route does not take)",
-            v3.name, v3.protocol
-        )
-    }
-}
-
-/// The first place where something `a` publishes is subscribed by `b` (which must read from
-/// `a`'s target).
-fn takes_output<'b>(a: &RoutePlan, b: &'b RoutePlan) -> Option<Overlap<'b>> {
-    output_filters(a).into_iter().find_map(|output| {
-        b.topics
-            .iter()
-            .find(|input| output.overlaps(input))
-            .map(|input| Overlap { output, input })
-    })
-}
-
-/// Filters covering every topic `route` can publish: its topics as they are where no rule
-/// covers them, and each overlapping rule's template with captures widened to wildcards.
-/// Conservative: it may claim a little more than the route can produce, never less.
-fn output_filters(route: &RoutePlan) -> Vec<TopicFilter> {
-    let mut outputs: Vec<TopicFilter> = Vec::new();
-    let mut push = |f: TopicFilter| {
-        if !outputs.contains(&f) {
-            outputs.push(f);
+/// How `run` recognises an echo on a broker, in words.
+fn describe(cut: Cut) -> &'static str {
+    match cut {
+        Cut::Marker => "cut by the mqbridge-via marker (MQTT 5); counted as dropped{reason=\"loop\"}",
+        Cut::Digest => {
+            "MQTT 3.x carries no marker: a short-lived digest of what this process forwarded \
+             suppresses the echo (not across replicas, and an identical message within the \
+             window is taken for an echo); better make the topics disjoint"
         }
-    };
-    for topic in &route.topics {
-        let mut covered = false;
-        for rule in route.rewrite.rules() {
-            if rule.filter().overlaps(topic) {
-                push(template_filter(rule));
-            }
-            if covers(rule.filter(), topic) {
-                // Every topic of this filter stops at this rule.
-                covered = true;
-                break;
-            }
-        }
-        if !covered {
-            push(topic.clone());
-        }
-    }
-    outputs
-}
-
-/// A filter matching every topic the rule's template can produce: a level holding a `+`
-/// capture becomes `+`, and from a level holding a multi-level capture (the `#` capture or
-/// `{topic}`) on, `#`.
-fn template_filter(rule: &RewriteRule) -> TopicFilter {
-    let filter = rule.filter();
-    let multi = filter
-        .ends_with_multi()
-        .then(|| format!("{{{}}}", filter.wildcards()));
-    let mut levels = Vec::new();
-    for level in rule.template().split('/') {
-        if level.contains("{topic}") || multi.as_deref().is_some_and(|m| level.contains(m)) {
-            levels.push("#");
-            break;
-        }
-        levels.push(if level.contains('{') { "+" } else { level });
-    }
-    TopicFilter::parse(&levels.join("/"))
-        .unwrap_or_else(|_| TopicFilter::parse("#").expect("\"#\" is a valid filter"))
-}
-
-/// Whether every topic `inner` matches is matched by `outer` too.
-fn covers(outer: &TopicFilter, inner: &TopicFilter) -> bool {
-    let o = outer.as_str();
-    let i = inner.as_str();
-    // A leading wildcard does not match `$` topics, which a literal `$…` level does.
-    if (o.starts_with('+') || o.starts_with('#')) && i.starts_with('$') {
-        return false;
-    }
-    let mut outer = o.split('/');
-    let mut inner = i.split('/');
-    loop {
-        match (outer.next(), inner.next()) {
-            (Some("#"), _) => return true,
-            (None, None) => return true,
-            (Some("+"), Some(level)) if level != "#" => {}
-            (Some(a), Some(b)) if a == b && a != "+" && a != "#" => {}
-            _ => return false,
-        }
+        Cut::Nothing => "NOT cut: MQTT 3.x and the echo digest is off (bridge.loop_digest_window)",
     }
 }
 
@@ -579,38 +463,4 @@ fn write_dry_run(out: &mut String, plan: &Plan, topic: &str) -> fmt::Result {
         writeln!(out, "  no route takes it")?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn filter(s: &str) -> TopicFilter {
-        TopicFilter::parse(s).unwrap()
-    }
-
-    #[test]
-    fn covering_is_containment() {
-        assert!(covers(&filter("#"), &filter("a/+/b")));
-        assert!(covers(&filter("a/+"), &filter("a/b")));
-        assert!(covers(&filter("a/#"), &filter("a")));
-        assert!(!covers(&filter("a/+"), &filter("a/#")));
-        assert!(!covers(&filter("a/b"), &filter("a/+")));
-        assert!(!covers(&filter("a"), &filter("a/#")));
-        assert!(!covers(&filter("#"), &filter("$SYS/#")));
-    }
-
-    #[test]
-    fn templates_widen_to_filters() {
-        let rule = |f: &str, t: &str| RewriteRule::compile(f, t).unwrap();
-        let out = |f: &str, t: &str| template_filter(&rule(f, t)).as_str().to_owned();
-        assert_eq!(
-            out("factory/+/telemetry/#", "sites/edge-1/{1}/telemetry/{2}"),
-            "sites/edge-1/+/telemetry/#"
-        );
-        assert_eq!(out("a/#", "b/{1}/c"), "b/#");
-        assert_eq!(out("+/x", "p-{1}/y"), "+/y");
-        assert_eq!(out("a/b", "c/{topic}"), "c/#");
-        assert_eq!(out("a/b", "c"), "c");
-    }
 }

@@ -4,9 +4,11 @@
 //! The edges (`link`, `pair::driver`, `route`, `run`) own sockets, timers and tasks.
 
 pub mod admin;
+pub mod broker;
 pub mod check;
 pub mod config;
 pub mod link;
+pub mod loops;
 pub mod message;
 pub mod pair;
 pub mod route;

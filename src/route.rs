@@ -1,12 +1,18 @@
 //! A route's pool: `pool_size` pairs, each a task running `pair::driver`, sharing the route's
 //! subscriptions through the broker's shared subscription group.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use tokio::{sync::watch, task::JoinHandle};
 
+pub use crate::pair::driver::LoopGuard;
+
 use crate::{
-    config::{BridgePlan, RoutePlan, Side, client_id},
+    config::{Plan, RoutePlan, Side, client_id},
+    loops::{EchoDigest, analysis},
     pair::{
         driver::{self, PairSpec},
         stats::PairStats,
@@ -20,13 +26,25 @@ pub struct RunningRoute {
     pub tasks: Vec<JoinHandle<()>>,
 }
 
-/// Starts every pair of `route`. They stop (draining) when `shutdown` turns true.
+/// Starts every pair of `route` (one of `plan`'s). They stop (draining) when `shutdown` turns
+/// true. `digest` is the process's echo digest, shared by every route.
 pub fn start(
-    bridge: &BridgePlan,
+    plan: &Plan,
     route: &RoutePlan,
+    digest: &Arc<Mutex<EchoDigest>>,
     shutdown: &watch::Receiver<bool>,
     epoch: std::time::Instant,
 ) -> RunningRoute {
+    let bridge = &plan.bridge;
+    let (record_echoes, check_echoes) = analysis::digest_roles(plan, route);
+    let loops = LoopGuard {
+        bridge_name: bridge.name.clone(),
+        source_id: format!("{}:{}", route.from.host, route.from.port),
+        target_id: format!("{}:{}", route.to.host, route.to.port),
+        digest: (record_echoes || check_echoes).then(|| digest.clone()),
+        record_echoes,
+        check_echoes,
+    };
     let plan = Arc::new(route.clone());
     let mut pairs = Vec::new();
     let mut tasks = Vec::new();
@@ -40,6 +58,7 @@ pub fn start(
             stats: stats.clone(),
             drain_timeout: bridge.drain_timeout,
             epoch,
+            loops: loops.clone(),
         };
         pairs.push(stats);
         tasks.push(tokio::spawn(driver::run(spec, shutdown.clone())));
@@ -53,6 +72,8 @@ pub struct RouteTotals {
     pub received: u64,
     pub forwarded: u64,
     pub dropped: u64,
+    /// Echoes of our own forwards suppressed (part of `dropped`).
+    pub loops: u64,
     pub in_flight: u64,
     pub in_flight_max: u64,
     pub window: u64,
@@ -68,6 +89,7 @@ impl RunningRoute {
             t.received += g(&s.received);
             t.forwarded += g(&s.forwarded);
             t.dropped += s.dropped_total();
+            t.loops += g(&s.dropped_loop);
             t.in_flight += g(&s.in_flight);
             t.in_flight_max = t.in_flight_max.max(g(&s.in_flight_max));
             t.window = t.window.max(g(&s.window));

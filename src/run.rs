@@ -3,14 +3,14 @@
 //! messages before exiting.
 
 use std::{
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use tokio::{signal::unix::SignalKind, sync::watch};
 use tracing::info;
 
-use crate::{admin, config::Plan, route};
+use crate::{admin, config::Plan, link, loops::EchoDigest, route};
 
 /// Runs until a termination signal, then drains. Returns when every pair has stopped.
 pub async fn run(plan: Plan) -> anyhow::Result<()> {
@@ -20,11 +20,18 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
         Some(addr) => Some((addr, admin::bind(addr).await?)),
         None => None,
     };
+    // TLS settings are built once, before any connection: an unusable certificate or key file
+    // stops the start, and insecure_skip_verify is warned about here, once per broker.
+    link::prepare(plan.brokers.values().map(|b| b.as_ref()))?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let digest = Arc::new(Mutex::new(EchoDigest::new(
+        plan.bridge.loop_digest_window,
+        plan.bridge.loop_digest_capacity,
+    )));
     let routes: Vec<_> = plan
         .routes
         .iter()
-        .map(|r| route::start(&plan.bridge, r, &stop_rx, epoch))
+        .map(|r| route::start(&plan, r, &digest, &stop_rx, epoch))
         .collect();
     info!(bridge = %plan.bridge.name, instance = %plan.bridge.instance, routes = routes.len(), pairs = routes.iter().map(|r| r.pairs.len()).sum::<usize>(), "mqbridge running");
     // Kept serving through the drain, so probes see the pairs go down rather than a refusal.
@@ -79,7 +86,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
     }
     for r in &routes {
         let t = r.totals();
-        info!(route = %r.plan.name, received = t.received, forwarded = t.forwarded, dropped = t.dropped, in_flight = t.in_flight, in_flight_max = t.in_flight_max, window = t.window, "final");
+        info!(route = %r.plan.name, received = t.received, forwarded = t.forwarded, dropped = t.dropped, loops = t.loops, in_flight = t.in_flight, in_flight_max = t.in_flight_max, window = t.window, "final");
     }
     if let Some(task) = admin_task {
         task.abort();

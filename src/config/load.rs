@@ -491,12 +491,16 @@ fn build_plan(config: schema::Config, cx: &Context) -> Result<Plan, ConfigError>
         }
         routes.push(plan);
     }
-    Ok(Plan {
+    let plan = Plan {
         bridge,
         admin_listen,
         brokers,
         routes,
-    })
+    };
+    if let Some(why) = crate::loops::analysis::uncuttable(&plan) {
+        return Err(invalid("bridge.loop_digest_window", why));
+    }
+    Ok(plan)
 }
 
 fn bridge_plan(bridge: schema::Bridge, cx: &Context) -> Result<BridgePlan, ConfigError> {
@@ -539,6 +543,8 @@ fn bridge_plan(bridge: schema::Bridge, cx: &Context) -> Result<BridgePlan, Confi
         drain_timeout: bridge.drain_timeout,
         stall_timeout: bridge.stall_timeout,
         summary_interval: bridge.summary_interval,
+        loop_digest_window: bridge.loop_digest_window,
+        loop_digest_capacity: usize::try_from(bridge.loop_digest_capacity).unwrap_or(usize::MAX),
     })
 }
 

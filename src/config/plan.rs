@@ -197,6 +197,10 @@ pub struct BridgePlan {
     pub stall_timeout: Duration,
     /// Period of the summary log line.
     pub summary_interval: Duration,
+    /// How long the echo digest remembers a message forwarded into a 3.x broker (zero: off).
+    pub loop_digest_window: Duration,
+    /// Most messages the echo digest remembers.
+    pub loop_digest_capacity: usize,
 }
 
 /// The whole validated configuration.

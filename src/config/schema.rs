@@ -55,6 +55,29 @@ pub struct Bridge {
         deserialize_with = "parse::duration"
     )]
     pub summary_interval: Duration,
+    /// How long a message forwarded into an MQTT 3.x broker is remembered, so that its echo
+    /// coming back through a route in the opposite direction is recognised and dropped (3.x
+    /// carries no loop marker). "0s" turns the digest off.
+    #[serde(
+        default = "default_loop_digest_window",
+        deserialize_with = "parse::duration"
+    )]
+    pub loop_digest_window: Duration,
+    /// At most this many messages remembered by the echo digest (about 40 bytes each); the
+    /// oldest are forgotten first.
+    #[serde(
+        default = "default_loop_digest_capacity",
+        deserialize_with = "parse::uint"
+    )]
+    pub loop_digest_capacity: u64,
+}
+
+pub const fn default_loop_digest_window() -> Duration {
+    Duration::from_secs(10)
+}
+
+pub const fn default_loop_digest_capacity() -> u64 {
+    100_000
 }
 
 impl Default for Bridge {
@@ -65,6 +88,8 @@ impl Default for Bridge {
             drain_timeout: default_drain_timeout(),
             stall_timeout: default_stall_timeout(),
             summary_interval: default_summary_interval(),
+            loop_digest_window: default_loop_digest_window(),
+            loop_digest_capacity: default_loop_digest_capacity(),
         }
     }
 }

@@ -16,7 +16,6 @@ use bytes::BytesMut;
 use rand::RngExt;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::tcp::{OwnedReadHalf, OwnedWriteHalf},
     sync::watch,
     time::Instant,
 };
@@ -27,6 +26,7 @@ use super::{
     window::{Action, SourceAck, Window},
 };
 use crate::{
+    loops::{EchoDigest, marker},
     config::{BrokerPlan, PropertiesMode, Protocol, Qos, RetainMode, RoutePlan},
     link::{self, Codec, ConnectParams, Connection, Inbound, InboundPublish, LinkError},
     message::Message,
@@ -42,6 +42,24 @@ pub struct PairSpec {
     pub drain_timeout: Duration,
     /// Process start, the zero of `PairStats::last_progress_ms`.
     pub epoch: std::time::Instant,
+    pub loops: LoopGuard,
+}
+
+/// What a pair does against loops (SPEC 4.6).
+#[derive(Debug, Clone)]
+pub struct LoopGuard {
+    /// Our `mqbridge-via` marker.
+    pub bridge_name: String,
+    /// The source and target brokers as `mqbridge-from` names them: `host:port`, the same in
+    /// every bridge's config that reaches the broker by the same address.
+    pub source_id: String,
+    pub target_id: String,
+    /// The process's echo digest, when this route records or checks (3.x endpoints).
+    pub digest: Option<Arc<std::sync::Mutex<EchoDigest>>>,
+    /// Remember what we forward into the (3.x) target.
+    pub record_echoes: bool,
+    /// Drop what comes from the (3.x) source as an echo of something we forwarded there.
+    pub check_echoes: bool,
 }
 
 /// Stop decoding source packets while the target's unwritten bytes exceed this.
@@ -59,8 +77,8 @@ struct Side {
     broker: Arc<BrokerPlan>,
     client_id: String,
     codec: Codec,
-    reader: Option<OwnedReadHalf>,
-    writer: Option<OwnedWriteHalf>,
+    reader: Option<link::Reader>,
+    writer: Option<link::Writer>,
     rbuf: BytesMut,
     wbuf: BytesMut,
     connecting: Option<Connecting>,
@@ -139,7 +157,7 @@ impl Side {
 }
 
 async fn read_some(
-    reader: &mut Option<OwnedReadHalf>,
+    reader: &mut Option<link::Reader>,
     buf: &mut BytesMut,
 ) -> std::io::Result<usize> {
     match reader {
@@ -148,7 +166,7 @@ async fn read_some(
     }
 }
 
-async fn write_some(writer: &mut Option<OwnedWriteHalf>, buf: &[u8]) -> std::io::Result<usize> {
+async fn write_some(writer: &mut Option<link::Writer>, buf: &[u8]) -> std::io::Result<usize> {
     match writer {
         Some(w) => w.write(buf).await,
         None => std::future::pending().await,
@@ -182,6 +200,9 @@ struct Pair {
     /// The window the source connection advertised (v5), to notice a change of the target's.
     advertised: Option<u16>,
     last_drop_log: Option<Instant>,
+    /// First write per target packet id, for `mqbridge_forward_latency_seconds`. The source is
+    /// read only while the window has room, so this is (within a pass) the receive time.
+    sent_at: std::collections::HashMap<u16, Instant>,
 }
 
 /// Why a message was not delivered: the `reason` label of `mqbridge_messages_dropped_total`.
@@ -191,6 +212,8 @@ pub enum DropReason {
     InvalidTopic,
     TooLarge,
     Expired,
+    /// Our own message coming back (marker or digest): suppressed, not dead-lettered.
+    Loop,
 }
 
 impl DropReason {
@@ -200,6 +223,7 @@ impl DropReason {
             DropReason::InvalidTopic => "invalid_topic",
             DropReason::TooLarge => "too_large",
             DropReason::Expired => "expired",
+            DropReason::Loop => "loop",
         }
     }
 
@@ -209,6 +233,7 @@ impl DropReason {
             DropReason::InvalidTopic => &s.dropped_invalid_topic,
             DropReason::TooLarge => &s.dropped_too_large,
             DropReason::Expired => &s.dropped_expired,
+            DropReason::Loop => &s.dropped_loop,
         }
     }
 }
@@ -228,6 +253,7 @@ pub async fn run(spec: PairSpec, mut shutdown: watch::Receiver<bool>) {
         source_pkid: 999,
         advertised: None,
         last_drop_log: None,
+        sent_at: std::collections::HashMap::new(),
         spec,
     };
     let mut drain_deadline = None;
@@ -428,8 +454,14 @@ impl Pair {
                 Err(e) => return self.side_lost(Role::Target, &e),
             };
             match packet {
-                Inbound::PubAck { pkid, reason } => self.window.target_puback(pkid, reason),
-                Inbound::PubRec { pkid, reason } => self.window.target_pubrec(pkid, reason),
+                Inbound::PubAck { pkid, reason } => {
+                    self.ack_latency(pkid, reason);
+                    self.window.target_puback(pkid, reason)
+                }
+                Inbound::PubRec { pkid, reason } => {
+                    self.ack_latency(pkid, reason);
+                    self.window.target_pubrec(pkid, reason)
+                }
                 Inbound::PubComp { pkid } => self.window.target_pubcomp(pkid),
                 Inbound::PingResp | Inbound::SubAck { .. } => {}
                 Inbound::PingReq => self.target.codec.pingresp(&mut self.target.wbuf),
@@ -510,6 +542,13 @@ impl Pair {
     /// What cannot be delivered is dead-lettered and acknowledged here (SPEC 4.7).
     fn source_publish(&mut self, p: InboundPublish) {
         let route = self.spec.route.clone();
+        if self.is_echo(&p) {
+            PairStats::add(&self.spec.stats.dropped_loop, 1);
+            if p.qos != Qos::AtMostOnce {
+                self.window.source_discard(p.pkid, p.qos, p.dup);
+            }
+            return;
+        }
         let topic = match route.rewrite.apply(&p.topic) {
             Ok(t) => t.into_owned(),
             Err(e) => {
@@ -522,20 +561,33 @@ impl Pair {
             qos = self.target_max_qos;
             PairStats::add(&self.spec.stats.qos_downgraded, 1);
         }
+        let target_v5 = self.target.broker.protocol == Protocol::V5;
         let mut properties = None;
         if let Some(mut props) = p.properties.clone() {
-            if route.properties == PropertiesMode::Forward
-                && self.target.broker.protocol == Protocol::V5
-            {
+            if route.properties == PropertiesMode::Forward && target_v5 {
                 if let Some(rt) = props.response_topic.as_deref() {
                     if let Ok(std::borrow::Cow::Owned(rewritten)) = route.rewrite.apply(rt) {
                         props.response_topic = Some(rewritten);
                     }
                 }
                 properties = Some(props);
-            } else if !props.is_empty() {
-                PairStats::add(&self.spec.stats.properties_dropped, 1);
+            } else {
+                if !props.is_empty() {
+                    PairStats::add(&self.spec.stats.properties_dropped, 1);
+                }
+                // Dropping properties keeps the loop markers: rings stay cut.
+                let marks: Vec<_> = marker::markers(&props).cloned().collect();
+                if target_v5 && !marks.is_empty() {
+                    properties = Some(Box::new(crate::message::Properties {
+                        user_properties: marks,
+                        ..Default::default()
+                    }));
+                }
             }
+        }
+        if target_v5 {
+            let loops = &self.spec.loops;
+            marker::add(&mut properties, &loops.bridge_name, &loops.source_id);
         }
         let expires_at = p
             .properties
@@ -559,8 +611,32 @@ impl Pair {
                 return self.undeliverable(p, DropReason::TooLarge, &why);
             }
         }
+        if self.spec.loops.record_echoes {
+            if let Some(d) = &self.spec.loops.digest {
+                let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
+                d.record(std::time::Instant::now(), &self.target.broker.name, &message.topic, &message.payload);
+            }
+        }
         let pkid = (p.qos != Qos::AtMostOnce).then_some(p.pkid);
         self.window.source_publish(pkid, p.qos, p.dup, message);
+    }
+
+    /// Whether a source message is one of ours coming back: it carries our marker (v5), or the
+    /// digest remembers forwarding it to this (3.x) broker.
+    fn is_echo(&self, p: &InboundPublish) -> bool {
+        let loops = &self.spec.loops;
+        let props = p.properties.as_deref();
+        if marker::crossed(props, &loops.bridge_name) || marker::visited(props, &loops.target_id) {
+            return true;
+        }
+        if !loops.check_echoes || p.dup {
+            // A redelivery of something already judged must not consume another digest entry.
+            return false;
+        }
+        loops.digest.as_ref().is_some_and(|d| {
+            let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
+            d.take_echo(std::time::Instant::now(), &self.source.broker.name, &p.topic, &p.payload)
+        })
     }
 
     /// A source message that will not reach the target: logged, counted, dead-lettered when the
@@ -656,6 +732,12 @@ impl Pair {
                     self.target
                         .codec
                         .publish(pkid, dup, m, expiry, &mut self.target.wbuf);
+                    if dup {
+                        // A resend keeps its first time: the outage counts in its latency.
+                        self.sent_at.entry(pkid).or_insert_with(Instant::now);
+                    } else {
+                        self.sent_at.insert(pkid, Instant::now());
+                    }
                 }
                 Action::SendQos0(m) => {
                     let expiry = m.remaining_expiry(std::time::Instant::now());
@@ -698,6 +780,15 @@ impl Pair {
                         &why,
                     );
                 }
+            }
+        }
+    }
+
+    /// Source receive to target ack (PUBACK, or PUBREC at QoS 2).
+    fn ack_latency(&mut self, pkid: u16, reason: u8) {
+        if let Some(at) = self.sent_at.remove(&pkid) {
+            if reason < 0x80 {
+                self.spec.stats.forward_latency.record(at.elapsed().as_secs_f64());
             }
         }
     }
