@@ -329,7 +329,11 @@ fn write_loops(out: &mut String, plan: &Plan) -> fmt::Result {
     for f in &findings {
         let (a, b) = (f.a, f.b);
         if std::ptr::eq(a, b) {
-            writeln!(out, "  could loop: {} ({} → itself) takes back what it publishes:", a.name, a.from.name)?;
+            writeln!(
+                out,
+                "  could loop: {} ({} → itself) takes back what it publishes:",
+                a.name, a.from.name
+            )?;
         } else if f.is_loop() {
             writeln!(
                 out,
@@ -360,7 +364,12 @@ fn write_loops(out: &mut String, plan: &Plan) -> fmt::Result {
     Ok(())
 }
 
-fn write_overlap(out: &mut String, a: &RoutePlan, b: &RoutePlan, o: &analysis::Overlap) -> fmt::Result {
+fn write_overlap(
+    out: &mut String,
+    a: &RoutePlan,
+    b: &RoutePlan,
+    o: &analysis::Overlap,
+) -> fmt::Result {
     writeln!(
         out,
         "    {} publishes {} on {}, which {} takes with {}",
@@ -371,7 +380,9 @@ fn write_overlap(out: &mut String, a: &RoutePlan, b: &RoutePlan, o: &analysis::O
 /// How `run` recognises an echo on a broker, in words.
 fn describe(cut: Cut) -> &'static str {
     match cut {
-        Cut::Marker => "cut by the mqbridge-via marker (MQTT 5); counted as dropped{reason=\"loop\"}",
+        Cut::Marker => {
+            "cut by the mqbridge-via marker (MQTT 5); counted as dropped{reason=\"loop\"}"
+        }
         Cut::Digest => {
             "MQTT 3.x carries no marker: a short-lived digest of what this process forwarded \
              suppresses the echo (not across replicas, and an identical message within the \

@@ -1,5 +1,6 @@
 //! A route's pool: `pool_size` pairs, each a task running `pair::driver`, sharing the route's
-//! subscriptions through the broker's shared subscription group.
+//! subscriptions through the broker's shared subscription group. Each route has its own stop
+//! signal, so that a reload can drain one route and leave the others running.
 
 use std::{
     sync::{Arc, Mutex},
@@ -24,17 +25,19 @@ pub struct RunningRoute {
     pub plan: Arc<RoutePlan>,
     pub pairs: Vec<Arc<PairStats>>,
     pub tasks: Vec<JoinHandle<()>>,
+    /// Turned true by [`RunningRoute::stop`]; every pair of this route watches it.
+    stop: watch::Sender<bool>,
 }
 
-/// Starts every pair of `route` (one of `plan`'s). They stop (draining) when `shutdown` turns
-/// true. `digest` is the process's echo digest, shared by every route.
+/// Starts every pair of `route` (one of `plan`'s). They run until [`RunningRoute::stop`].
+/// `digest` is the process's echo digest, shared by every route.
 pub fn start(
     plan: &Plan,
     route: &RoutePlan,
     digest: &Arc<Mutex<EchoDigest>>,
-    shutdown: &watch::Receiver<bool>,
     epoch: std::time::Instant,
 ) -> RunningRoute {
+    let (stop, shutdown) = watch::channel(false);
     let bridge = &plan.bridge;
     let (record_echoes, check_echoes) = analysis::digest_roles(plan, route);
     let loops = LoopGuard {
@@ -63,7 +66,12 @@ pub fn start(
         pairs.push(stats);
         tasks.push(tokio::spawn(driver::run(spec, shutdown.clone())));
     }
-    RunningRoute { plan, pairs, tasks }
+    RunningRoute {
+        plan,
+        pairs,
+        tasks,
+        stop,
+    }
 }
 
 /// Totals over a route's pairs, for the summary line.
@@ -99,7 +107,14 @@ impl RunningRoute {
         t
     }
 
-    /// Waits for every pair to finish (after shutdown), at most `limit`.
+    /// Tells every pair to stop reading, finish what it holds (up to `drain_timeout`) and
+    /// disconnect; see [`RunningRoute::join`].
+    pub fn stop(&self) {
+        // `send_replace`: pairs that already ended have dropped their receivers.
+        self.stop.send_replace(true);
+    }
+
+    /// Waits for every pair to finish (after [`RunningRoute::stop`]), at most `limit`.
     pub async fn join(&mut self, limit: Duration) {
         let tasks = std::mem::take(&mut self.tasks);
         let _ = tokio::time::timeout(limit, async {

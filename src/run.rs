@@ -1,19 +1,68 @@
 //! `mqbridge run`: starts every route from a validated plan, serves the admin endpoint when
-//! `[admin]` is set, logs a summary line per interval, and on SIGINT/SIGTERM drains in-flight
-//! messages before exiting.
+//! `[admin]` is set, logs a summary line per interval, applies a changed config file on SIGHUP
+//! (route by route, see `reload`), and on SIGINT/SIGTERM drains in-flight messages before
+//! exiting.
 
 use std::{
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use tokio::{signal::unix::SignalKind, sync::watch};
-use tracing::info;
+use tokio::signal::unix::{Signal, SignalKind};
+use tracing::{error, info};
 
-use crate::{admin, config::Plan, link, loops::EchoDigest, route};
+use crate::{admin, config::Plan, link, loops::EchoDigest, reload::Routes};
 
-/// Runs until a termination signal, then drains. Returns when every pair has stopped.
-pub async fn run(plan: Plan) -> anyhow::Result<()> {
+/// Runs `plan`, read from the file at `path`, until a termination signal, then drains. SIGHUP
+/// reads `path` again and applies what changed. Returns when every pair has stopped.
+pub async fn run(path: &Path, plan: Plan) -> anyhow::Result<()> {
+    // Installed before anything else: SIGHUP's default action ends the process.
+    let hangups = tokio::signal::unix::signal(SignalKind::hangup())?;
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let signalled = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    let reloads = Reloads {
+        path: path.to_owned(),
+        hangups,
+    };
+    serve(plan, signalled, Some(reloads)).await
+}
+
+/// As [`run`], but stops (and drains) when `shutdown` completes instead of on a signal, and
+/// never reloads: for `mqbridge demo` and for embedding the bridge in other programs.
+pub async fn run_until(plan: Plan, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    serve(plan, shutdown, None).await
+}
+
+/// Where reloads come from: SIGHUP, for the file the plan was read from.
+struct Reloads {
+    path: PathBuf,
+    hangups: Signal,
+}
+
+impl Reloads {
+    /// The next SIGHUP; never, without reloads.
+    async fn next(reloads: &mut Option<Reloads>) {
+        if let Some(r) = reloads
+            && r.hangups.recv().await.is_some()
+        {
+            return;
+        }
+        std::future::pending().await
+    }
+}
+
+async fn serve(
+    plan: Plan,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: Option<Reloads>,
+) -> anyhow::Result<()> {
     let epoch = Instant::now();
     // Bound before any route starts: a taken port is an error before any broker is touched.
     let admin_listener = match plan.admin_listen {
@@ -23,71 +72,64 @@ pub async fn run(plan: Plan) -> anyhow::Result<()> {
     // TLS settings are built once, before any connection: an unusable certificate or key file
     // stops the start, and insecure_skip_verify is warned about here, once per broker.
     link::prepare(plan.brokers.values().map(|b| b.as_ref()))?;
-    let (stop_tx, stop_rx) = watch::channel(false);
+    // One digest for the life of the process: routes started by a reload share it with the
+    // routes that kept running, so echoes of messages forwarded before the reload are still cut.
     let digest = Arc::new(Mutex::new(EchoDigest::new(
         plan.bridge.loop_digest_window,
         plan.bridge.loop_digest_capacity,
     )));
-    let routes: Vec<_> = plan
-        .routes
-        .iter()
-        .map(|r| route::start(&plan, r, &digest, &stop_rx, epoch))
-        .collect();
-    info!(bridge = %plan.bridge.name, instance = %plan.bridge.instance, routes = routes.len(), pairs = routes.iter().map(|r| r.pairs.len()).sum::<usize>(), "mqbridge running");
+    let bridge = plan.bridge.clone();
+    let mut routes = Routes::start(plan, digest, epoch);
+    info!(bridge = %bridge.name, instance = %bridge.instance, routes = routes.running(), pairs = routes.pairs(), "mqbridge running");
+    // The endpoint reads the route set at scrape time; a reload replaces it whole.
+    let admin_routes = admin::RouteSet::new(routes.stats());
     // Kept serving through the drain, so probes see the pairs go down rather than a refusal.
     let admin_task = admin_listener.map(|(addr, listener)| {
-        let stats = routes.iter().map(admin::RouteStats::of).collect();
-        let state = admin::Admin::new(stats, epoch, plan.bridge.stall_timeout);
+        let state = admin::Admin::new(admin_routes.clone(), epoch, bridge.stall_timeout);
         info!(listen = %addr, "admin endpoint: /metrics, /healthz, /readyz");
         admin::spawn(listener, Arc::new(state))
     });
 
-    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())?;
-    let mut summary = tokio::time::interval(plan.bridge.summary_interval);
+    tokio::pin!(shutdown);
+    let mut summary = tokio::time::interval(bridge.summary_interval);
     summary.tick().await;
-    let mut last: Vec<(u64, u64)> = vec![(0, 0); routes.len()];
     let mut last_at = Instant::now();
     loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = &mut shutdown => break,
             _ = summary.tick() => {
                 let secs = last_at.elapsed().as_secs_f64().max(1e-3);
                 last_at = Instant::now();
-                for (r, prev) in routes.iter().zip(last.iter_mut()) {
-                    let t = r.totals();
-                    info!(
-                        route = %r.plan.name,
-                        received_per_s = format!("{:.0}", (t.received - prev.0) as f64 / secs),
-                        forwarded_per_s = format!("{:.0}", (t.forwarded - prev.1) as f64 / secs),
-                        received = t.received,
-                        forwarded = t.forwarded,
-                        dropped = t.dropped,
-                        in_flight = t.in_flight,
-                        in_flight_max = t.in_flight_max,
-                        window = t.window,
-                        pairs_ready = t.pairs_ready,
-                        pairs = r.pairs.len(),
-                        reconnects = t.reconnects,
-                        "summary"
-                    );
-                    *prev = (t.received, t.forwarded);
+                routes.log_summary(secs);
+            }
+            () = Reloads::next(&mut reloads) => {
+                let Some(path) = reloads.as_ref().map(|r| r.path.clone()) else { continue };
+                info!(config = %path.display(), "SIGHUP: reloading the configuration");
+                match routes.reload(&path) {
+                    Ok(applied) => info!(
+                        added = ?applied.added,
+                        removed = ?applied.removed,
+                        changed = ?applied.changed,
+                        unchanged = ?applied.unchanged,
+                        routes = routes.plan().routes.len(),
+                        "configuration reloaded"
+                    ),
+                    // The same words as `mqbridge check` prints for this file.
+                    Err(e) => error!(
+                        config = %path.display(),
+                        "configuration reload rejected, the running configuration stays: {e}"
+                    ),
                 }
+                admin_routes.replace(routes.stats());
+            }
+            done = routes.next_drained(), if routes.draining() => {
+                routes.drained(done);
+                admin_routes.replace(routes.stats());
             }
         }
     }
-    info!(drain_timeout = ?plan.bridge.drain_timeout, "stopping: draining in-flight messages");
-    let _ = stop_tx.send(true);
-    let limit = plan.bridge.drain_timeout + Duration::from_secs(3);
-    let mut routes = routes;
-    for r in &mut routes {
-        r.join(limit).await;
-    }
-    for r in &routes {
-        let t = r.totals();
-        info!(route = %r.plan.name, received = t.received, forwarded = t.forwarded, dropped = t.dropped, loops = t.loops, in_flight = t.in_flight, in_flight_max = t.in_flight_max, window = t.window, "final");
-    }
+    info!(drain_timeout = ?routes.plan().bridge.drain_timeout, "stopping: draining in-flight messages");
+    routes.shutdown().await;
     if let Some(task) = admin_task {
         task.abort();
     }

@@ -116,8 +116,14 @@ async fn metrics_count_the_traffic_and_readiness_follows_the_target() {
     }
     let received = sample(&metrics, r#"mqbridge_messages_received_total{route="r"}"#);
     assert!(received.is_some_and(|n| n >= 500.0), "{metrics}");
-    let latencies = sample(&metrics, r#"mqbridge_forward_latency_seconds_count{route="r"}"#);
-    assert!(latencies.is_some_and(|n| n >= 500.0), "one latency per forwarded QoS 1 message:\n{metrics}");
+    let latencies = sample(
+        &metrics,
+        r#"mqbridge_forward_latency_seconds_count{route="r"}"#,
+    );
+    assert!(
+        latencies.is_some_and(|n| n >= 500.0),
+        "one latency per forwarded QoS 1 message:\n{metrics}"
+    );
     for (broker, up) in [("src", 2.0), ("dst", 2.0)] {
         let series = format!(r#"mqbridge_connections_up{{broker="{broker}",route="r"}}"#);
         assert_eq!(

@@ -405,7 +405,14 @@ fn check_reports_a_mirror_as_a_possible_loop() {
         text.contains("could loop: up (edge → cloud) and down (cloud → edge)"),
         "{text}"
     );
-    assert!(text.contains("cloud speaks MQTT 3.1.1"), "{text}");
+    assert!(
+        text.contains("at cloud: MQTT 3.x carries no marker"),
+        "{text}"
+    );
+    assert!(
+        text.contains("at edge: cut by the mqbridge-via marker"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -13,7 +13,9 @@ fn broker(name: &str, port: u16, proto: &str) -> String {
 }
 
 fn route(name: &str, from: &str, to: &str, topics: &str) -> String {
-    format!("[[routes]]\nname = \"{name}\"\nfrom = \"{from}\"\nto = \"{to}\"\ntopics = [\"{topics}\"]\nqos = 1\npool_size = 2\n\n")
+    format!(
+        "[[routes]]\nname = \"{name}\"\nfrom = \"{from}\"\nto = \"{to}\"\ntopics = [\"{topics}\"]\nqos = 1\npool_size = 2\n\n"
+    )
 }
 
 /// Two routes mirror `m/#` between A and B: 200 QoS 1 messages published on each side arrive
@@ -34,24 +36,42 @@ async fn mirror(pa: Proto, pb: Proto) {
     let mut bridge = start_ready(&toml, 4).await;
 
     let (ap, bp) = (a.port(), b.port());
-    let pub_a = tokio::spawn(async move { publish_numbered(ap, pa, |i| format!("m/a/{}", i % 4), 1, 0, 200, "A").await });
-    let pub_b = tokio::spawn(async move { publish_numbered(bp, pb, |i| format!("m/b/{}", i % 4), 1, 0, 200, "B").await });
+    let pub_a = tokio::spawn(async move {
+        publish_numbered(ap, pa, |i| format!("m/a/{}", i % 4), 1, 0, 200, "A").await
+    });
+    let pub_b = tokio::spawn(async move {
+        publish_numbered(bp, pb, |i| format!("m/b/{}", i % 4), 1, 0, 200, "B").await
+    });
     pub_a.await.unwrap();
     pub_b.await.unwrap();
     for (side, c) in [("A", &on_a), ("B", &on_b)] {
-        assert!(c.wait_for_count(400, Duration::from_secs(20)).await, "{side} saw {}\n{}", c.count(), bridge.log());
-        c.settle(Duration::from_millis(500), Duration::from_secs(3)).await;
+        assert!(
+            c.wait_for_count(400, Duration::from_secs(20)).await,
+            "{side} saw {}\n{}",
+            c.count(),
+            bridge.log()
+        );
+        c.settle(Duration::from_millis(500), Duration::from_secs(3))
+            .await;
         let rx = c.received();
         assert_eq!(rx.len(), 400, "{side}: no echo ({} received)", rx.len());
         assert_exactly_once(&rx, "A", 0..200);
         assert_exactly_once(&rx, "B", 0..200);
     }
-    assert!(bridge.stop(Duration::from_secs(10)).await.is_some_and(|s| s.success()));
+    assert!(
+        bridge
+            .stop(Duration::from_secs(10))
+            .await
+            .is_some_and(|s| s.success())
+    );
     let log = bridge.log();
     let final_lines: Vec<_> = log.lines().filter(|l| l.contains("final")).collect();
     assert_eq!(final_lines.len(), 2, "{log}");
     for l in final_lines {
-        assert!(l.contains("loops=200"), "each route suppressed the 200 echoes of the other: {l}");
+        assert!(
+            l.contains("loops=200"),
+            "each route suppressed the 200 echoes of the other: {l}"
+        );
     }
 }
 
@@ -73,7 +93,11 @@ async fn mirror_v5_v311() {
 /// A ring A→B→C→A of three bridges (v5): each message reaches each broker once and stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ring_of_three_bridges_delivers_once_and_stops() {
-    let brokers = [Mosquitto::start().await, Mosquitto::start().await, Mosquitto::start().await];
+    let brokers = [
+        Mosquitto::start().await,
+        Mosquitto::start().await,
+        Mosquitto::start().await,
+    ];
     let names = ["a", "b", "c"];
     let collectors = [
         Collector::start(brokers[0].port(), Proto::V5, "m/#", 1).await,
@@ -98,16 +122,31 @@ async fn ring_of_three_bridges_delivers_once_and_stops() {
         publish_numbered(b.port(), Proto::V5, |n| format!("m/{n}"), 1, 0, 50, &prefix).await;
     }
     for (i, c) in collectors.iter().enumerate() {
-        assert!(c.wait_for_count(150, Duration::from_secs(20)).await, "broker {} saw {}", names[i], c.count());
-        c.settle(Duration::from_millis(700), Duration::from_secs(3)).await;
+        assert!(
+            c.wait_for_count(150, Duration::from_secs(20)).await,
+            "broker {} saw {}",
+            names[i],
+            c.count()
+        );
+        c.settle(Duration::from_millis(700), Duration::from_secs(3))
+            .await;
         let rx = c.received();
-        assert_eq!(rx.len(), 150, "broker {}: each message once, none circulating", names[i]);
+        assert_eq!(
+            rx.len(),
+            150,
+            "broker {}: each message once, none circulating",
+            names[i]
+        );
         for p in ["A", "B", "C"] {
             assert_exactly_once(&rx, p, 0..50);
         }
     }
     for mut b in bridges {
-        assert!(b.stop(Duration::from_secs(10)).await.is_some_and(|s| s.success()));
+        assert!(
+            b.stop(Duration::from_secs(10))
+                .await
+                .is_some_and(|s| s.success())
+        );
     }
 }
 
@@ -127,7 +166,12 @@ fn check_reports_mirror_loops_and_refuses_an_uncuttable_one() {
     let ok = write_temp("mirror.toml", &mirror("5", ""));
     let out = mqbridge_cli(&["check", "-c", ok.to_str().unwrap()], &[]);
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
-    assert!(out.stdout.contains("could loop: a-to-b (a → b) and b-to-a (b → a)"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("could loop: a-to-b (a → b) and b-to-a (b → a)"),
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.contains("mqbridge-via marker"), "{}", out.stdout);
 
     let v3 = write_temp("mirror3.toml", &mirror("3.1.1", ""));
@@ -135,9 +179,16 @@ fn check_reports_mirror_loops_and_refuses_an_uncuttable_one() {
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
     assert!(out.stdout.contains("digest"), "{}", out.stdout);
 
-    let bad = write_temp("mirror-bad.toml", &mirror("3.1.1", "loop_digest_window = \"0s\""));
+    let bad = write_temp(
+        "mirror-bad.toml",
+        &mirror("3.1.1", "loop_digest_window = \"0s\""),
+    );
     let out = mqbridge_cli(&["check", "-c", bad.to_str().unwrap()], &[]);
     assert_eq!(out.code(), Some(2));
-    assert!(out.stderr.contains("bridge.loop_digest_window"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("bridge.loop_digest_window"),
+        "{}",
+        out.stderr
+    );
     assert!(out.stderr.contains("around forever"), "{}", out.stderr);
 }

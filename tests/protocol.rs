@@ -167,13 +167,22 @@ async fn v5_properties_cross_intact() {
     );
     let r = &collector.received()[0];
     assert_eq!(r.topic, "cloud/dev/42/state");
+    let (markers, user): (Vec<(String, String)>, Vec<(String, String)>) = r
+        .user_properties
+        .iter()
+        .cloned()
+        .partition(|(k, _)| k.starts_with("mqbridge-"));
+    let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    assert_eq!(user, pairs(&[("b", "2"), ("a", "1"), ("b", "3")]));
+    let from = format!("127.0.0.1:{}", src.port());
     assert_eq!(
-        r.user_properties,
-        vec![
-            ("b".into(), "2".into()),
-            ("a".into(), "1".into()),
-            ("b".into(), "3".into())
-        ]
+        markers,
+        pairs(&[("mqbridge-via", "test"), ("mqbridge-from", &from)]),
+        "loop markers come after the publisher's own user properties"
     );
     let got = r.properties.as_ref().expect("v5 properties");
     assert_eq!(got.payload_format_indicator, Some(1));

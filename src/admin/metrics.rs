@@ -2,7 +2,7 @@
 //! `prometheus-client` collector that sums the pairs' `PairStats` atomics. Nothing is updated
 //! per message on behalf of metrics: the pair's task only bumps its own atomics, lock-free.
 
-use std::{fmt, sync::Arc};
+use std::fmt;
 
 use prometheus_client::{
     collector::Collector,
@@ -11,7 +11,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::RouteStats;
+use super::{RouteSet, RouteStats};
 use crate::pair::stats::{LATENCY_BUCKETS, LatencySnapshot, PairStats};
 
 /// `Content-Type` of the exposition (Prometheus text format 0.0.4).
@@ -24,7 +24,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(routes: Arc<[RouteStats]>) -> Metrics {
+    pub fn new(routes: RouteSet) -> Metrics {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(BridgeCollector { routes }));
         Metrics { registry }
@@ -43,7 +43,8 @@ impl Metrics {
 
 #[derive(Debug)]
 struct BridgeCollector {
-    routes: Arc<[RouteStats]>,
+    /// Read once per scrape: a reload between two scrapes shows in the next one whole.
+    routes: RouteSet,
 }
 
 /// One route's pairs summed at one moment.
@@ -129,7 +130,8 @@ type PairLabels<'a> = [(&'static str, &'a str); 2];
 
 impl Collector for BridgeCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
-        let samples: Vec<RouteSample> = self.routes.iter().map(RouteSample::take).collect();
+        let routes = self.routes.snapshot();
+        let samples: Vec<RouteSample> = routes.iter().map(RouteSample::take).collect();
         let by_route = |value: fn(&RouteSample) -> u64| {
             samples
                 .iter()
@@ -296,6 +298,7 @@ fn family<L: EncodeLabelSet>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn route(name: &str, from: &str, to: &str, pairs: usize) -> RouteStats {
         RouteStats {
@@ -321,7 +324,7 @@ mod tests {
             PairStats::set(&p.in_flight, n);
             PairStats::set(&p.window, 20);
         }
-        let text = Metrics::new(Arc::from([up])).render();
+        let text = Metrics::new(RouteSet::new(vec![up])).render();
         for line in [
             "# TYPE mqbridge_messages_received_total counter",
             r#"mqbridge_messages_received_total{route="up"} 12"#,
@@ -354,7 +357,7 @@ mod tests {
         let same = route("loopback", "edge", "edge", 1);
         PairStats::add(&same.pairs[0].source_reconnects, 1);
         PairStats::add(&same.pairs[0].target_reconnects, 1);
-        let text = Metrics::new(Arc::from([up, same])).render();
+        let text = Metrics::new(RouteSet::new(vec![up, same])).render();
         for line in [
             r#"mqbridge_connections_up{broker="edge",route="up"} 1"#,
             r#"mqbridge_connections_up{broker="cloud",route="up"} 3"#,
@@ -379,7 +382,7 @@ mod tests {
         up.pairs[0].forward_latency.record(0.02);
         up.pairs[1].forward_latency.record(0.0009);
         up.pairs[1].forward_latency.record(90.0);
-        let text = Metrics::new(Arc::from([up])).render();
+        let text = Metrics::new(RouteSet::new(vec![up])).render();
         for line in [
             "# TYPE mqbridge_forward_latency_seconds histogram",
             r#"mqbridge_forward_latency_seconds_bucket{route="up",le="0.0005"} 0"#,
@@ -402,7 +405,7 @@ mod tests {
 
     #[test]
     fn every_sample_line_is_well_formed() {
-        let text = Metrics::new(Arc::from([route("up", "edge", "cloud", 1)])).render();
+        let text = Metrics::new(RouteSet::new(vec![route("up", "edge", "cloud", 1)])).render();
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (series, value) = line.rsplit_once(' ').expect("name and value");
             assert!(value.parse::<f64>().is_ok(), "{line}");

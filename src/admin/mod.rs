@@ -1,14 +1,16 @@
 //! The admin HTTP endpoint (`[admin] listen`): `/metrics` (Prometheus text), `/healthz` (the
 //! process runs) and `/readyz` (every pair connected, subscribed and not stalled). A small
 //! hyper server on the bridge's runtime; it only reads the pairs' atomics, never blocks them.
+//! The set of routes it reports is a [`RouteSet`], replaced whole when a reload changes routes.
 
 pub mod health;
 pub mod metrics;
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
@@ -32,7 +34,7 @@ use self::{
 use crate::{pair::stats::PairStats, route::RunningRoute};
 
 /// A route as the endpoint sees it: names for labels and messages, and its pairs' stats.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RouteStats {
     pub name: String,
     pub source_broker: String,
@@ -51,16 +53,41 @@ impl RouteStats {
     }
 }
 
+/// The routes the endpoint reports, shared with `run`, which replaces the whole list when a
+/// reload starts or stops routes. Requests and the stall sampler take a snapshot (one `Arc`
+/// clone under a read lock); the pairs never touch it, so the message path never waits on it.
+#[derive(Debug, Clone, Default)]
+pub struct RouteSet(Arc<RwLock<Arc<[RouteStats]>>>);
+
+impl RouteSet {
+    pub fn new(routes: Vec<RouteStats>) -> RouteSet {
+        RouteSet(Arc::new(RwLock::new(routes.into())))
+    }
+
+    /// Puts `routes` in place of the current list.
+    pub fn replace(&self, routes: Vec<RouteStats>) {
+        // A panic elsewhere cannot leave a half-written list: the value is swapped whole.
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = routes.into();
+    }
+
+    /// The list as of now; later replacements do not change it.
+    pub fn snapshot(&self) -> Arc<[RouteStats]> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// What the endpoint serves from.
 #[derive(Debug)]
 pub struct Admin {
-    routes: Arc<[RouteStats]>,
+    routes: RouteSet,
     metrics: Metrics,
     /// Process start: the zero of `PairStats::last_progress_ms`.
     epoch: Instant,
     stall_timeout: Duration,
-    /// One per pair, routes in order. Only the admin task and its requests touch it.
-    busy: Mutex<Vec<BusySince>>,
+    /// One per pair of the routes last sampled, with the pair it belongs to: pairs come and go
+    /// with reloads, so they are matched by identity rather than by position. Only the admin
+    /// task and its requests touch it.
+    busy: Mutex<Vec<(Arc<PairStats>, BusySince)>>,
 }
 
 /// An answer: status, content type, body.
@@ -69,15 +96,13 @@ type Answer = (StatusCode, &'static str, String);
 const TEXT: &str = "text/plain; charset=utf-8";
 
 impl Admin {
-    pub fn new(routes: Vec<RouteStats>, epoch: Instant, stall_timeout: Duration) -> Admin {
-        let routes: Arc<[RouteStats]> = routes.into();
-        let pairs = routes.iter().map(|r| r.pairs.len()).sum();
+    pub fn new(routes: RouteSet, epoch: Instant, stall_timeout: Duration) -> Admin {
         Admin {
             metrics: Metrics::new(routes.clone()),
             routes,
             epoch,
             stall_timeout,
-            busy: Mutex::new(vec![BusySince::default(); pairs]),
+            busy: Mutex::new(Vec::new()),
         }
     }
 
@@ -91,32 +116,41 @@ impl Admin {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Reads every pair once, noting when its in-flight count rose from zero.
-    fn sample(&self) -> Vec<PairHealth> {
+    /// Reads every pair of `routes` once, noting when its in-flight count rose from zero.
+    fn sample(&self, routes: &[RouteStats]) -> Vec<PairHealth> {
         use std::sync::atomic::Ordering::Relaxed;
         let now = self.now_ms();
         // A panic while holding this lock cannot leave the counts inconsistent: take it anyway.
         let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        let pairs = self.routes.iter().flat_map(|r| r.pairs.iter());
-        pairs
-            .zip(busy.iter_mut())
-            .map(|(p, busy)| {
+        // Keyed by address while `busy` still holds every old pair, so no address is reused.
+        let before: HashMap<*const PairStats, BusySince> =
+            busy.iter().map(|(p, b)| (Arc::as_ptr(p), *b)).collect();
+        let mut now_busy = Vec::with_capacity(before.len());
+        let healths = routes
+            .iter()
+            .flat_map(|r| r.pairs.iter())
+            .map(|p| {
+                let mut since = before.get(&Arc::as_ptr(p)).copied().unwrap_or_default();
                 let in_flight = PairStats::get(&p.in_flight);
-                busy.observe(in_flight, now);
+                since.observe(in_flight, now);
+                now_busy.push((p.clone(), since));
                 PairHealth {
                     source_up: p.source_up.load(Relaxed),
                     target_up: p.target_up.load(Relaxed),
                     subscribed: p.subscribed.load(Relaxed),
                     in_flight,
-                    waiting_since_ms: busy.waiting_since(PairStats::get(&p.last_progress_ms)),
+                    waiting_since_ms: since.waiting_since(PairStats::get(&p.last_progress_ms)),
                 }
             })
-            .collect()
+            .collect();
+        *busy = now_busy;
+        healths
     }
 
     pub fn readiness(&self) -> Readiness {
-        let healths = self.sample();
-        let ids = self.routes.iter().flat_map(|r| {
+        let routes = self.routes.snapshot();
+        let healths = self.sample(&routes);
+        let ids = routes.iter().flat_map(|r| {
             (0..r.pairs.len()).map(|index| PairId {
                 route: &r.name,
                 index,
@@ -175,7 +209,7 @@ pub fn spawn(listener: TcpListener, admin: Arc<Admin>) -> JoinHandle<()> {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    admin.sample();
+                    admin.sample(&admin.routes.snapshot());
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
@@ -225,7 +259,11 @@ mod tests {
             target_broker: "cloud".into(),
             pairs: (0..pairs).map(|_| Arc::new(PairStats::default())).collect(),
         };
-        Admin::new(vec![route], Instant::now(), Duration::from_secs(30))
+        Admin::new(
+            RouteSet::new(vec![route]),
+            Instant::now(),
+            Duration::from_secs(30),
+        )
     }
 
     fn connect(p: &PairStats) {
@@ -243,14 +281,15 @@ mod tests {
     #[test]
     fn readyz_waits_for_every_pair() {
         let a = admin(2);
-        connect(&a.routes[0].pairs[0]);
+        let pairs = a.routes.snapshot()[0].pairs.clone();
+        connect(&pairs[0]);
         let (status, _, body) = a.answer(&Method::GET, "/readyz");
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(
             body.contains("route up pair 1: source down (broker edge); target down (broker cloud)"),
             "{body}"
         );
-        connect(&a.routes[0].pairs[1]);
+        connect(&pairs[1]);
         assert_eq!(a.answer(&Method::GET, "/readyz").0, StatusCode::OK);
     }
 
@@ -265,9 +304,14 @@ mod tests {
             pairs: vec![Arc::new(PairStats::default())],
         };
         let long_ago = Instant::now() - Duration::from_secs(120);
-        let a = Admin::new(vec![route], long_ago, Duration::from_secs(30));
-        connect(&a.routes[0].pairs[0]);
-        PairStats::set(&a.routes[0].pairs[0].in_flight, 1);
+        let a = Admin::new(
+            RouteSet::new(vec![route]),
+            long_ago,
+            Duration::from_secs(30),
+        );
+        let pair = a.routes.snapshot()[0].pairs[0].clone();
+        connect(&pair);
+        PairStats::set(&pair.in_flight, 1);
         assert_eq!(a.answer(&Method::GET, "/readyz").0, StatusCode::OK);
     }
 
@@ -278,6 +322,42 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert!(content_type.starts_with("text/plain; version=0.0.4"));
         assert!(body.contains("mqbridge_messages_forwarded_total{route=\"up\"} 0"));
+    }
+
+    #[test]
+    fn a_replaced_route_set_is_what_the_next_answer_reports() {
+        let stats = |name: &str| RouteStats {
+            name: name.into(),
+            source_broker: "edge".into(),
+            target_broker: "cloud".into(),
+            pairs: vec![Arc::new(PairStats::default())],
+        };
+        let (up, added) = (stats("up"), stats("added"));
+        connect(&up.pairs[0]);
+        let set = RouteSet::new(vec![up.clone()]);
+        let a = Admin::new(set.clone(), Instant::now(), Duration::from_secs(30));
+        assert_eq!(a.answer(&Method::GET, "/readyz").0, StatusCode::OK);
+
+        // A reload added a route whose pair is still connecting, and removed none.
+        set.replace(vec![up.clone(), added.clone()]);
+        let (status, _, body) = a.answer(&Method::GET, "/readyz");
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("route added pair 0"), "{body}");
+        let metrics = a.answer(&Method::GET, "/metrics").2;
+        assert!(
+            metrics.contains(r#"mqbridge_pairs{route="added"} 1"#),
+            "{metrics}"
+        );
+
+        // Then removed `up`: gone from both answers.
+        connect(&added.pairs[0]);
+        set.replace(vec![added]);
+        assert_eq!(a.answer(&Method::GET, "/readyz").0, StatusCode::OK);
+        assert!(
+            !a.answer(&Method::GET, "/metrics")
+                .2
+                .contains(r#"route="up""#)
+        );
     }
 
     #[test]

@@ -136,6 +136,30 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 /// Loads `path` with the process environment's `MQBRIDGE__…` overrides.
 pub fn load_plan(path: &Path) -> Result<Plan, ConfigError> {
+    load_plan_with_env(path, process_env()?)
+}
+
+/// Loads `path` as [`load_plan`] does, but with `bridge.name` and `bridge.instance` held at
+/// `running`'s: what a reload (SIGHUP) of a running bridge applies. Those two are read at start
+/// only, and client ids, default client id prefixes and share groups derive from them, so a new
+/// value in the file must not change the routes through their defaults either.
+pub fn load_plan_keeping_bridge(path: &Path, running: &BridgePlan) -> Result<Plan, ConfigError> {
+    let mut env = process_env()?;
+    let pinned = ["BRIDGE__NAME", "BRIDGE__INSTANCE"];
+    env.retain(|(var, _)| {
+        strip_env_prefix(var)
+            .is_none_or(|rest| !pinned.iter().any(|p| p.eq_ignore_ascii_case(rest)))
+    });
+    env.push((format!("{ENV_PREFIX}BRIDGE__NAME"), running.name.clone()));
+    env.push((
+        format!("{ENV_PREFIX}BRIDGE__INSTANCE"),
+        running.instance.clone(),
+    ));
+    load_plan_with_env(path, env)
+}
+
+/// The process environment's `MQBRIDGE__…` variables and `HOSTNAME` (the default instance).
+fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
     let mut env = Vec::new();
     for (key, value) in std::env::vars_os() {
         let Ok(key) = key.into_string() else { continue };
@@ -148,7 +172,7 @@ pub fn load_plan(path: &Path) -> Result<Plan, ConfigError> {
         })?;
         env.push((key, value));
     }
-    load_plan_with_env(path, env)
+    Ok(env)
 }
 
 /// Loads `path` with overrides from `env` instead of the process environment (for tests, and

@@ -3,23 +3,21 @@
 //! owns the socket halves and decides when to read and write; nothing here buffers on its own.
 //!
 //! Codec: rumqttc's `mqttbytes` (v4 and v5) for the packets, our own CONNECT for MQTT 3.1.
+//! Transport (TCP, TLS, WebSocket): `transport`.
 
+mod transport;
 mod v3;
 mod v5;
+
+pub use transport::{Reader, Writer, prepare};
 
 use std::{io, time::Duration};
 
 use bytes::{Bytes, BytesMut};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
-};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
-    config::{BrokerPlan, Protocol, Qos, Secret, Transport},
+    config::{BrokerPlan, Protocol, Qos, Secret},
     message::{Message, Properties},
 };
 
@@ -38,8 +36,30 @@ pub enum LinkError {
     Refused(String),
     #[error("no CONNACK within {0:?}")]
     Timeout(Duration),
-    #[error("{0} is not supported yet")]
-    Unsupported(&'static str),
+    #[error("{step} with {addr} did not finish within {after:?}")]
+    StepTimeout {
+        step: &'static str,
+        addr: String,
+        after: Duration,
+    },
+    /// The handshake failed: the cause is rustls's words (e.g. "invalid peer certificate:
+    /// UnknownIssuer", "received fatal alert: CertificateRequired").
+    #[error("TLS handshake with {addr} failed: {source}{hint}")]
+    Tls {
+        addr: String,
+        source: io::Error,
+        /// What to do about it, when known (starts with a space).
+        hint: &'static str,
+    },
+    /// The broker's TLS settings cannot be used (unreadable CA, certificate or key file); the
+    /// message names the broker and the file.
+    #[error("{0}")]
+    TlsConfig(String),
+    #[error("WebSocket handshake with {url} failed: {source}")]
+    WebSocket {
+        url: String,
+        source: Box<tokio_tungstenite::tungstenite::Error>,
+    },
 }
 
 /// What the broker said in its CONNACK.
@@ -229,8 +249,8 @@ impl Codec {
 
 /// An established connection: CONNACK received and accepted.
 pub struct Connection {
-    pub reader: OwnedReadHalf,
-    pub writer: OwnedWriteHalf,
+    pub reader: Reader,
+    pub writer: Writer,
     /// Bytes read and not decoded yet (may already hold packets that followed the CONNACK).
     pub rbuf: BytesMut,
     pub codec: Codec,
@@ -240,21 +260,10 @@ pub struct Connection {
 /// How long a broker may take to answer CONNECT.
 const CONNACK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Opens a connection: TCP, CONNECT, CONNACK. Refusals come back as `LinkError::Refused`.
+/// Opens a connection: transport (TCP, TLS, WebSocket), CONNECT, CONNACK. Refusals come back as
+/// `LinkError::Refused`.
 pub async fn connect(broker: &BrokerPlan, params: &ConnectParams) -> Result<Connection, LinkError> {
-    if broker.transport != Transport::Tcp {
-        return Err(LinkError::Unsupported("TLS and WebSocket transport"));
-    }
-    let addr = format!("{}:{}", broker.host, broker.port);
-    let stream = tokio::time::timeout(CONNACK_TIMEOUT, TcpStream::connect(&addr))
-        .await
-        .map_err(|_| LinkError::Timeout(CONNACK_TIMEOUT))?
-        .map_err(|source| LinkError::Connect {
-            addr: addr.clone(),
-            source,
-        })?;
-    stream.set_nodelay(true)?;
-    let (mut reader, mut writer) = stream.into_split();
+    let (mut reader, mut writer) = transport::open(broker).await?;
     let codec = Codec::new(broker.protocol, DEFAULT_MAX_INCOMING);
     let mut wbuf = BytesMut::new();
     codec.connect(params, &mut wbuf);

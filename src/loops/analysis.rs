@@ -75,7 +75,12 @@ pub fn find(plan: &Plan) -> Vec<Finding<'_>> {
             }
             match (takes_output(a, b), takes_output(b, a)) {
                 (Some(there), back) => found.push(Finding { a, b, there, back }),
-                (None, Some(back)) => found.push(Finding { a: b, b: a, there: back, back: None }),
+                (None, Some(back)) => found.push(Finding {
+                    a: b,
+                    b: a,
+                    there: back,
+                    back: None,
+                }),
                 (None, None) => {}
             }
         }

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    hash::{BuildHasher, Hash, Hasher},
+    hash::BuildHasher,
     time::{Duration, Instant},
 };
 
@@ -47,9 +47,7 @@ impl EchoDigest {
     }
 
     fn key(&self, broker: &str, topic: &str, payload: &[u8]) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        (broker, topic, payload).hash(&mut h);
-        h.finish()
+        self.hasher.hash_one((broker, topic, payload))
     }
 
     /// We published `payload` on `topic` at `broker` at `now`.
@@ -84,19 +82,23 @@ impl EchoDigest {
     }
 
     fn expire(&mut self, now: Instant) {
-        while self.order.front().is_some_and(|(at, _)| now.duration_since(*at) > self.window) {
+        while self
+            .order
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > self.window)
+        {
             self.forget_oldest();
         }
     }
 
     fn forget_oldest(&mut self) {
-        if let Some((_, key)) = self.order.pop_front() {
-            if let Some((records, taken)) = self.counts.get_mut(&key) {
-                *records -= 1;
-                *taken = taken.saturating_sub(1);
-                if *records == 0 {
-                    self.counts.remove(&key);
-                }
+        if let Some((_, key)) = self.order.pop_front()
+            && let Some((records, taken)) = self.counts.get_mut(&key)
+        {
+            *records -= 1;
+            *taken = taken.saturating_sub(1);
+            if *records == 0 {
+                self.counts.remove(&key);
             }
         }
     }
@@ -115,7 +117,10 @@ mod tests {
         assert!(!d.take_echo(t, "b", "m/2", b"x"), "another topic");
         assert!(!d.take_echo(t, "b", "m/1", b"y"), "another payload");
         assert!(d.take_echo(t, "b", "m/1", b"x"));
-        assert!(!d.take_echo(t, "b", "m/1", b"x"), "a second identical message is real");
+        assert!(
+            !d.take_echo(t, "b", "m/1", b"x"),
+            "a second identical message is real"
+        );
     }
 
     #[test]

@@ -32,7 +32,10 @@ pub fn add(props: &mut Option<Box<Properties>>, name: &str, from: &str) {
 
 /// The markers a message carries, to keep when its other properties are dropped.
 pub fn markers(props: &Properties) -> impl Iterator<Item = &(String, String)> {
-    props.user_properties.iter().filter(|(k, _)| k == VIA || k == FROM)
+    props
+        .user_properties
+        .iter()
+        .filter(|(k, _)| k == VIA || k == FROM)
 }
 
 #[cfg(test)]
@@ -44,13 +47,24 @@ mod tests {
         // x: a → b, y: b → c, z: c → a.
         let mut props = None;
         for (bridge, from, to) in [("x", "a", "b"), ("y", "b", "c")] {
-            assert!(!crossed(props.as_deref(), bridge), "{bridge} sees it for the first time");
+            assert!(
+                !crossed(props.as_deref(), bridge),
+                "{bridge} sees it for the first time"
+            );
             assert!(!visited(props.as_deref(), to), "{to} has not had it yet");
             add(&mut props, bridge, from);
         }
-        assert!(visited(props.as_deref(), "a"), "z does not take it back to a, where it began");
-        assert!(crossed(props.as_deref(), "x"), "and x would not forward it again");
-        let marks: Vec<_> = markers(props.as_deref().unwrap()).map(|(_, v)| v.as_str()).collect();
+        assert!(
+            visited(props.as_deref(), "a"),
+            "z does not take it back to a, where it began"
+        );
+        assert!(
+            crossed(props.as_deref(), "x"),
+            "and x would not forward it again"
+        );
+        let marks: Vec<_> = markers(props.as_deref().unwrap())
+            .map(|(_, v)| v.as_str())
+            .collect();
         assert_eq!(marks, ["x", "a", "y", "b"]);
     }
 

@@ -22,13 +22,14 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
+    pacing::Pacer,
     stats::PairStats,
     window::{Action, SourceAck, Window},
 };
 use crate::{
-    loops::{EchoDigest, marker},
     config::{BrokerPlan, PropertiesMode, Protocol, Qos, RetainMode, RoutePlan},
     link::{self, Codec, ConnectParams, Connection, Inbound, InboundPublish, LinkError},
+    loops::{EchoDigest, marker},
     message::Message,
 };
 
@@ -203,6 +204,11 @@ struct Pair {
     /// First write per target packet id, for `mqbridge_forward_latency_seconds`. The source is
     /// read only while the window has room, so this is (within a pass) the receive time.
     sent_at: std::collections::HashMap<u16, Instant>,
+    /// The target's per-connection quotas (PUBLISH/s, bytes/s) for what we publish to it.
+    target_pacer: Pacer,
+    /// The source's per-connection byte quota for what we read from it.
+    source_pacer: Pacer,
+    last_pacing_log: Option<Instant>,
 }
 
 /// Why a message was not delivered: the `reason` label of `mqbridge_messages_dropped_total`.
@@ -254,6 +260,13 @@ pub async fn run(spec: PairSpec, mut shutdown: watch::Receiver<bool>) {
         advertised: None,
         last_drop_log: None,
         sent_at: std::collections::HashMap::new(),
+        target_pacer: Pacer::new(
+            route.to.max_publish_rate,
+            route.to.bandwidth_limit,
+            Instant::now().into_std(),
+        ),
+        source_pacer: Pacer::new(None, route.from.bandwidth_limit, Instant::now().into_std()),
+        last_pacing_log: None,
         spec,
     };
     let mut drain_deadline = None;
@@ -278,7 +291,8 @@ pub async fn run(spec: PairSpec, mut shutdown: watch::Receiver<bool>) {
         let read_source = pair.source.is_up()
             && pair.window.can_accept()
             && !draining
-            && pair.source.rbuf.len() < SOURCE_RBUF_HIGH;
+            && pair.source.rbuf.len() < SOURCE_RBUF_HIGH
+            && pair.source_pacer.ready(std::time::Instant::now());
         let Pair { source, target, .. } = &mut pair;
         tokio::select! {
             r = read_some(&mut target.reader, &mut target.rbuf) => match r {
@@ -288,7 +302,10 @@ pub async fn run(spec: PairSpec, mut shutdown: watch::Receiver<bool>) {
             },
             r = read_some(&mut source.reader, &mut source.rbuf), if read_source => match r {
                 Ok(0) => pair.side_lost(Role::Source, &LinkError::Closed),
-                Ok(_) => source.ping_sent = None,
+                Ok(n) => {
+                    source.ping_sent = None;
+                    pair.source_pacer.spend(std::time::Instant::now(), 0, n);
+                }
                 Err(e) => pair.side_lost(Role::Source, &e),
             },
             r = write_some(&mut target.writer, &target.wbuf), if !target.wbuf.is_empty() => match r {
@@ -495,6 +512,7 @@ impl Pair {
             && self.window.can_accept()
             && self.qos0_buffered < self.spec.route.queue_capacity
             && self.target.wbuf.len() < TARGET_WBUF_HIGH
+            && self.target_paced_ready()
         {
             let packet = match self.source.codec.decode(&mut self.source.rbuf) {
                 Ok(Some(p)) => p,
@@ -565,10 +583,10 @@ impl Pair {
         let mut properties = None;
         if let Some(mut props) = p.properties.clone() {
             if route.properties == PropertiesMode::Forward && target_v5 {
-                if let Some(rt) = props.response_topic.as_deref() {
-                    if let Ok(std::borrow::Cow::Owned(rewritten)) = route.rewrite.apply(rt) {
-                        props.response_topic = Some(rewritten);
-                    }
+                if let Some(rt) = props.response_topic.as_deref()
+                    && let Ok(std::borrow::Cow::Owned(rewritten)) = route.rewrite.apply(rt)
+                {
+                    props.response_topic = Some(rewritten);
                 }
                 properties = Some(props);
             } else {
@@ -602,20 +620,25 @@ impl Pair {
             properties,
             expires_at,
         };
-        if let Some(max) = self.target_max_packet {
-            if message.encoded_size_bound() > max as usize {
-                let why = format!(
-                    "{} bytes is over the target's Maximum Packet Size of {max}",
-                    message.encoded_size_bound()
-                );
-                return self.undeliverable(p, DropReason::TooLarge, &why);
-            }
+        if let Some(max) = self.target_max_packet
+            && message.encoded_size_bound() > max as usize
+        {
+            let why = format!(
+                "{} bytes is over the target's Maximum Packet Size of {max}",
+                message.encoded_size_bound()
+            );
+            return self.undeliverable(p, DropReason::TooLarge, &why);
         }
-        if self.spec.loops.record_echoes {
-            if let Some(d) = &self.spec.loops.digest {
-                let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
-                d.record(std::time::Instant::now(), &self.target.broker.name, &message.topic, &message.payload);
-            }
+        if self.spec.loops.record_echoes
+            && let Some(d) = &self.spec.loops.digest
+        {
+            let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
+            d.record(
+                std::time::Instant::now(),
+                &self.target.broker.name,
+                &message.topic,
+                &message.payload,
+            );
         }
         let pkid = (p.qos != Qos::AtMostOnce).then_some(p.pkid);
         self.window.source_publish(pkid, p.qos, p.dup, message);
@@ -635,7 +658,12 @@ impl Pair {
         }
         loops.digest.as_ref().is_some_and(|d| {
             let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
-            d.take_echo(std::time::Instant::now(), &self.source.broker.name, &p.topic, &p.payload)
+            d.take_echo(
+                std::time::Instant::now(),
+                &self.source.broker.name,
+                &p.topic,
+                &p.payload,
+            )
         })
     }
 
@@ -729,6 +757,8 @@ impl Pair {
                         continue;
                     }
                     PairStats::add(&self.spec.stats.bytes_forwarded, m.payload.len() as u64);
+                    let size = m.encoded_size_bound();
+                    self.target_pacer.spend(std::time::Instant::now(), 1, size);
                     self.target
                         .codec
                         .publish(pkid, dup, m, expiry, &mut self.target.wbuf);
@@ -751,6 +781,8 @@ impl Pair {
                         );
                     } else if self.target.is_up() {
                         PairStats::add(&self.spec.stats.bytes_forwarded, m.payload.len() as u64);
+                        let size = m.encoded_size_bound();
+                        self.target_pacer.spend(std::time::Instant::now(), 1, size);
                         self.target
                             .codec
                             .publish(0, false, &m, expiry, &mut self.target.wbuf);
@@ -784,12 +816,35 @@ impl Pair {
         }
     }
 
+    /// Whether the target's quotas allow one more publish now; logs (at most every 30 s) when a
+    /// pair is held back, which means the route's offered load exceeds its capacity.
+    fn target_paced_ready(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        if self.target_pacer.ready(now) {
+            return true;
+        }
+        PairStats::add(&self.spec.stats.paced, 1);
+        let tnow = Instant::now();
+        if self
+            .last_pacing_log
+            .is_none_or(|t| tnow.duration_since(t) >= Duration::from_secs(30))
+        {
+            self.last_pacing_log = Some(tnow);
+            let b = &self.target.broker;
+            warn!(route = %self.spec.route.name, pair = self.spec.index, broker = %b.name, max_publish_rate = ?b.max_publish_rate, bandwidth_limit = ?b.bandwidth_limit, "pair at the target's per-connection limit: the offered load exceeds the route's capacity (pool_size × limit); the source broker holds the rest; add pairs to carry more");
+        }
+        false
+    }
+
     /// Source receive to target ack (PUBACK, or PUBREC at QoS 2).
     fn ack_latency(&mut self, pkid: u16, reason: u8) {
-        if let Some(at) = self.sent_at.remove(&pkid) {
-            if reason < 0x80 {
-                self.spec.stats.forward_latency.record(at.elapsed().as_secs_f64());
-            }
+        if let Some(at) = self.sent_at.remove(&pkid)
+            && reason < 0x80
+        {
+            self.spec
+                .stats
+                .forward_latency
+                .record(at.elapsed().as_secs_f64());
         }
     }
 
@@ -834,8 +889,17 @@ impl Pair {
     }
 
     /// When the loop must wake without I/O: a reconnect falls due, a keep-alive, the drain deadline.
-    fn next_timer(&self, drain_deadline: Option<Instant>) -> Instant {
+    fn next_timer(&mut self, drain_deadline: Option<Instant>) -> Instant {
         let mut t = Instant::now() + Duration::from_secs(1);
+        // Paced: wake when the quota allows the next read (only if we would read at all).
+        if self.source.is_up() && self.window.can_accept() && !self.draining {
+            let now = std::time::Instant::now();
+            let at = self
+                .target_pacer
+                .ready_at(now)
+                .max(self.source_pacer.ready_at(now));
+            t = t.min(Instant::from_std(at));
+        }
         for side in [&self.source, &self.target] {
             if !side.is_up() && side.connecting.is_none() {
                 t = t.min(side.retry_at);

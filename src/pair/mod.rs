@@ -2,5 +2,6 @@
 //! `window` is the sans-IO heart (ack chaining and flow control); `driver` runs it over sockets.
 
 pub mod driver;
+pub mod pacing;
 pub mod stats;
 pub mod window;

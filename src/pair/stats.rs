@@ -22,6 +22,9 @@ pub struct PairStats {
     /// Undeliverable messages published to the route's dead letter topic.
     pub dead_lettered: AtomicU64,
     pub redeliveries: AtomicU64,
+    /// Times the pair held back because of the target's per-connection quotas (load above
+    /// the route's capacity).
+    pub paced: AtomicU64,
     /// QoS ≥ 1 messages held now.
     pub in_flight: AtomicU64,
     /// The most ever held at once.

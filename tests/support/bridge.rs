@@ -89,6 +89,23 @@ impl Bridge {
         }
     }
 
+    /// SIGHUP: the bridge reads its config file again (see [`Bridge::rewrite_config`]).
+    pub fn hangup(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, "HUP");
+        }
+    }
+
+    /// Replaces the config file, for the next SIGHUP (or restart), in one rename, so that a
+    /// reload never reads a half-written file.
+    pub fn rewrite_config(&self, config_toml: &str) {
+        let tmp = self.config.with_extension("toml.new");
+        std::fs::write(&tmp, config_toml)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", tmp.display()));
+        std::fs::rename(&tmp, &self.config)
+            .unwrap_or_else(|e| panic!("cannot replace {}: {e}", self.config.display()));
+    }
+
     /// The exit status once the process has exited, waiting at most `timeout`; `None` if it is
     /// still running then. Returns the status of the last run again when called after the exit.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {

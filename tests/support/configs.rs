@@ -20,6 +20,13 @@ pub struct RouteConfig {
     pub broker_extra: &'static str,
     pub route_extra: String,
     pub tail: String,
+    /// A broker's `url` when not `mqtt://127.0.0.1:<port>` (e.g. `mqtts://…`, `ws://…/mqtt`).
+    pub src_url: Option<String>,
+    pub dst_url: Option<String>,
+    /// Lines for one broker's table only, after `broker_extra`: credentials, or a
+    /// `[brokers.src.tls]` / `[brokers.dst.tls]` table (last, as TOML wants).
+    pub src_extra: String,
+    pub dst_extra: String,
 }
 
 impl RouteConfig {
@@ -38,6 +45,10 @@ impl RouteConfig {
             broker_extra: "",
             route_extra: String::new(),
             tail: String::new(),
+            src_url: None,
+            dst_url: None,
+            src_extra: String::new(),
+            dst_extra: String::new(),
         }
     }
 
@@ -50,17 +61,19 @@ summary_interval = "1s"
 drain_timeout = "10s"
 
 [brokers.src]
-url = "mqtt://127.0.0.1:{src}"
+url = "{su}"
 protocol = "{sp}"
 session_expiry = "1h"
 keep_alive = "5s"
 {be}
+{sx}
 [brokers.dst]
-url = "mqtt://127.0.0.1:{dst}"
+url = "{du}"
 protocol = "{dp}"
 session_expiry = "1h"
 keep_alive = "5s"
 {be}
+{dx}
 [[routes]]
 name = "{name}"
 from = "src"
@@ -72,10 +85,19 @@ pool_size = {pool}
 {tail}
 "#,
             src = self.src_port,
-            dst = self.dst_port,
             sp = self.src_version.unwrap_or(self.src_proto.as_config()),
             dp = self.dst_version.unwrap_or(self.dst_proto.as_config()),
             be = self.broker_extra,
+            su = self
+                .src_url
+                .clone()
+                .unwrap_or_else(|| format!("mqtt://127.0.0.1:{}", self.src_port)),
+            du = self
+                .dst_url
+                .clone()
+                .unwrap_or_else(|| format!("mqtt://127.0.0.1:{}", self.dst_port)),
+            sx = self.src_extra,
+            dx = self.dst_extra,
             name = self.name,
             topics = self.topics,
             qos = self.qos,

@@ -13,6 +13,7 @@ mod mosquitto;
 mod process;
 mod temp;
 mod wait;
+mod ws_relay;
 
 #[allow(unused_imports)]
 pub use bridge::{Bridge, CliOutput, http_get, mqbridge_cli};
@@ -34,3 +35,5 @@ pub use mosquitto::{Mosquitto, MosquittoOpts};
 pub use temp::{TestDir, free_port, write_temp};
 #[allow(unused_imports)]
 pub use wait::{wait_until, wait_until_async};
+#[allow(unused_imports)]
+pub use ws_relay::{RelaySeen, WsRelay};
