@@ -167,7 +167,8 @@ async fn v5_properties_cross_intact() {
     );
     let r = &collector.received()[0];
     assert_eq!(r.topic, "cloud/dev/42/state");
-    let (markers, user): (Vec<(String, String)>, Vec<(String, String)>) = r
+    type Props = Vec<(String, String)>;
+    let (markers, user): (Props, Props) = r
         .user_properties
         .iter()
         .cloned()
