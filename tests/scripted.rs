@@ -1,0 +1,140 @@
+//! Behaviour only a scripted broker can provoke (issue #3): a target with a chosen Receive
+//! Maximum and slow acks, and messages whose Message Expiry runs out while the bridge holds them.
+
+mod support;
+
+use std::time::Duration;
+
+use mqbridge::broker::{BrokerOptions, EmbeddedBroker};
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use support::*;
+
+/// The target advertises Receive Maximum 5 and delays every ack: the bridge's CONNECT to its v5
+/// source advertises 5, and the source never has more than 5 messages unacknowledged out to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_receive_maximum_5_with_slow_acks_is_mirrored_to_the_source() {
+    let source = EmbeddedBroker::start(BrokerOptions::named("source")).unwrap();
+    let target = EmbeddedBroker::start(BrokerOptions::named("target")).unwrap();
+    target.script().set_receive_maximum(Some(5));
+    target
+        .script()
+        .delay_acks("in/#", Duration::from_millis(20));
+    let out = Collector::start(target.port(), Proto::V5, "in/#", 1).await;
+    let mut cfg = RouteConfig::new(source.port(), Proto::V5, target.port(), Proto::V5);
+    cfg.qos = 1;
+    let mut bridge = start_ready(&cfg.toml(), 1).await;
+    let (client, _) = source
+        .stats()
+        .subscriptions()
+        .into_iter()
+        .find(|(_, f)| f.starts_with("$share/"))
+        .expect("the bridge subscribed on the source");
+    assert_eq!(
+        source
+            .stats()
+            .connect_info(&client)
+            .unwrap()
+            .receive_maximum,
+        Some(5)
+    );
+
+    publish_numbered(
+        source.port(),
+        Proto::V5,
+        |i| format!("in/{}", i % 3),
+        1,
+        0,
+        200,
+        "rm",
+    )
+    .await;
+    assert!(
+        out.wait_for_count(200, Duration::from_secs(30)).await,
+        "{}",
+        out.count()
+    );
+    assert_exactly_once(&out.received(), "rm", 0..200);
+    let most = source.stats().max_unacked(&client);
+    assert!(
+        most <= 5,
+        "the source had {most} unacknowledged out to the pair"
+    );
+    assert!(
+        most >= 3,
+        "the window was used ({most}), so the bound was exercised"
+    );
+    assert!(
+        bridge
+            .stop(Duration::from_secs(10))
+            .await
+            .is_some_and(|s| s.success())
+    );
+}
+
+/// Messages held by the bridge across a target outage: one whose Message Expiry ran out is not
+/// forwarded and is counted; one with time left arrives with its expiry reduced by the time held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_expiry_counts_the_time_held_and_expired_messages_are_dropped() {
+    let source = Mosquitto::start().await;
+    let first = EmbeddedBroker::start(BrokerOptions::named("target")).unwrap();
+    let addr = first.addr();
+    first.script().withhold_acks("in/#"); // the bridge holds both messages, unacknowledged
+    let mut cfg = RouteConfig::new(source.port(), Proto::V5, first.port(), Proto::V5);
+    cfg.qos = 1;
+    let mut bridge = start_ready(&cfg.toml(), 1).await;
+
+    let mut p = Publisher::connect(source.port(), Proto::V5).await;
+    for (payload, expiry) in [("short", 2), ("long", 100)] {
+        let props = PublishProperties {
+            message_expiry_interval: Some(expiry),
+            ..Default::default()
+        };
+        p.publish_v5("in/x", 1, false, payload, props).await;
+    }
+    let got_both = wait_until(Duration::from_secs(10), || {
+        first.stats().total_publishes_received() >= 2
+    })
+    .await;
+    assert!(got_both, "{}", bridge.log());
+    first.stop();
+    tokio::time::sleep(Duration::from_secs(3)).await; // the outage: longer than "short" may live
+
+    let second = EmbeddedBroker::start(BrokerOptions {
+        addr,
+        ..BrokerOptions::named("target")
+    })
+    .unwrap();
+    let out = Collector::start(second.port(), Proto::V5, "in/#", 1).await;
+    assert!(
+        out.wait_for_count(1, Duration::from_secs(30)).await,
+        "{}",
+        bridge.log()
+    );
+    out.settle(Duration::from_millis(500), Duration::from_secs(2))
+        .await;
+    let rx = out.received();
+    assert_eq!(rx.len(), 1, "only the message with time left");
+    assert_eq!(rx[0].payload_str(), "long");
+    let left = rx[0]
+        .properties
+        .as_ref()
+        .and_then(|p| p.message_expiry_interval)
+        .unwrap();
+    assert!(left <= 97, "expiry {left} reduced by the ≥ 3 s held");
+    assert!(
+        p.wait_acked(Duration::from_secs(10)).await,
+        "both acknowledged to the source"
+    );
+    p.disconnect().await;
+    assert!(
+        bridge
+            .stop(Duration::from_secs(10))
+            .await
+            .is_some_and(|s| s.success())
+    );
+    assert!(
+        bridge.log().contains("reason=\"expired\"") || bridge.log().contains("reason=expired"),
+        "{}",
+        bridge.log()
+    );
+}
