@@ -1,0 +1,107 @@
+//! A pair stays within its target's per-connection quota by pacing (SPEC 4.1): it never sends
+//! more than `max_publish_rate` PUBLISH/s (plus one second's burst), loses nothing, and says in
+//! its log that the offered load is above the route's capacity.
+
+mod support;
+
+use std::time::Duration;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_are_paced_to_the_targets_max_publish_rate() {
+    const RATE: usize = 100;
+    let src = Mosquitto::start().await;
+    let dst = Mosquitto::start().await;
+    let mut cfg = RouteConfig::new(src.port(), Proto::V311, dst.port(), Proto::V311);
+    cfg.qos = 1;
+    cfg.dst_extra = format!("max_publish_rate = {RATE}\n");
+    let collector = Collector::start(dst.port(), Proto::V5, "in/#", 1).await;
+    let mut bridge = start_ready(&cfg.toml(), 1).await;
+    publish_numbered(
+        src.port(),
+        Proto::V311,
+        |i| format!("in/{}", i % 4),
+        1,
+        0,
+        400,
+        "p",
+    )
+    .await;
+    assert!(
+        collector.wait_for_count(400, Duration::from_secs(30)).await,
+        "{}",
+        collector.count()
+    );
+    let rx = collector.received();
+    assert_exactly_once(&rx, "p", 0..400);
+    // No one-second window holds more than the rate plus the one-second burst.
+    let times: Vec<_> = rx.iter().map(|r| r.at).collect();
+    let most = times
+        .iter()
+        .map(|start| {
+            times
+                .iter()
+                .filter(|t| **t >= *start && **t < *start + Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(
+        most <= 2 * RATE + 5,
+        "{most} messages within one second at {RATE}/s"
+    );
+    let span = *times.last().unwrap() - times[0];
+    assert!(
+        span >= Duration::from_millis(2800),
+        "400 messages at {RATE}/s after a burst of {RATE} take ≥ 3 s, took {span:?}"
+    );
+    assert!(
+        bridge.log().contains("per-connection limit"),
+        "{}",
+        bridge.log()
+    );
+    assert!(
+        bridge
+            .stop(Duration::from_secs(10))
+            .await
+            .is_some_and(|s| s.success())
+    );
+}
+
+/// A source allowing 64 KiB/s per connection is read no faster: 48 messages of 4 KiB (192 KiB)
+/// take at least two seconds after the first second's burst, and all arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_reads_are_paced_to_its_bandwidth_limit() {
+    let src = Mosquitto::start().await;
+    let dst = Mosquitto::start().await;
+    let mut cfg = RouteConfig::new(src.port(), Proto::V311, dst.port(), Proto::V311);
+    cfg.qos = 1;
+    cfg.src_extra = "bandwidth_limit = \"64KiB/s\"\n".into();
+    let collector = Collector::start(dst.port(), Proto::V5, "in/#", 1).await;
+    let mut bridge = start_ready(&cfg.toml(), 1).await;
+    let mut p = Publisher::connect(src.port(), Proto::V311).await;
+    for i in 0..48u32 {
+        p.publish("in/big", 1, false, padded_payload("b", i, 4096))
+            .await;
+    }
+    assert!(p.wait_acked(Duration::from_secs(20)).await);
+    assert!(
+        collector.wait_for_count(48, Duration::from_secs(30)).await,
+        "{}",
+        collector.count()
+    );
+    let rx = collector.received();
+    assert_exactly_once(&rx, "b", 0..48);
+    let span = rx.last().unwrap().at - rx[0].at;
+    assert!(
+        span >= Duration::from_millis(1800),
+        "192 KiB at 64 KiB/s after a 64 KiB burst took {span:?}"
+    );
+    p.disconnect().await;
+    assert!(
+        bridge
+            .stop(Duration::from_secs(10))
+            .await
+            .is_some_and(|s| s.success())
+    );
+}
