@@ -372,3 +372,53 @@ async fn a_new_password_restarts_the_route_and_is_never_logged() {
         "a password reached the log:\n{log}"
     );
 }
+
+/// A route whose topics changed across a restart resumes its persistent session, which still
+/// holds the old subscription: what arrives through it is not forwarded (and is counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_left_in_a_resumed_session_by_an_older_config_are_not_forwarded() {
+    let src = Mosquitto::start().await;
+    let dst = Mosquitto::start().await;
+    let mut cfg = RouteConfig::new(src.port(), Proto::V5, dst.port(), Proto::V5);
+    cfg.qos = 1;
+    cfg.topics = r#"["old/#"]"#;
+    let mut bridge = start_ready(&cfg.toml(), 1).await;
+    assert!(
+        bridge
+            .stop(Duration::from_secs(10))
+            .await
+            .is_some_and(|s| s.success())
+    );
+
+    cfg.topics = r#"["new/#"]"#;
+    let collector = Collector::start(dst.port(), Proto::V5, "#", 1).await;
+    let mut bridge = start_ready(&cfg.toml(), 1).await;
+    assert!(
+        bridge.log().contains("session_present=true"),
+        "{}",
+        bridge.log()
+    );
+    publish_one(src.port(), Proto::V5, "old/x", 1, false, "stale").await;
+    publish_one(src.port(), Proto::V5, "new/x", 1, false, "fresh").await;
+    assert!(collector.wait_for_count(1, Duration::from_secs(10)).await);
+    collector
+        .settle(Duration::from_millis(500), Duration::from_secs(2))
+        .await;
+    let topics: Vec<_> = collector
+        .received()
+        .iter()
+        .map(|r| r.topic.clone())
+        .collect();
+    assert_eq!(topics, ["new/x"]);
+    assert!(
+        bridge.log().contains("older subscriptions"),
+        "{}",
+        bridge.log()
+    );
+    assert!(
+        bridge
+            .stop(Duration::from_secs(10))
+            .await
+            .is_some_and(|s| s.success())
+    );
+}

@@ -201,6 +201,8 @@ struct Pair {
     /// The window the source connection advertised (v5), to notice a change of the target's.
     advertised: Option<u16>,
     last_drop_log: Option<Instant>,
+    /// The source connection resumed an existing session (which may hold older subscriptions).
+    resumed_session: bool,
     /// First write per target packet id, for `mqbridge_forward_latency_seconds`. The source is
     /// read only while the window has room, so this is (within a pass) the receive time.
     sent_at: std::collections::HashMap<u16, Instant>,
@@ -259,6 +261,7 @@ pub async fn run(spec: PairSpec, mut shutdown: watch::Receiver<bool>) {
         source_pkid: 999,
         advertised: None,
         last_drop_log: None,
+        resumed_session: false,
         sent_at: std::collections::HashMap::new(),
         target_pacer: Pacer::new(
             route.to.max_publish_rate,
@@ -426,6 +429,9 @@ impl Pair {
         info!(route = %self.spec.route.name, pair = self.spec.index, broker = %self.source.broker.name, client_id = %self.source.client_id, session_present = info.session_present, "source connected");
         self.window.source_connected(info.session_present);
         self.spec.stats.source_up.store(true, Relaxed);
+        // A resumed session keeps whatever it subscribed before, perhaps under an older config
+        // whose filters we no longer know (MQTT cannot list them): check what arrives.
+        self.resumed_session = info.session_present;
         self.subscribe();
     }
 
@@ -560,6 +566,22 @@ impl Pair {
     /// What cannot be delivered is dead-lettered and acknowledged here (SPEC 4.7).
     fn source_publish(&mut self, p: InboundPublish) {
         let route = self.spec.route.clone();
+        if self.resumed_session && !route.topics.iter().any(|f| f.matches(&p.topic)) {
+            // From a subscription of an older config kept by the resumed session: not ours to
+            // forward. Acknowledged, so the broker does not redeliver it forever.
+            PairStats::add(&self.spec.stats.stale_subscription, 1);
+            if self
+                .last_drop_log
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(30))
+            {
+                self.last_drop_log = Some(Instant::now());
+                warn!(route = %route.name, topic = %p.topic, "a message matching none of the route's topics arrived through the resumed session's older subscriptions; not forwarded (set session_expiry = \"0s\" once, or unsubscribe the old filter, to clear them)");
+            }
+            if p.qos != Qos::AtMostOnce {
+                self.window.source_discard(p.pkid, p.qos, p.dup);
+            }
+            return;
+        }
         if self.is_echo(&p) {
             PairStats::add(&self.spec.stats.dropped_loop, 1);
             if p.qos != Qos::AtMostOnce {

@@ -22,6 +22,8 @@ pub struct PairStats {
     /// Undeliverable messages published to the route's dead letter topic.
     pub dead_lettered: AtomicU64,
     pub redeliveries: AtomicU64,
+    /// Messages from subscriptions a resumed session kept from an older config (not forwarded).
+    pub stale_subscription: AtomicU64,
     /// Times the pair held back because of the target's per-connection quotas (load above
     /// the route's capacity).
     pub paced: AtomicU64,
@@ -70,7 +72,7 @@ impl PairStats {
 
     /// Messages not delivered, by the `reason` label of `mqbridge_messages_dropped_total`.
     /// Every reason is listed even at zero, so dashboards see the series from the start.
-    pub fn drops(&self) -> [(&'static str, u64); 6] {
+    pub fn drops(&self) -> [(&'static str, u64); 7] {
         let g = Self::get;
         [
             ("refused", g(&self.dropped_refused)),
@@ -79,6 +81,7 @@ impl PairStats {
             ("expired", g(&self.dropped_expired)),
             ("loop", g(&self.dropped_loop)),
             ("target_down_qos0", g(&self.dropped_qos0_target_down)),
+            ("stale_subscription", g(&self.stale_subscription)),
         ]
     }
 
@@ -189,7 +192,8 @@ mod tests {
                 "too_large",
                 "expired",
                 "loop",
-                "target_down_qos0"
+                "target_down_qos0",
+                "stale_subscription"
             ]
         );
         assert_eq!(s.dropped_total(), 7);
