@@ -134,6 +134,7 @@ fn broker_parts(parts: &mut Parts, broker: &BrokerPlan) {
         bandwidth_limit,
         max_publish_rate,
         max_filters_per_subscribe,
+        try_private,
         tls,
     } = broker;
     let key = |k: &str| format!("brokers.{name}.{k}");
@@ -148,6 +149,7 @@ fn broker_parts(parts: &mut Parts, broker: &BrokerPlan) {
     parts.public(key("bandwidth_limit"), bandwidth_limit);
     parts.public(key("max_publish_rate"), max_publish_rate);
     parts.public(key("max_filters_per_subscribe"), max_filters_per_subscribe);
+    parts.public(key("try_private"), try_private);
     parts.public(key("tls"), tls);
 }
 

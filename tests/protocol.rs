@@ -419,3 +419,46 @@ async fn refused_publish_is_dead_lettered_not_retried() {
             .is_some_and(|s| s.success())
     );
 }
+
+/// On a 3.1.1 source, live messages carry no retain flag (3.x has no Retain As Published);
+/// with `try_private = true` mosquitto treats the connection as a bridge and keeps the flag, so
+/// a retained message published while the bridge runs is retained on the target too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_while_running_stays_retained_v311_with_try_private() {
+    let src = Mosquitto::start().await;
+    let dst = Mosquitto::start().await;
+    let mut cfg = RouteConfig::new(src.port(), Proto::V311, dst.port(), Proto::V311);
+    cfg.src_extra = "try_private = true\n".into();
+    let mut bridge = start_ready(&cfg.toml(), 1).await;
+    assert!(src.log().contains("New bridge connected"), "{}", src.log());
+    publish_one(src.port(), Proto::V311, "in/during", 1, true, "new").await;
+    publish_one(src.port(), Proto::V311, "in/live", 1, false, "plain").await;
+    let dst_port = dst.port();
+    let ok = wait_until_async(Duration::from_secs(10), || async move {
+        let late = Collector::start(dst_port, Proto::V311, "in/#", 1).await;
+        let ok = late
+            .wait_for(Duration::from_millis(300), |rx| {
+                rx.iter().any(|r| r.topic == "in/during" && r.retain)
+            })
+            .await;
+        late.disconnect().await;
+        ok
+    })
+    .await;
+    assert!(ok, "{}", bridge.log());
+    let late = Collector::start(dst.port(), Proto::V311, "in/#", 1).await;
+    late.settle(Duration::from_millis(300), Duration::from_secs(2))
+        .await;
+    let topics: Vec<_> = late.received().iter().map(|r| r.topic.clone()).collect();
+    assert_eq!(
+        topics,
+        ["in/during"],
+        "the live message was not made retained"
+    );
+    assert!(
+        bridge
+            .stop(Duration::from_secs(10))
+            .await
+            .is_some_and(|s| s.success())
+    );
+}

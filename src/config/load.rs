@@ -730,6 +730,7 @@ fn broker_plan(
         bandwidth_limit,
         max_publish_rate,
         max_filters_per_subscribe,
+        try_private: broker.try_private,
         tls,
     })
 }

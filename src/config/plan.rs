@@ -103,6 +103,8 @@ pub struct BrokerPlan {
     pub max_publish_rate: Option<u32>,
     /// SUBSCRIBE packets carry at most this many filters.
     pub max_filters_per_subscribe: usize,
+    /// MQTT 3.x: CONNECT as a bridge (protocol level | 0x80), mosquitto's `try_private`.
+    pub try_private: bool,
     pub tls: Option<TlsPlan>,
 }
 

@@ -173,6 +173,12 @@ pub struct Broker {
         deserialize_with = "parse::uint"
     )]
     pub max_filters_per_subscribe: u64,
+    /// MQTT 3.x only: announce the connection as a bridge (protocol level with bit 0x80, as
+    /// mosquitto's own bridges do with `try_private`). mosquitto then forwards the retain flag
+    /// as published (3.x has no Retain As Published) and never echoes our own publishes. A
+    /// broker that does not know it refuses the connection ("unsupported protocol version").
+    #[serde(default, deserialize_with = "parse::boolean")]
+    pub try_private: bool,
     /// `[brokers.<name>.tls]`: present = TLS; implied by `mqtts://` and `wss://`.
     #[serde(default)]
     pub tls: Option<Tls>,

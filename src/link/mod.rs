@@ -130,8 +130,10 @@ pub struct ConnectParams {
     pub password: Option<Secret>,
     /// v5 only: the window we allow the broker (mirrors the target's).
     pub receive_maximum: Option<u16>,
-    /// v5 only: the largest packet we accept (mirrors the target's).
+    /// v5 only: the largest packet we accept.
     pub maximum_packet_size: Option<u32>,
+    /// 3.x only: announce a bridge (protocol level | 0x80).
+    pub try_private: bool,
 }
 
 impl ConnectParams {
@@ -147,6 +149,7 @@ impl ConnectParams {
             password: broker.password.clone(),
             receive_maximum: None,
             maximum_packet_size: None,
+            try_private: broker.try_private,
         }
     }
 }
@@ -187,8 +190,8 @@ impl Codec {
 
     pub fn connect(&self, p: &ConnectParams, buf: &mut BytesMut) {
         match self.protocol {
-            Protocol::V31 => v3::encode_connect(p, 3, buf),
-            Protocol::V311 => v3::encode_connect(p, 4, buf),
+            Protocol::V31 => v3::encode_connect(p, 3 | bridge_bit(p), buf),
+            Protocol::V311 => v3::encode_connect(p, 4 | bridge_bit(p), buf),
             Protocol::V5 => v5::encode_connect(p, buf),
         }
     }
@@ -245,6 +248,10 @@ impl Codec {
             _ => buf.extend_from_slice(&[0xE0, 0]),
         }
     }
+}
+
+fn bridge_bit(p: &ConnectParams) -> u8 {
+    if p.try_private { 0x80 } else { 0 }
 }
 
 /// An established connection: CONNACK received and accepted.

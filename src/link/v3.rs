@@ -24,7 +24,11 @@ fn from_qos(q: QoS) -> Qos {
 }
 
 pub(super) fn encode_connect(p: &ConnectParams, level: u8, buf: &mut BytesMut) {
-    let name: &[u8] = if level == 3 { b"MQIsdp" } else { b"MQTT" };
+    let name: &[u8] = if level & 0x7f == 3 {
+        b"MQIsdp"
+    } else {
+        b"MQTT"
+    };
     let mut flags = 0u8;
     if p.clean_start {
         flags |= 0x02;
