@@ -564,7 +564,7 @@ impl Pair {
     /// Turns a source PUBLISH into the message for the target: rewritten topic (and response
     /// topic), capped QoS, retain and properties per the route, then hands it to the window.
     /// What cannot be delivered is dead-lettered and acknowledged here (SPEC 4.7).
-    fn source_publish(&mut self, p: InboundPublish) {
+    fn source_publish(&mut self, mut p: InboundPublish) {
         let route = self.spec.route.clone();
         if self.resumed_session && !route.topics.iter().any(|f| f.matches(&p.topic)) {
             // From a subscription of an older config kept by the resumed session: not ours to
@@ -590,7 +590,9 @@ impl Pair {
             return;
         }
         let topic = match route.rewrite.apply(&p.topic) {
-            Ok(t) => t.into_owned(),
+            Ok(std::borrow::Cow::Owned(t)) => t,
+            // Unchanged: the received topic moves on as it is, no copy.
+            Ok(std::borrow::Cow::Borrowed(_)) => std::mem::take(&mut p.topic),
             Err(e) => {
                 let why = format!("the rewritten topic {e}");
                 return self.undeliverable(p, DropReason::InvalidTopic, &why);
@@ -649,6 +651,9 @@ impl Pair {
                 "{} bytes is over the target's Maximum Packet Size of {max}",
                 message.encoded_size_bound()
             );
+            if p.topic.is_empty() {
+                p.topic = message.topic; // moved above; the log and dead letter name it
+            }
             return self.undeliverable(p, DropReason::TooLarge, &why);
         }
         if self.spec.loops.record_echoes

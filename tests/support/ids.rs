@@ -129,3 +129,12 @@ pub fn assert_at_least_once(received: &[Received], prefix: &str, expected: Range
         "{prefix:?} ids {expected:?} not at least once: {count}"
     );
 }
+
+/// The ids of `prefix` that arrived more than once, with how many times each arrived, ascending.
+pub fn duplicate_ids(received: &[Received], prefix: &str) -> Vec<(u32, usize)> {
+    let mut seen: BTreeMap<u32, usize> = BTreeMap::new();
+    for id in ids_in_order(received, prefix) {
+        *seen.entry(id).or_default() += 1;
+    }
+    seen.into_iter().filter(|&(_, n)| n > 1).collect()
+}

@@ -11,6 +11,7 @@ mod configs;
 mod ids;
 mod mosquitto;
 mod process;
+mod proxy;
 mod temp;
 mod wait;
 mod ws_relay;
@@ -26,11 +27,13 @@ pub use client::{
 pub use configs::{RouteConfig, start_ready, wait_ready};
 #[allow(unused_imports)]
 pub use ids::{
-    IdCount, assert_at_least_once, assert_exactly_once, count_ids, ids_in_order, numbered_payload,
-    padded_payload, parse_id,
+    IdCount, assert_at_least_once, assert_exactly_once, count_ids, duplicate_ids, ids_in_order,
+    numbered_payload, padded_payload, parse_id,
 };
 #[allow(unused_imports)]
 pub use mosquitto::{Mosquitto, MosquittoOpts};
+#[allow(unused_imports)]
+pub use proxy::{Proxy, RandomCuts, random_duration};
 #[allow(unused_imports)]
 pub use temp::{TestDir, free_port, write_temp};
 #[allow(unused_imports)]
