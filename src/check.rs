@@ -176,12 +176,20 @@ fn write_route(out: &mut String, plan: &Plan, route: &RoutePlan) -> fmt::Result 
         writeln!(out, "      {subscription}")?;
     }
 
-    let pairs = route.pool_size;
-    writeln!(
-        out,
-        "    {pairs} pair{} (source client id → target client id):",
-        plural(pairs)
-    )?;
+    let pairs = route.pool_size_max;
+    if route.pool_auto {
+        writeln!(
+            out,
+            "    pool: auto, {} to {} pairs (grows while the target's quotas hold pairs back, shrinks after 10 s idle); source client id → target client id:",
+            route.pool_size, route.pool_size_max
+        )?;
+    } else {
+        writeln!(
+            out,
+            "    {pairs} pair{} (source client id → target client id):",
+            plural(pairs)
+        )?;
+    }
     for index in 0..pairs.min(PAIRS_SHOWN) {
         writeln!(
             out,
@@ -242,7 +250,8 @@ fn write_route(out: &mut String, plan: &Plan, route: &RoutePlan) -> fmt::Result 
 
 /// What the brokers' per-connection limits allow the whole pool to move.
 fn capacity(route: &RoutePlan) -> String {
-    let pairs = route.pool_size as u64;
+    // An auto-sized pool can carry what its largest size can.
+    let pairs = route.pool_size_max as u64;
     let mut parts = Vec::new();
     // The target connection publishes: the target's PUBLISH rate limits a pair.
     if let Some(rate) = route.to.max_publish_rate {

@@ -85,6 +85,8 @@ pub fn fingerprint(plan: &Plan, route: &RoutePlan) -> Fingerprint {
         group,
         qos,
         pool_size,
+        pool_size_max,
+        pool_auto,
         retain,
         properties,
         queue_capacity,
@@ -98,7 +100,7 @@ pub fn fingerprint(plan: &Plan, route: &RoutePlan) -> Fingerprint {
     parts.public(key("share"), share);
     parts.public(key("group"), group);
     parts.public(key("qos"), qos);
-    parts.public(key("pool_size"), pool_size);
+    parts.public(key("pool_size"), &(pool_size, pool_size_max, pool_auto));
     parts.public(key("retain"), retain);
     parts.public(key("properties"), properties);
     parts.public(key("queue_capacity"), queue_capacity);

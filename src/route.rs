@@ -51,7 +51,8 @@ pub fn start(
     let plan = Arc::new(route.clone());
     let mut pairs = Vec::new();
     let mut tasks = Vec::new();
-    for index in 0..route.pool_size {
+    let mut switches = Vec::new();
+    for index in 0..route.pool_size_max {
         let stats = Arc::new(PairStats::default());
         let spec = PairSpec {
             route: plan.clone(),
@@ -64,13 +65,125 @@ pub fn start(
             loops: loops.clone(),
         };
         pairs.push(stats);
-        tasks.push(tokio::spawn(driver::run(spec, shutdown.clone())));
+        let (switch, active) = watch::channel(index < route.pool_size);
+        switches.push(switch);
+        tasks.push(tokio::spawn(driver::run_pooled(
+            spec,
+            shutdown.clone(),
+            active,
+        )));
+    }
+    if route.pool_auto {
+        let sizer = PoolSizer::new(route.pool_size, route.pool_size_max);
+        tasks.push(tokio::spawn(size_pool(
+            plan.clone(),
+            sizer,
+            pairs.clone(),
+            switches,
+            shutdown,
+        )));
     }
     RunningRoute {
         plan,
         pairs,
         tasks,
         stop,
+    }
+}
+
+/// How often an auto-sized pool looks at its pairs.
+const SIZING_TICK: Duration = Duration::from_secs(1);
+
+/// Grows and shrinks an auto-sized pool by switching pairs on and off, until the route stops.
+async fn size_pool(
+    route: Arc<RoutePlan>,
+    mut sizer: PoolSizer,
+    pairs: Vec<Arc<PairStats>>,
+    switches: Vec<watch::Sender<bool>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(SIZING_TICK);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let sample = Sample {
+            paced: pairs.iter().map(|p| PairStats::get(&p.paced)).sum(),
+            received: pairs.iter().map(|p| PairStats::get(&p.received)).sum(),
+        };
+        let before = sizer.active();
+        let after = sizer.next(sample);
+        if after != before {
+            tracing::info!(route = %route.name, pairs = after, was = before, "pool resized: {}", if after > before { "pairs held back by the target's per-connection quota" } else { "no traffic" });
+            for (i, s) in switches.iter().enumerate() {
+                s.send_if_modified(|on| {
+                    let want = i < after;
+                    std::mem::replace(on, want) != want
+                });
+            }
+        }
+    }
+}
+
+/// What the sizer sees each tick: counters summed over the route's pairs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sample {
+    /// Times a pair was held back by the target's quotas.
+    pub paced: u64,
+    pub received: u64,
+}
+
+/// The decision of an auto-sized pool (pure): one more pair after any tick in which a pair was
+/// held back by its quotas; one fewer per `SHRINK_EVERY` ticks once `IDLE_TICKS` ticks passed
+/// without a message.
+#[derive(Debug, Clone)]
+pub struct PoolSizer {
+    min: usize,
+    max: usize,
+    active: usize,
+    last: Option<Sample>,
+    idle_ticks: u32,
+}
+
+const IDLE_TICKS: u32 = 10;
+const SHRINK_EVERY: u32 = 2;
+
+impl PoolSizer {
+    pub fn new(min: usize, max: usize) -> Self {
+        PoolSizer {
+            min,
+            max,
+            active: min,
+            last: None,
+            idle_ticks: 0,
+        }
+    }
+
+    pub fn active(&self) -> usize {
+        self.active
+    }
+
+    /// Takes this tick's sample and returns how many pairs should be active.
+    pub fn next(&mut self, now: Sample) -> usize {
+        let Some(last) = self.last.replace(now) else {
+            return self.active;
+        };
+        let paced = now.paced > last.paced;
+        if now.received == last.received {
+            self.idle_ticks += 1;
+        } else {
+            self.idle_ticks = 0;
+        }
+        if paced && self.active < self.max {
+            self.active += 1;
+        } else if self.idle_ticks >= IDLE_TICKS
+            && (self.idle_ticks - IDLE_TICKS).is_multiple_of(SHRINK_EVERY)
+            && self.active > self.min
+        {
+            self.active -= 1;
+        }
+        self.active
     }
 }
 
@@ -123,5 +236,46 @@ impl RunningRoute {
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(sizer: &mut PoolSizer, samples: &[(u64, u64)]) -> Vec<usize> {
+        samples
+            .iter()
+            .map(|&(paced, received)| sizer.next(Sample { paced, received }))
+            .collect()
+    }
+
+    #[test]
+    fn grows_while_quotas_hold_pairs_back_up_to_max() {
+        let mut s = PoolSizer::new(1, 3);
+        let sizes = run(
+            &mut s,
+            &[(0, 0), (5, 100), (9, 300), (20, 600), (30, 900), (30, 1100)],
+        );
+        assert_eq!(sizes, [1, 2, 3, 3, 3, 3]);
+    }
+
+    #[test]
+    fn shrinks_one_pair_at_a_time_after_idling_down_to_min() {
+        let mut s = PoolSizer::new(2, 8);
+        s.active = 5;
+        let mut samples = vec![(0, 100)];
+        samples.extend(std::iter::repeat_n((0, 100), 20));
+        let sizes = run(&mut s, &samples);
+        assert_eq!(sizes[..10], [5; 10], "ten idle ticks before shrinking");
+        assert_eq!(sizes[10..], [4, 4, 3, 3, 2, 2, 2, 2, 2, 2, 2]);
+    }
+
+    #[test]
+    fn traffic_without_pacing_keeps_the_size() {
+        let mut s = PoolSizer::new(1, 4);
+        s.active = 3;
+        let sizes = run(&mut s, &[(0, 0), (0, 50), (0, 100), (0, 150)]);
+        assert_eq!(sizes, [3, 3, 3, 3]);
     }
 }

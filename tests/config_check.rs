@@ -205,7 +205,10 @@ fn invalid_filter() {
 #[test]
 fn type_mismatches_name_the_key() {
     let err = error(&format!("{MINIMAL}pool_size = \"four\"\n"));
-    assert_eq!(err, r#"routes[0].pool_size: "four" is not a whole number"#);
+    assert_eq!(
+        err,
+        r#"routes[0].pool_size: "four" is not a number of pairs or "auto""#
+    );
     let err = error(&format!("{MINIMAL}pool_size = 0\n"));
     assert!(err.starts_with("routes[0].pool_size: "), "{err}");
     let err = error(&MINIMAL.replace("[bridge]", "[bridge]\ndrain_timeout = \"10\""));
@@ -288,7 +291,7 @@ fn env_errors_say_which_variable() {
         .to_string();
     assert_eq!(
         err,
-        r#"routes[0].pool_size: "lots" is not a whole number (set by MQBRIDGE__ROUTES__0__POOL_SIZE)"#
+        r#"routes[0].pool_size: "lots" is not a number of pairs or "auto" (set by MQBRIDGE__ROUTES__0__POOL_SIZE)"#
     );
     let err = load_env(MINIMAL, &[("MQBRIDGE__BROKERS__CLOUD__PASWORD", "x")])
         .unwrap_err()

@@ -105,3 +105,80 @@ async fn source_reads_are_paced_to_its_bandwidth_limit() {
             .is_some_and(|s| s.success())
     );
 }
+
+/// `pool_size = "auto"`: with a target taking at most 200 PUBLISH/s per connection, an offered
+/// 1,000 msg/s is carried without loss by growing the pool, which shrinks back when the load
+/// stops; parked pairs unsubscribe first, so nothing is stranded in their sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_pool_grows_to_carry_the_load_and_shrinks_when_it_stops() {
+    const N: u32 = 3000;
+    let src = Mosquitto::start_with(MosquittoOpts {
+        max_inflight_messages: Some(100),
+        ..Default::default()
+    })
+    .await;
+    let dst = Mosquitto::start().await;
+    let mut cfg = RouteConfig::new(src.port(), Proto::V311, dst.port(), Proto::V311);
+    cfg.qos = 1;
+    cfg.pool_size = 1;
+    cfg.route_extra = "pool_size = \"auto\"\npool_size_min = 1\npool_size_max = 8".into();
+    cfg.dst_extra = "max_publish_rate = 200\n".into();
+    let toml = cfg.toml().replace("pool_size = 1\n", "");
+    let collector = Collector::start(dst.port(), Proto::V5, "in/#", 1).await;
+    let mut bridge = start_ready(&toml, 1).await;
+    publish_numbered_paced(
+        src.port(),
+        Proto::V311,
+        |i| format!("in/{}", i % 8),
+        1,
+        0,
+        N,
+        "a",
+        Duration::from_millis(1),
+    )
+    .await;
+    assert!(
+        collector
+            .wait_for_count(N as usize, Duration::from_secs(60))
+            .await,
+        "{} of {N}\n{}",
+        collector.count(),
+        bridge.log()
+    );
+    assert_at_least_once(&collector.received(), "a", 0..N);
+    let log = bridge.log();
+    let most = log
+        .lines()
+        .filter(|l| l.contains("pool resized"))
+        .filter_map(|l| {
+            l.split(" pairs=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u32>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(1);
+    assert!(
+        most >= 5,
+        "1,000 msg/s at 200/s per pair needs ≥ 5 pairs; grew to {most}\n{log}"
+    );
+    let shrunk = wait_until(Duration::from_secs(40), || {
+        bridge
+            .log()
+            .lines()
+            .rev()
+            .find(|l| l.contains("pool resized"))
+            .is_some_and(|l| l.contains(" pairs=1 "))
+    })
+    .await;
+    assert!(shrunk, "{}", bridge.log());
+    assert!(bridge.log().contains("pair parked"));
+    assert!(
+        bridge
+            .stop(Duration::from_secs(15))
+            .await
+            .is_some_and(|s| s.success())
+    );
+}

@@ -944,15 +944,46 @@ fn route_plan(
         ));
     }
 
-    let pool_size = usize::try_from(route.pool_size)
-        .ok()
-        .filter(|&n| n > 0)
-        .ok_or_else(|| {
-            invalid(
-                at("pool_size"),
-                format!("{} must be at least 1", route.pool_size),
-            )
-        })?;
+    let count = |key: &str, n: u64| {
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| (1..=1000).contains(&n))
+            .ok_or_else(|| invalid(at(key), format!("{n} must be between 1 and 1000")))
+    };
+    let (pool_size, pool_size_max, pool_auto) = match route.pool_size {
+        schema::PoolSize::Fixed(n) => {
+            if route.pool_size_min.is_some() || route.pool_size_max.is_some() {
+                let key = if route.pool_size_min.is_some() {
+                    "pool_size_min"
+                } else {
+                    "pool_size_max"
+                };
+                return Err(invalid(
+                    at(key),
+                    "only applies with pool_size = \"auto\"; remove it or set pool_size = \"auto\"",
+                ));
+            }
+            let n = count("pool_size", n)?;
+            (n, n, false)
+        }
+        schema::PoolSize::Auto => {
+            let min = count("pool_size_min", route.pool_size_min.unwrap_or(1))?;
+            let max = count("pool_size_max", route.pool_size_max.unwrap_or(8))?;
+            if max < min {
+                return Err(invalid(
+                    at("pool_size_max"),
+                    format!("{max} is below pool_size_min = {min}"),
+                ));
+            }
+            (min, max, true)
+        }
+    };
+    if route.share == Share::None && pool_auto {
+        return Err(invalid(
+            at("pool_size"),
+            "\"auto\" with share = \"none\" would forward every message once per pair; use a shared subscription",
+        ));
+    }
     if route.share == Share::None && pool_size > 1 {
         return Err(invalid(
             at("pool_size"),
@@ -1010,6 +1041,8 @@ fn route_plan(
         group,
         qos: route.qos,
         pool_size,
+        pool_size_max,
+        pool_auto,
         retain: route.retain,
         properties: route.properties,
         queue_capacity,

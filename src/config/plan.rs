@@ -160,7 +160,12 @@ pub struct RoutePlan {
     pub share: Share,
     pub group: String,
     pub qos: Qos,
+    /// Pairs running from the start (with `pool_auto`, the fewest).
     pub pool_size: usize,
+    /// Pairs at most (= `pool_size` unless `pool_auto`).
+    pub pool_size_max: usize,
+    /// `pool_size = "auto"`: grow towards `pool_size_max` while quotas hold pairs back.
+    pub pool_auto: bool,
     pub retain: RetainMode,
     pub properties: PropertiesMode,
     pub queue_capacity: usize,

@@ -252,9 +252,17 @@ pub struct Route {
     /// Default 2, so QoS is kept end to end unless the operator trades it for speed.
     #[serde(default = "default_qos", deserialize_with = "parse::qos")]
     pub qos: Qos,
-    /// Pairs of connections (one source + one target each).
-    #[serde(default = "default_pool_size", deserialize_with = "parse::uint")]
-    pub pool_size: u64,
+    /// Pairs of connections (one source + one target each), or `"auto"`: between `pool_size_min`
+    /// and `pool_size_max` pairs, growing while pairs are held back by the target's per-connection
+    /// quotas and shrinking after 10 s without traffic.
+    #[serde(default = "default_pool_size", deserialize_with = "parse::pool_size")]
+    pub pool_size: PoolSize,
+    /// With `pool_size = "auto"`: the fewest pairs (default 1).
+    #[serde(default, deserialize_with = "parse::opt_uint")]
+    pub pool_size_min: Option<u64>,
+    /// With `pool_size = "auto"`: the most pairs (default 8).
+    #[serde(default, deserialize_with = "parse::opt_uint")]
+    pub pool_size_max: Option<u64>,
     /// `"as-published"` or `"clear"` (forward every message with retain = 0).
     #[serde(default = "default_retain", deserialize_with = "parse::retain")]
     pub retain: RetainMode,
@@ -280,7 +288,18 @@ pub const fn default_qos() -> Qos {
     Qos::ExactlyOnce
 }
 
-pub const fn default_pool_size() -> u64 {
+/// `pool_size`: a number of pairs, or sized automatically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolSize {
+    Fixed(u64),
+    Auto,
+}
+
+pub const fn default_pool_size() -> PoolSize {
+    PoolSize::Fixed(default_pool_size_count())
+}
+
+pub const fn default_pool_size_count() -> u64 {
     1
 }
 
@@ -503,6 +522,19 @@ mod parse {
 
     pub fn uint<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         whole_number(&Scalar::deserialize(d)?)
+    }
+
+    /// A number of pairs, or `"auto"`.
+    pub fn pool_size<'de, D: Deserializer<'de>>(d: D) -> Result<super::PoolSize, D::Error> {
+        let s = Scalar::deserialize(d)?;
+        if s.text.trim().eq_ignore_ascii_case("auto") {
+            return Ok(super::PoolSize::Auto);
+        }
+        whole_number(&s)
+            .map(super::PoolSize::Fixed)
+            .map_err(|_: D::Error| {
+                D::Error::custom(format!("{s} is not a number of pairs or \"auto\""))
+            })
     }
 
     /// A count per second: `200` or `"200/s"`.

@@ -110,6 +110,9 @@ pub enum Inbound {
         pkid: u16,
         codes: Vec<u8>,
     },
+    UnsubAck {
+        pkid: u16,
+    },
     PingReq,
     PingResp,
     Disconnect {
@@ -231,6 +234,13 @@ impl Codec {
         match self.protocol {
             Protocol::V5 => v5::encode_subscribe(pkid, filters, qos, buf),
             _ => v3::encode_subscribe(pkid, filters, qos, buf),
+        }
+    }
+
+    pub fn unsubscribe(&self, pkid: u16, filters: &[String], buf: &mut BytesMut) {
+        match self.protocol {
+            Protocol::V5 => v5::encode_unsubscribe(pkid, filters, buf),
+            _ => v3::encode_unsubscribe(pkid, filters, buf),
         }
     }
 

@@ -114,6 +114,7 @@ pub(super) fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Inbound>, 
                 })
                 .collect(),
         },
+        v4::Packet::UnsubAck(u) => Inbound::UnsubAck { pkid: u.pkid },
         v4::Packet::PingResp => Inbound::PingResp,
         v4::Packet::PingReq => Inbound::PingReq,
         v4::Packet::Disconnect => Inbound::Disconnect { reason: 0 },
@@ -148,6 +149,14 @@ pub(super) fn encode_ack(kind: u8, pkid: u16, buf: &mut BytesMut) {
     buf.put_u8(kind);
     buf.put_u8(2);
     buf.put_u16(pkid);
+}
+
+pub(super) fn encode_unsubscribe(pkid: u16, filters: &[String], buf: &mut BytesMut) {
+    let unsub = v4::Unsubscribe {
+        pkid,
+        topics: filters.to_vec(),
+    };
+    let _ = unsub.write(buf);
 }
 
 pub(super) fn encode_subscribe(pkid: u16, filters: &[String], q: Qos, buf: &mut BytesMut) {

@@ -169,6 +169,7 @@ pub(super) fn decode(buf: &mut BytesMut, max: u32) -> Result<Option<Inbound>, Li
                 })
                 .collect(),
         },
+        v5::Packet::UnsubAck(u) => Inbound::UnsubAck { pkid: u.pkid },
         v5::Packet::PingResp(_) => Inbound::PingResp,
         v5::Packet::PingReq(_) => Inbound::PingReq,
         v5::Packet::Disconnect(d) => Inbound::Disconnect {
@@ -205,6 +206,15 @@ pub(super) fn encode_publish(
         properties,
     };
     let _ = publish.write(buf);
+}
+
+pub(super) fn encode_unsubscribe(pkid: u16, filters: &[String], buf: &mut BytesMut) {
+    let unsub = v5::Unsubscribe {
+        pkid,
+        filters: filters.to_vec(),
+        properties: None,
+    };
+    let _ = unsub.write(buf);
 }
 
 pub(super) fn encode_subscribe(pkid: u16, filters: &[String], q: Qos, buf: &mut BytesMut) {

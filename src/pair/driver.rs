@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use super::{
     pacing::Pacer,
     stats::PairStats,
-    window::{Action, SourceAck, Window},
+    window::{Action, Counters, SourceAck, Window},
 };
 use crate::{
     config::{BrokerPlan, PropertiesMode, Protocol, Qos, RetainMode, RoutePlan},
@@ -34,6 +34,7 @@ use crate::{
 };
 
 /// Everything one pair needs to run.
+#[derive(Clone)]
 pub struct PairSpec {
     pub route: Arc<RoutePlan>,
     pub index: usize,
@@ -203,6 +204,10 @@ struct Pair {
     last_drop_log: Option<Instant>,
     /// The source connection resumed an existing session (which may hold older subscriptions).
     resumed_session: bool,
+    /// Counters of earlier activations of this pair (an auto-sized pool parks and wakes pairs).
+    base: Counters,
+    parking: Option<Parking>,
+    last_source_read: Instant,
     /// First write per target packet id, for `mqbridge_forward_latency_seconds`. The source is
     /// read only while the window has room, so this is (within a pass) the receive time.
     sent_at: std::collections::HashMap<u16, Instant>,
@@ -247,9 +252,60 @@ impl DropReason {
 }
 
 /// Runs one pair until `shutdown` turns true and the pair has drained (or `drain_timeout` passed).
-pub async fn run(spec: PairSpec, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(spec: PairSpec, shutdown: watch::Receiver<bool>) {
+    let (_always, active) = watch::channel(true);
+    run_pooled(spec, shutdown, active).await;
+}
+
+/// Runs one pair of an automatically sized pool: connected while `active` is true, parked
+/// (unsubscribed, drained, disconnected) while it is false, until `shutdown`.
+pub async fn run_pooled(
+    spec: PairSpec,
+    mut shutdown: watch::Receiver<bool>,
+    mut active: watch::Receiver<bool>,
+) {
+    loop {
+        spec.stats.parked.store(!*active.borrow(), Relaxed);
+        while !*active.borrow_and_update() {
+            tokio::select! {
+                r = active.changed() => if r.is_err() { return },
+                r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return },
+            }
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        spec.stats.parked.store(false, Relaxed);
+        if run_connected(spec.clone(), &mut shutdown, &mut active).await == Ended::Shutdown {
+            return;
+        }
+        info!(route = %spec.route.name, pair = spec.index, "pair parked: the pool shrank");
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    Shutdown,
+    Parked,
+}
+
+/// One activation of a pair: until shutdown (drained) or until parked.
+async fn run_connected(
+    spec: PairSpec,
+    shutdown: &mut watch::Receiver<bool>,
+    active: &mut watch::Receiver<bool>,
+) -> Ended {
     let route = spec.route.clone();
+    let base = Counters {
+        received: PairStats::get(&spec.stats.received),
+        forwarded: PairStats::get(&spec.stats.forwarded),
+        redeliveries: PairStats::get(&spec.stats.redeliveries),
+        ..Counters::default()
+    };
     let mut pair = Pair {
+        base,
+        parking: None,
+        last_source_read: Instant::now(),
         window: Window::new(usize::from(route.to.max_inflight)),
         source: Side::new("source", route.from.clone(), spec.source_client_id.clone()),
         target: Side::new("target", route.to.clone(), spec.target_client_id.clone()),
@@ -273,6 +329,7 @@ pub async fn run(spec: PairSpec, mut shutdown: watch::Receiver<bool>) {
         spec,
     };
     let mut drain_deadline = None;
+    let mut active_open = true;
     loop {
         pair.start_due_connections();
         pair.process_target_input();
@@ -285,12 +342,16 @@ pub async fn run(spec: PairSpec, mut shutdown: watch::Receiver<bool>) {
                 *drain_deadline.get_or_insert_with(|| Instant::now() + pair.spec.drain_timeout);
             if pair.drained() || Instant::now() >= deadline {
                 pair.disconnect().await;
-                return;
+                return Ended::Shutdown;
             }
+        } else if pair.parked() {
+            pair.disconnect().await;
+            return Ended::Parked;
         }
 
         let next_timer = pair.next_timer(drain_deadline);
         let draining = pair.draining;
+        let parking = pair.parking.is_some() || !active_open;
         let read_source = pair.source.is_up()
             && pair.window.can_accept()
             && !draining
@@ -307,6 +368,7 @@ pub async fn run(spec: PairSpec, mut shutdown: watch::Receiver<bool>) {
                 Ok(0) => pair.side_lost(Role::Source, &LinkError::Closed),
                 Ok(n) => {
                     source.ping_sent = None;
+                    pair.last_source_read = Instant::now();
                     pair.source_pacer.spend(std::time::Instant::now(), 0, n);
                 }
                 Err(e) => pair.side_lost(Role::Source, &e),
@@ -346,10 +408,27 @@ pub async fn run(spec: PairSpec, mut shutdown: watch::Receiver<bool>) {
                 pair.draining = true;
                 debug!(route = %route.name, pair = pair.spec.index, in_flight = pair.window.in_flight(), "draining");
             }
+            r = active.changed(), if !draining && !parking => match r {
+                Ok(()) if !*active.borrow_and_update() => pair.start_parking(),
+                Ok(()) => {}
+                // The pool's controller is gone (the route is stopping): nothing more to follow.
+                Err(_) => active_open = false,
+            },
             _ = tokio::time::sleep_until(next_timer) => pair.keep_alive_tick(),
         }
     }
 }
+
+/// A pair leaving an automatically sized pool: it unsubscribes (so the broker stops giving its
+/// session messages), keeps forwarding what was already on its way, and disconnects once the
+/// unsubscription is confirmed, nothing is held and nothing arrived for `PARK_QUIET`.
+#[derive(Debug)]
+struct Parking {
+    unsubscribed: bool,
+}
+
+const PARK_QUIET: Duration = Duration::from_millis(500);
+const UNSUBSCRIBE_PKID: u16 = 900;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -375,6 +454,7 @@ impl Pair {
         // The source connects once the target has, so its advertised window mirrors the target's.
         let source = &mut self.source;
         if !self.draining
+            && self.parking.is_none()
             && self.target.connects > 0
             && !source.is_up()
             && source.connecting.is_none()
@@ -486,7 +566,7 @@ impl Pair {
                     self.window.target_pubrec(pkid, reason)
                 }
                 Inbound::PubComp { pkid } => self.window.target_pubcomp(pkid),
-                Inbound::PingResp | Inbound::SubAck { .. } => {}
+                Inbound::PingResp | Inbound::SubAck { .. } | Inbound::UnsubAck { .. } => {}
                 Inbound::PingReq => self.target.codec.pingresp(&mut self.target.wbuf),
                 Inbound::Publish(p) => {
                     // We subscribe nothing on the target; a stale session might still deliver.
@@ -529,6 +609,11 @@ impl Pair {
                 Inbound::Publish(p) => self.source_publish(p),
                 Inbound::PubRel { pkid } => self.window.source_pubrel(pkid),
                 Inbound::SubAck { pkid, codes } => self.suback(pkid, &codes),
+                Inbound::UnsubAck { .. } => {
+                    if let Some(p) = self.parking.as_mut() {
+                        p.unsubscribed = true;
+                    }
+                }
                 Inbound::PingResp
                 | Inbound::PubAck { .. }
                 | Inbound::PubRec { .. }
@@ -883,13 +968,36 @@ impl Pair {
     fn publish_stats(&self) {
         let s = &self.spec.stats;
         let c = self.window.counters();
-        PairStats::set(&s.received, c.received);
-        PairStats::set(&s.forwarded, c.forwarded);
-        PairStats::set(&s.redeliveries, c.redeliveries);
+        let b = self.base;
+        PairStats::set(&s.received, b.received + c.received);
+        PairStats::set(&s.forwarded, b.forwarded + c.forwarded);
+        PairStats::set(&s.redeliveries, b.redeliveries + c.redeliveries);
         let in_flight = self.window.in_flight() as u64;
         PairStats::set(&s.in_flight, in_flight);
         PairStats::raise(&s.in_flight_max, in_flight);
         PairStats::set(&s.window, self.window.window() as u64);
+    }
+
+    fn start_parking(&mut self) {
+        let subs = self.spec.route.subscriptions();
+        let up = self.source.is_up();
+        if up {
+            self.source
+                .codec
+                .unsubscribe(UNSUBSCRIBE_PKID, &subs, &mut self.source.wbuf);
+        }
+        self.parking = Some(Parking { unsubscribed: !up });
+        self.spec.stats.subscribed.store(false, Relaxed);
+        debug!(route = %self.spec.route.name, pair = self.spec.index, "parking: unsubscribing");
+    }
+
+    /// Parking is complete: unsubscribed (or the source is gone), nothing held, quiet.
+    fn parked(&self) -> bool {
+        self.parking.as_ref().is_some_and(|p| {
+            (p.unsubscribed || !self.source.is_up())
+                && self.drained()
+                && self.last_source_read.elapsed() >= PARK_QUIET
+        })
     }
 
     fn drained(&self) -> bool {

@@ -37,6 +37,8 @@ pub struct PairStats {
     pub target_up: AtomicBool,
     /// All SUBACKs of the current source connection received and successful.
     pub subscribed: AtomicBool,
+    /// Parked by an auto-sized pool: not connected, on purpose.
+    pub parked: AtomicBool,
     pub source_reconnects: AtomicU64,
     pub target_reconnects: AtomicU64,
     /// Milliseconds since the process started at the last ack progress.
@@ -64,10 +66,12 @@ impl PairStats {
         v.fetch_add(x, Relaxed);
     }
 
+    /// Parked on purpose (an auto-sized pool that shrank) counts as ready.
     pub fn ready(&self) -> bool {
-        self.source_up.load(Relaxed)
-            && self.target_up.load(Relaxed)
-            && self.subscribed.load(Relaxed)
+        self.parked.load(Relaxed)
+            || self.source_up.load(Relaxed)
+                && self.target_up.load(Relaxed)
+                && self.subscribed.load(Relaxed)
     }
 
     /// Messages not delivered, by the `reason` label of `mqbridge_messages_dropped_total`.
