@@ -70,6 +70,12 @@ const TARGET_WBUF_HIGH: usize = 1024 * 1024;
 const SOURCE_RBUF_HIGH: usize = 256 * 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A connection that lasted this long was healthy: the next reconnect starts from `BACKOFF_MIN`.
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+/// Target connections in a row that ended with our messages on the wire and not one ack: the
+/// oldest of them is taken for the cause (a broker that closes the connection on a message it
+/// cannot take, e.g. one over a 3.x broker's packet size limit, which 3.x cannot announce).
+const POISON_AFTER: u32 = 5;
 
 type Connecting = Pin<Box<dyn Future<Output = Result<Connection, LinkError>> + Send>>;
 
@@ -87,6 +93,8 @@ struct Side {
     retry_at: Instant,
     backoff: Duration,
     last_write: Instant,
+    /// When the current connection was established.
+    up_since: Instant,
     ping_sent: Option<Instant>,
     /// Successful connections so far (the first is not a reconnect).
     connects: u64,
@@ -108,6 +116,7 @@ impl Side {
             retry_at: now,
             backoff: BACKOFF_MIN,
             last_write: now,
+            up_since: now,
             ping_sent: None,
             connects: 0,
         }
@@ -130,7 +139,9 @@ impl Side {
         self.rbuf = c.rbuf;
         self.wbuf.clear();
         self.codec = c.codec;
-        self.backoff = BACKOFF_MIN;
+        // The backoff is not reset here but when a connection proves healthy (see `lost`): a
+        // broker that accepts and then drops us at once must not be hammered.
+        self.up_since = Instant::now();
         self.last_write = Instant::now();
         self.ping_sent = None;
         self.connects += 1;
@@ -142,6 +153,9 @@ impl Side {
             warn!(broker = %self.broker.name, side = self.role, client_id = %self.client_id, "connection lost: {why}; reconnecting");
         } else {
             warn!(broker = %self.broker.name, side = self.role, url = %self.broker.url, "cannot connect: {why}; retrying in {:?}", self.backoff);
+        }
+        if self.is_up() && self.up_since.elapsed() >= HEALTHY_AFTER {
+            self.backoff = BACKOFF_MIN;
         }
         self.reader = None;
         self.writer = None;
@@ -204,6 +218,12 @@ struct Pair {
     last_drop_log: Option<Instant>,
     /// The source connection resumed an existing session (which may hold older subscriptions).
     resumed_session: bool,
+    /// The source's read buffer ends in an incomplete packet.
+    source_partial: bool,
+    /// The current target connection has acknowledged something.
+    target_progress: bool,
+    /// Target connections in a row that ended without an ack while our messages were out.
+    target_fail_streak: u32,
     /// Counters of earlier activations of this pair (an auto-sized pool parks and wakes pairs).
     base: Counters,
     parking: Option<Parking>,
@@ -227,6 +247,8 @@ pub enum DropReason {
     Expired,
     /// Our own message coming back (marker or digest): suppressed, not dead-lettered.
     Loop,
+    /// The target kept closing the connection over it.
+    TargetDisconnects,
 }
 
 impl DropReason {
@@ -237,6 +259,7 @@ impl DropReason {
             DropReason::TooLarge => "too_large",
             DropReason::Expired => "expired",
             DropReason::Loop => "loop",
+            DropReason::TargetDisconnects => "target_disconnects",
         }
     }
 
@@ -247,6 +270,7 @@ impl DropReason {
             DropReason::TooLarge => &s.dropped_too_large,
             DropReason::Expired => &s.dropped_expired,
             DropReason::Loop => &s.dropped_loop,
+            DropReason::TargetDisconnects => &s.dropped_target_disconnects,
         }
     }
 }
@@ -318,6 +342,9 @@ async fn run_connected(
         advertised: None,
         last_drop_log: None,
         resumed_session: false,
+        source_partial: false,
+        target_progress: false,
+        target_fail_streak: 0,
         sent_at: std::collections::HashMap::new(),
         target_pacer: Pacer::new(
             route.to.max_publish_rate,
@@ -355,7 +382,7 @@ async fn run_connected(
         let read_source = pair.source.is_up()
             && pair.window.can_accept()
             && !draining
-            && pair.source.rbuf.len() < SOURCE_RBUF_HIGH
+            && (pair.source.rbuf.len() < SOURCE_RBUF_HIGH || pair.source_partial)
             && pair.source_pacer.ready(std::time::Instant::now());
         let Pair { source, target, .. } = &mut pair;
         tokio::select! {
@@ -475,6 +502,7 @@ impl Pair {
     }
 
     fn target_established(&mut self, c: Connection) {
+        self.target_progress = false;
         let info = c.connack.clone();
         let broker_window = info.receive_maximum.unwrap_or(u16::MAX);
         let window = usize::from(broker_window.min(self.target.broker.max_inflight));
@@ -541,12 +569,44 @@ impl Pair {
                 self.spec.stats.subscribed.store(false, Relaxed);
             }
             Role::Target => {
+                let was_up = self.target.is_up();
                 self.window.target_disconnected();
                 self.spec.stats.target_up.store(false, Relaxed);
                 self.qos0_buffered = 0;
+                if was_up && !self.target_progress && self.window.on_wire() > 0 {
+                    self.target_fail_streak += 1;
+                } else if was_up {
+                    self.target_fail_streak = 0;
+                }
             }
         }
+        if role == Role::Source {
+            self.source_partial = false;
+        }
         self.side(role).lost(why);
+        if self.target_fail_streak >= POISON_AFTER {
+            self.target_fail_streak = 0;
+            self.give_up_poison();
+        }
+    }
+
+    /// The target keeps closing the connection with our messages on the wire and acks none:
+    /// the oldest held message is taken for the cause and treated as undeliverable, so the
+    /// messages behind it move again.
+    fn give_up_poison(&mut self) {
+        if let Some(m) = self.window.give_up_oldest() {
+            let why = format!(
+                "the target closed the connection {POISON_AFTER} times in a row with it on the wire \
+                 and acknowledged nothing (too large for a 3.x broker, or a name it rejects?)"
+            );
+            self.drop_message(
+                &m.topic,
+                &m.payload,
+                m.properties.as_deref(),
+                DropReason::TargetDisconnects,
+                &why,
+            );
+        }
     }
 
     fn process_target_input(&mut self) {
@@ -558,14 +618,19 @@ impl Pair {
             };
             match packet {
                 Inbound::PubAck { pkid, reason } => {
+                    self.target_progress = true;
                     self.ack_latency(pkid, reason);
                     self.window.target_puback(pkid, reason)
                 }
                 Inbound::PubRec { pkid, reason } => {
+                    self.target_progress = true;
                     self.ack_latency(pkid, reason);
                     self.window.target_pubrec(pkid, reason)
                 }
-                Inbound::PubComp { pkid } => self.window.target_pubcomp(pkid),
+                Inbound::PubComp { pkid } => {
+                    self.target_progress = true;
+                    self.window.target_pubcomp(pkid)
+                }
                 Inbound::PingResp | Inbound::SubAck { .. } | Inbound::UnsubAck { .. } => {}
                 Inbound::PingReq => self.target.codec.pingresp(&mut self.target.wbuf),
                 Inbound::Publish(p) => {
@@ -601,8 +666,16 @@ impl Pair {
             && self.target_paced_ready()
         {
             let packet = match self.source.codec.decode(&mut self.source.rbuf) {
-                Ok(Some(p)) => p,
-                Ok(None) => break,
+                Ok(Some(p)) => {
+                    self.source_partial = false;
+                    p
+                }
+                Ok(None) => {
+                    // A packet is partly here: read on whatever the buffer's size, or a message
+                    // larger than SOURCE_RBUF_HIGH would never complete.
+                    self.source_partial = !self.source.rbuf.is_empty();
+                    break;
+                }
                 Err(e) => return self.side_lost(Role::Source, &e),
             };
             match packet {
@@ -677,7 +750,15 @@ impl Pair {
         let topic = match route.rewrite.apply(&p.topic) {
             Ok(std::borrow::Cow::Owned(t)) => t,
             // Unchanged: the received topic moves on as it is, no copy.
-            Ok(std::borrow::Cow::Borrowed(_)) => std::mem::take(&mut p.topic),
+            // Checked: a broken source may send a wildcard or NUL, which the target would refuse
+            // by closing the connection.
+            Ok(std::borrow::Cow::Borrowed(_)) => match crate::topic::name::validate(&p.topic) {
+                Ok(()) => std::mem::take(&mut p.topic),
+                Err(e) => {
+                    let why = format!("the topic {e}");
+                    return self.undeliverable(p, DropReason::InvalidTopic, &why);
+                }
+            },
             Err(e) => {
                 let why = format!("the rewritten topic {e}");
                 return self.undeliverable(p, DropReason::InvalidTopic, &why);

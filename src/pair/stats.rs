@@ -24,6 +24,8 @@ pub struct PairStats {
     pub redeliveries: AtomicU64,
     /// Messages from subscriptions a resumed session kept from an older config (not forwarded).
     pub stale_subscription: AtomicU64,
+    /// Given up after the target closed the connection over them again and again.
+    pub dropped_target_disconnects: AtomicU64,
     /// Times the pair held back because of the target's per-connection quotas (load above
     /// the route's capacity).
     pub paced: AtomicU64,
@@ -76,7 +78,7 @@ impl PairStats {
 
     /// Messages not delivered, by the `reason` label of `mqbridge_messages_dropped_total`.
     /// Every reason is listed even at zero, so dashboards see the series from the start.
-    pub fn drops(&self) -> [(&'static str, u64); 7] {
+    pub fn drops(&self) -> [(&'static str, u64); 8] {
         let g = Self::get;
         [
             ("refused", g(&self.dropped_refused)),
@@ -86,6 +88,7 @@ impl PairStats {
             ("loop", g(&self.dropped_loop)),
             ("target_down_qos0", g(&self.dropped_qos0_target_down)),
             ("stale_subscription", g(&self.stale_subscription)),
+            ("target_disconnects", g(&self.dropped_target_disconnects)),
         ]
     }
 
@@ -197,7 +200,8 @@ mod tests {
                 "expired",
                 "loop",
                 "target_down_qos0",
-                "stale_subscription"
+                "stale_subscription",
+                "target_disconnects"
             ]
         );
         assert_eq!(s.dropped_total(), 7);

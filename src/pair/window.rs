@@ -396,6 +396,30 @@ impl Window {
         self.send_queued();
     }
 
+    /// The driver gives up on the oldest held message that is not past PUBREC (the target keeps
+    /// closing the connection over it): it is removed and acknowledged to the source, and
+    /// returned for the driver to log, count and dead-letter.
+    pub fn give_up_oldest(&mut self) -> Option<Message> {
+        let pkid = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.stage != Stage::Released)
+            .min_by_key(|(_, s)| s.seq)
+            .map(|(id, _)| *id)?;
+        let slot = self.slots.remove(&pkid).expect("found above");
+        if slot.stage == Stage::Published {
+            self.on_wire -= 1;
+        }
+        self.queued.retain(|id| *id != pkid);
+        self.counters.refused += 1;
+        if let Some(source) = slot.source {
+            self.pending.remove(&source.pkid);
+            self.ack_source(source);
+        }
+        self.send_queued();
+        Some(slot.message)
+    }
+
     // ---- internals ---------------------------------------------------------------------------
 
     fn is(&self, pkid: u16, stage: Stage, qos: Qos) -> bool {
