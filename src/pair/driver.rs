@@ -230,7 +230,7 @@ struct Pair {
     last_source_read: Instant,
     /// First write per target packet id, for `mqbridge_forward_latency_seconds`. The source is
     /// read only while the window has room, so this is (within a pass) the receive time.
-    sent_at: std::collections::HashMap<u16, Instant>,
+    sent_at: super::window::IdMap<Instant>,
     /// The target's per-connection quotas (PUBLISH/s, bytes/s) for what we publish to it.
     target_pacer: Pacer,
     /// The source's per-connection byte quota for what we read from it.
@@ -345,7 +345,7 @@ async fn run_connected(
         source_partial: false,
         target_progress: false,
         target_fail_streak: 0,
-        sent_at: std::collections::HashMap::new(),
+        sent_at: Default::default(),
         target_pacer: Pacer::new(
             route.to.max_publish_rate,
             route.to.bandwidth_limit,
@@ -386,6 +386,9 @@ async fn run_connected(
             && pair.source_pacer.ready(std::time::Instant::now());
         let Pair { source, target, .. } = &mut pair;
         tokio::select! {
+            // Reads first: what is readable is taken in before anything is written, so acks and
+            // publishes leave in batches (fewer syscalls per message than a random pick).
+            biased;
             r = read_some(&mut target.reader, &mut target.rbuf) => match r {
                 Ok(0) => pair.side_lost(Role::Target, &LinkError::Closed),
                 Ok(_) => target.ping_sent = None,

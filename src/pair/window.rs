@@ -13,6 +13,31 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::{config::Qos, message::Message};
 
+/// Packet ids are small, dense and not attacker-chosen in any way that matters here (a
+/// broker could only slow its own pair), so they hash as themselves: no SipHash per message.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u16(&mut self, n: u16) {
+        // Spread the id over the high bits too: hashbrown uses the top 7 bits as tags.
+        self.0 = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type IdBuild = std::hash::BuildHasherDefault<IdHasher>;
+/// A map keyed by packet id.
+pub type IdMap<V> = HashMap<u16, V, IdBuild>;
+type IdSet = HashSet<u16, IdBuild>;
+
 /// An acknowledgement owed to the source broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SourceAck {
@@ -92,21 +117,21 @@ pub struct Counters {
 pub struct Window {
     /// Most QoS ≥ 1 messages held at once (= target Receive Maximum capped by `max_inflight`).
     window: usize,
-    slots: HashMap<u16, Slot>,
+    slots: IdMap<Slot>,
     /// Held messages not yet written, in arrival order.
     queued: VecDeque<u16>,
     /// Slots written and not finished (`Published` or `Released`).
     on_wire: usize,
     /// Source packet id → target packet id, while the source ack is outstanding.
-    pending: HashMap<u16, u16>,
+    pending: IdMap<u16>,
     /// QoS 2 source ids we sent PUBREC for and whose PUBREL has not come yet.
-    awaiting_rel: HashSet<u16>,
+    awaiting_rel: IdSet,
     /// QoS 1 acks that fell due while the source was down: sent when the source redelivers.
-    owed: HashSet<u16>,
+    owed: IdSet,
     /// Source ids held or owed when the current source connection came up. The broker redelivers
     /// them with DUP right away; one whose ack we already sent on this connection crossed it, and
     /// must be neither forwarded nor acked again (the broker may reuse the id once it has the ack).
-    carried: HashSet<u16>,
+    carried: IdSet,
     source_up: bool,
     target_up: bool,
     epoch: u64,
@@ -121,13 +146,13 @@ impl Window {
     pub fn new(window: usize) -> Self {
         Window {
             window: window.clamp(1, u16::MAX as usize),
-            slots: HashMap::new(),
+            slots: IdMap::default(),
             queued: VecDeque::new(),
             on_wire: 0,
-            pending: HashMap::new(),
-            awaiting_rel: HashSet::new(),
-            owed: HashSet::new(),
-            carried: HashSet::new(),
+            pending: IdMap::default(),
+            awaiting_rel: IdSet::default(),
+            owed: IdSet::default(),
+            carried: IdSet::default(),
             source_up: false,
             target_up: false,
             epoch: 0,

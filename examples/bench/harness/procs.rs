@@ -1,0 +1,359 @@
+//! The processes under test: mosquitto brokers (with or without a bridge `connection`) and
+//! `mqbridge run`, each on free loopback ports with a generated config in a scratch directory,
+//! and what /proc tells about them (CPU time, peak RSS).
+
+use std::{
+    fs::File,
+    io::{self, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering::Relaxed},
+    time::{Duration, Instant},
+};
+
+static NEXT_PORT: AtomicU32 = AtomicU32::new(0);
+
+/// A port on 127.0.0.1 that was free a moment ago, below Linux's ephemeral range so that no
+/// outgoing connection can hold it. Never 1883.
+pub fn free_port() -> io::Result<u16> {
+    const RANGE: std::ops::Range<u32> = 20_000..32_000;
+    let seed = std::process::id().wrapping_mul(7919)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+    for _ in 0..(RANGE.end - RANGE.start) {
+        let n = NEXT_PORT.fetch_add(1, Relaxed);
+        let port = (RANGE.start + seed.wrapping_add(n.wrapping_mul(17)) % (RANGE.end - RANGE.start))
+            as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(io::Error::other("no free port in 20000..32000"))
+}
+
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Proc {
+    pub name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> io::Result<Proc> {
+        let out = File::create(&log)?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot run {cmd:?}: {e}")))?;
+        Ok(Proc { name, child, log })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(format!(
+                "{} exited ({status}); its log {}:\n{}",
+                self.name,
+                self.log.display(),
+                tail(&self.log)
+            )),
+            _ => None,
+        }
+    }
+
+    /// Waits until `ready` holds, or fails with the process's log.
+    pub fn wait_until(
+        &mut self,
+        timeout: Duration,
+        mut ready: impl FnMut() -> bool,
+    ) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(why) = self.exited() {
+                return Err(io::Error::other(why));
+            }
+            if ready() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{} not ready within {timeout:?}; its log {}:\n{}",
+                        self.name,
+                        self.log.display(),
+                        tail(&self.log)
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// CPU seconds used so far (utime + stime of all its threads, /proc/<pid>/stat).
+    pub fn cpu_seconds(&self) -> io::Result<f64> {
+        cpu_seconds(self.pid())
+    }
+
+    /// Peak resident set size in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> io::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| io::Error::other("no VmHWM in /proc/<pid>/status"))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+fn clock_ticks_per_second() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// utime + stime of `pid` in seconds.
+pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces and parentheses: fields are counted after the last ')'.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| io::Error::other("malformed /proc/<pid>/stat"))?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Field 3 (state) is fields[0]; utime is field 14, stime field 15.
+    let ticks: f64 = [11, 12]
+        .iter()
+        .map(|&i| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        })
+        .sum();
+    Ok(ticks / clock_ticks_per_second())
+}
+
+fn running_as_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+/// What every broker of a run shares.
+#[derive(Clone, Debug)]
+pub struct BrokerSettings {
+    pub mosquitto: PathBuf,
+    pub max_inflight: u64,
+    /// Lines appended to the general part of the config.
+    pub extra: String,
+}
+
+/// mosquitto's own bridge, configured in the first broker.
+pub struct BridgeSection {
+    pub remote: u16,
+    pub qos: u8,
+    /// Lines appended to the `connection` section.
+    pub extra: String,
+}
+
+pub struct Broker {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Broker {
+    pub fn start(
+        dir: &Path,
+        name: &'static str,
+        settings: &BrokerSettings,
+        bridge: Option<&BridgeSection>,
+    ) -> io::Result<Broker> {
+        let mut last = None;
+        for attempt in 0..5 {
+            let port = free_port()?;
+            let conf = dir.join(format!("{name}.conf"));
+            std::fs::write(&conf, broker_config(dir, name, port, settings, bridge))?;
+            let mut cmd = Command::new(&settings.mosquitto);
+            cmd.arg("-c").arg(&conf);
+            let mut proc = Proc::spawn(name, cmd, dir.join(format!("{name}.out")))?;
+            match proc.wait_until(Duration::from_secs(10), || {
+                TcpStream::connect(loopback(port)).is_ok()
+            }) {
+                Ok(()) => return Ok(Broker { proc, port }),
+                // Another process may have taken the port in between: try another.
+                Err(e) if attempt < 4 => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("mosquitto did not start")))
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        loopback(self.port)
+    }
+}
+
+fn broker_config(
+    dir: &Path,
+    name: &str,
+    port: u16,
+    settings: &BrokerSettings,
+    bridge: Option<&BridgeSection>,
+) -> String {
+    let mut conf = format!(
+        "# generated by examples/bench\n\
+         listener {port} 127.0.0.1\n\
+         allow_anonymous true\n\
+         persistence false\n\
+         max_inflight_messages {inflight}\n\
+         max_queued_messages 0\n\
+         max_queued_bytes 0\n\
+         set_tcp_nodelay true\n\
+         log_dest file {log}\n\
+         log_type error\n\
+         log_type warning\n\
+         log_type notice\n\
+         log_type information\n",
+        inflight = settings.max_inflight,
+        log = dir.join(format!("{name}.log")).display(),
+    );
+    if running_as_root() {
+        // Otherwise mosquitto switches to its own user, who cannot write the log file.
+        conf.push_str("user root\n");
+    }
+    conf.push_str(&settings.extra);
+    conf.push('\n');
+    if let Some(b) = bridge {
+        conf.push_str(&format!(
+            "\nconnection bench-bridge\n\
+             address 127.0.0.1:{remote}\n\
+             topic bench/# out {qos}\n\
+             bridge_protocol_version mqttv311\n\
+             cleansession false\n\
+             notifications false\n\
+             keepalive_interval 60\n\
+             restart_timeout 1\n\
+             start_type automatic\n",
+            remote = b.remote,
+            qos = b.qos,
+        ));
+        conf.push_str(&b.extra);
+        conf.push('\n');
+    }
+    conf
+}
+
+/// `mqbridge run` with one route A → B over MQTT 3.1.1 and an admin port for `/readyz`.
+pub struct Mqbridge {
+    pub proc: Proc,
+}
+
+pub struct MqbridgeSettings<'a> {
+    pub binary: &'a Path,
+    pub source: u16,
+    pub target: u16,
+    pub qos: u8,
+    pub pool_size: u16,
+    pub max_inflight: u64,
+}
+
+impl Mqbridge {
+    pub fn start(dir: &Path, s: &MqbridgeSettings) -> io::Result<Mqbridge> {
+        let admin = free_port()?;
+        let conf = dir.join("mqbridge.toml");
+        std::fs::write(&conf, mqbridge_config(s, admin))?;
+        let mut cmd = Command::new(s.binary);
+        cmd.arg("run").arg("-c").arg(&conf);
+        let mut proc = Proc::spawn("mqbridge", cmd, dir.join("mqbridge.log"))?;
+        proc.wait_until(Duration::from_secs(20), || ready(admin))?;
+        Ok(Mqbridge { proc })
+    }
+}
+
+/// The config `bench` runs mqbridge with: one route A → B, everything else at its default.
+pub fn mqbridge_config(s: &MqbridgeSettings, admin: u16) -> String {
+    format!(
+        r#"# generated by examples/bench
+[bridge]
+name = "bench"
+instance = "b"
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[brokers.a]
+url = "mqtt://127.0.0.1:{source}"
+protocol = "3.1.1"
+max_inflight = {inflight}
+
+[brokers.b]
+url = "mqtt://127.0.0.1:{target}"
+protocol = "3.1.1"
+max_inflight = {inflight}
+
+[[routes]]
+name = "bench"
+from = "a"
+to = "b"
+topics = ["bench/#"]
+qos = {qos}
+pool_size = {pool}
+"#,
+        source = s.source,
+        target = s.target,
+        inflight = s.max_inflight,
+        qos = s.qos,
+        pool = s.pool_size,
+    )
+}
+
+/// `GET /readyz` answers 200: every pair connected and subscribed.
+fn ready(admin: u16) -> bool {
+    let Ok(mut conn) = TcpStream::connect(loopback(admin)) else {
+        return false;
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    if conn
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    conn.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
+}

@@ -1,0 +1,91 @@
+//! The benchmark of issue #6 still runs: `examples/bench` in `--quick` mode, one QoS 1 case
+//! (direct, mosquitto's bridge, mqbridge pool 1) against real mosquitto brokers. Its Markdown
+//! table must parse, and mqbridge must deliver every message.
+
+// The benchmark's code, compiled into this test so that no separately built example is needed.
+#[allow(dead_code)]
+#[path = "../examples/bench/harness/mod.rs"]
+mod harness;
+
+use std::path::Path;
+
+/// The Markdown table's rows as cells, header first, without the alignment row.
+fn table(markdown: &str) -> Vec<Vec<String>> {
+    markdown
+        .lines()
+        .filter(|l| l.starts_with('|') && !l.starts_with("| ---"))
+        .map(|l| {
+            l.trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().to_owned())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn quick_benchmark_runs_and_mqbridge_loses_nothing() {
+    let json = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-smoke.json");
+    let report = harness::run_with_args([
+        "bench",
+        "--quick",
+        "--qos",
+        "1",
+        "--payload",
+        "64",
+        "--pools",
+        "1",
+        "--idle-timeout",
+        "10s",
+        "--mqbridge",
+        env!("CARGO_BIN_EXE_mqbridge"),
+        "--json",
+        json.to_str().expect("utf-8 path"),
+    ])
+    .unwrap_or_else(|e| panic!("the benchmark failed: {e}"));
+    println!("{}", report.markdown);
+
+    let rows = table(&report.markdown);
+    let header = &rows[0];
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| h.starts_with(name))
+            .unwrap_or_else(|| panic!("no column {name:?} in {header:?}"))
+    };
+    let (path, rate, lost) = (col("path"), col("msg/s"), col("lost / dup"));
+    assert_eq!(
+        rows.len(),
+        4,
+        "header + direct, mosquitto, mqbridge: {rows:?}"
+    );
+    for row in &rows[1..] {
+        assert_eq!(row.len(), header.len(), "ragged row {row:?}");
+        let msgs: f64 = row[rate]
+            .trim_end_matches(" †")
+            .replace(',', "")
+            .parse()
+            .unwrap_or_else(|_| {
+                panic!("msg/s {:?} is not a number", row[rate]);
+            });
+        assert!(msgs > 0.0, "{row:?}");
+    }
+    let mqbridge = rows[1..]
+        .iter()
+        .find(|r| r[path].starts_with("mqbridge"))
+        .expect("an mqbridge row");
+    let lost_count: u64 = mqbridge[lost]
+        .split(" / ")
+        .next()
+        .and_then(|n| n.replace(',', "").parse().ok())
+        .unwrap_or_else(|| panic!("lost / dup {:?} does not parse", mqbridge[lost]));
+    assert_eq!(
+        lost_count, 0,
+        "mqbridge lost messages at QoS 1: {mqbridge:?}"
+    );
+
+    let written = std::fs::read_to_string(&json).expect("the JSON file");
+    assert!(written.contains("\"path\": \"mqbridge\""), "{written}");
+    assert!(report.runs.iter().all(|r| r.count == r.distinct + r.lost()));
+    assert_eq!(report.summary.len(), 3);
+}
