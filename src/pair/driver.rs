@@ -95,6 +95,9 @@ struct Side {
     last_write: Instant,
     /// When the current connection was established.
     up_since: Instant,
+    /// The current connection did useful work (an ack from the target, a SUBACK from the
+    /// source): losing it restarts the backoff from `BACKOFF_MIN`.
+    healthy: bool,
     ping_sent: Option<Instant>,
     /// Successful connections so far (the first is not a reconnect).
     connects: u64,
@@ -117,6 +120,7 @@ impl Side {
             backoff: BACKOFF_MIN,
             last_write: now,
             up_since: now,
+            healthy: false,
             ping_sent: None,
             connects: 0,
         }
@@ -142,6 +146,7 @@ impl Side {
         // The backoff is not reset here but when a connection proves healthy (see `lost`): a
         // broker that accepts and then drops us at once must not be hammered.
         self.up_since = Instant::now();
+        self.healthy = false;
         self.last_write = Instant::now();
         self.ping_sent = None;
         self.connects += 1;
@@ -154,7 +159,7 @@ impl Side {
         } else {
             warn!(broker = %self.broker.name, side = self.role, url = %self.broker.url, "cannot connect: {why}; retrying in {:?}", self.backoff);
         }
-        if self.is_up() && self.up_since.elapsed() >= HEALTHY_AFTER {
+        if self.is_up() && (self.healthy || self.up_since.elapsed() >= HEALTHY_AFTER) {
             self.backoff = BACKOFF_MIN;
         }
         self.reader = None;
@@ -517,8 +522,12 @@ impl Pair {
         if self.target.connects > 0 {
             PairStats::add(&self.spec.stats.target_reconnects, 1);
         }
+        let first = self.target.connects == 0;
         self.target.established(c);
         info!(route = %self.spec.route.name, pair = self.spec.index, broker = %self.target.broker.name, client_id = %self.target.client_id, session_present = info.session_present, window, "target connected");
+        if first && info.session_present {
+            self.release_stranded();
+        }
         self.window.target_connected(info.session_present, window);
         self.spec.stats.target_up.store(true, Relaxed);
         // The source advertised the old target's window: if the target came back with another,
@@ -528,6 +537,21 @@ impl Pair {
             info!(route = %self.spec.route.name, pair = self.spec.index, "the target's window changed; reconnecting the source to mirror it");
             self.side_lost(Role::Source, &"the target's window changed");
             self.source.retry_at = Instant::now();
+        }
+    }
+
+    /// A target session resumed by a pair that knows nothing of it (a new process, or a pair
+    /// woken by an auto-sized pool) may hold QoS 2 exchanges an earlier run left half done:
+    /// messages the target took (PUBREC) whose PUBREL never came. Left there they are never
+    /// delivered, they fill the target's window (new publishes get 0x97), and a new message
+    /// reusing one of their packet ids is taken for a duplicate. So PUBREL every id once, before
+    /// anything is published: the target delivers what it held and answers PUBCOMP (or "not
+    /// found"), which the window counts as unsolicited. 64 Ki × 4 bytes, once.
+    fn release_stranded(&mut self) {
+        info!(route = %self.spec.route.name, pair = self.spec.index, "resumed a target session this process did not start: releasing any QoS 2 exchange left in it");
+        self.target.wbuf.reserve(4 * usize::from(u16::MAX));
+        for pkid in 1..=u16::MAX {
+            self.target.codec.pubrel(pkid, &mut self.target.wbuf);
         }
     }
 
@@ -622,11 +646,13 @@ impl Pair {
             match packet {
                 Inbound::PubAck { pkid, reason } => {
                     self.target_progress = true;
+                    self.target.healthy = true;
                     self.ack_latency(pkid, reason);
                     self.window.target_puback(pkid, reason)
                 }
                 Inbound::PubRec { pkid, reason } => {
                     self.target_progress = true;
+                    self.target.healthy = true;
                     self.ack_latency(pkid, reason);
                     self.window.target_pubrec(pkid, reason)
                 }
@@ -716,6 +742,7 @@ impl Pair {
             return self.side_lost(Role::Source, &"subscription refused");
         }
         self.suback_pending.retain(|p| *p != pkid);
+        self.source.healthy = true;
         if self.suback_pending.is_empty() {
             self.spec.stats.subscribed.store(true, Relaxed);
             info!(route = %route.name, pair = self.spec.index, "pair ready: subscribed");

@@ -8,6 +8,7 @@
 mod bridge;
 mod client;
 mod configs;
+pub mod fake_broker;
 mod ids;
 mod mosquitto;
 mod process;
@@ -33,7 +34,7 @@ pub use ids::{
 #[allow(unused_imports)]
 pub use mosquitto::{Mosquitto, MosquittoOpts};
 #[allow(unused_imports)]
-pub use proxy::{Proxy, RandomCuts, random_duration};
+pub use proxy::{Proxy, RandomCuts, Tapped, random_duration};
 #[allow(unused_imports)]
 pub use temp::{TestDir, free_port, write_temp};
 #[allow(unused_imports)]
