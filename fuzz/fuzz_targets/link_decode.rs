@@ -64,6 +64,9 @@ fuzz_target!(|data: &[u8]| {
     let codec = Codec::new(protocol, MAX_INCOMING);
     let (whole, whole_failed) = decode_all(&codec, stream, stream.len());
     let (pieces, pieces_failed) = decode_all(&codec, stream, usize::from(*piece % 16) + 1);
-    assert_eq!(whole_failed, pieces_failed, "{protocol:?}: error at once vs in pieces");
+    assert_eq!(
+        whole_failed, pieces_failed,
+        "{protocol:?}: error at once vs in pieces"
+    );
     assert_eq!(whole, pieces, "{protocol:?}: packets at once vs in pieces");
 });

@@ -20,7 +20,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let parsed = TopicFilter::parse(filter).expect("compile accepted the filter");
     match rule.apply(topic) {
-        None => assert!(!parsed.matches(topic), "{filter:?} matches {topic:?} but apply said no"),
+        None => assert!(
+            !parsed.matches(topic),
+            "{filter:?} matches {topic:?} but apply said no"
+        ),
         Some(result) => {
             assert!(parsed.matches(topic), "{filter:?} does not match {topic:?}");
             if let Ok(rewritten) = result {

@@ -38,6 +38,14 @@ type IdBuild = std::hash::BuildHasherDefault<IdHasher>;
 pub type IdMap<V> = HashMap<u16, V, IdBuild>;
 type IdSet = HashSet<u16, IdBuild>;
 
+/// What identifies a message for recognising a redelivery of it (QoS 2 only).
+fn digest(m: &Message) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (m.topic.as_str(), &m.payload[..]).hash(&mut h);
+    h.finish()
+}
+
 /// An acknowledgement owed to the source broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SourceAck {
@@ -132,6 +140,12 @@ pub struct Window {
     /// them with DUP right away; one whose ack we already sent on this connection crossed it, and
     /// must be neither forwarded nor acked again (the broker may reuse the id once it has the ack).
     carried: IdSet,
+    /// QoS 2 source ids taken and not yet released (PUBREL): a digest of their message.
+    qos2_digests: IdMap<u64>,
+    /// QoS 2 exchanges the source completed (PUBREL seen), by id, until a PUBLISH without DUP
+    /// reuses the id. mosquitto 2.0 may resend such a PUBLISH with DUP after a connection died at
+    /// CONNECT (against MQTT-4.3.3); the same id and message is then answered, not forwarded.
+    released: IdMap<u64>,
     source_up: bool,
     target_up: bool,
     epoch: u64,
@@ -153,6 +167,8 @@ impl Window {
             awaiting_rel: IdSet::default(),
             owed: IdSet::default(),
             carried: IdSet::default(),
+            qos2_digests: IdMap::default(),
+            released: IdMap::default(),
             source_up: false,
             target_up: false,
             epoch: 0,
@@ -208,6 +224,8 @@ impl Window {
             self.pending.clear();
             self.awaiting_rel.clear();
             self.owed.clear();
+            self.qos2_digests.clear();
+            self.released.clear();
             for slot in self.slots.values_mut() {
                 slot.source = None;
             }
@@ -263,6 +281,21 @@ impl Window {
             self.push_source(SourceAck::PubAck(pkid));
             return;
         }
+        let digest = (source_qos == Qos::ExactlyOnce).then(|| digest(&message));
+        if let Some(d) = digest {
+            match self.released.remove(&pkid) {
+                Some(done) if dup && done == d => {
+                    // Already forwarded once under this id: answer as a QoS 2 receiver does.
+                    self.counters.redeliveries += 1;
+                    self.qos2_digests.insert(pkid, d);
+                    self.awaiting_rel.insert(pkid);
+                    self.push_source(SourceAck::PubRec(pkid));
+                    return;
+                }
+                _ => {}
+            }
+            self.qos2_digests.insert(pkid, d);
+        }
         if self.carried.remove(&pkid) && dup {
             // Redelivered before our ack (sent on this connection) reached the broker.
             self.counters.redeliveries += 1;
@@ -309,6 +342,9 @@ impl Window {
     /// PUBREL from the source for a QoS 2 message we sent PUBREC for.
     pub fn source_pubrel(&mut self, pkid: u16) {
         self.awaiting_rel.remove(&pkid);
+        if let Some(d) = self.qos2_digests.remove(&pkid) {
+            self.released.insert(pkid, d);
+        }
         self.push_source(SourceAck::PubComp(pkid));
     }
 
