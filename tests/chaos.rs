@@ -427,7 +427,7 @@ async fn qos2_with_cuts(src_proto: Proto, dst_proto: Proto, messages: u32) {
     assert!(
         count.at_least_once() && count_after.exactly_once(),
         "seed {seed}: not exactly once: {count_after}; {}\n(duplicates of a whole stretch of \
-         messages are open bug 5, tests/found_bugs.rs: mosquitto resends a QoS 2 PUBLISH after \
+         messages: see bug 5 in tests/found_bugs.rs, mosquitto resending a QoS 2 PUBLISH after \
          PUBREL)\n{}",
         show_duplicates(&received, "e"),
         bridge.log()

@@ -5,8 +5,8 @@
 //!
 //! Bugs 1-3 (fixed in e8119b0) had one shape: one message the pair could not get past, and a
 //! connection re-established and failing again on it forever, so nothing behind it on that pair
-//! moved. Bug 4 (fixed in bf87c64) lost QoS 2 messages after a crash. Bug 5 (open) duplicates
-//! QoS 2 messages that mosquitto resends after their exchange completed.
+//! moved. Bug 4 (fixed in bf87c64) lost QoS 2 messages after a crash. Bug 5 (fixed in f087ebf)
+//! duplicated QoS 2 messages that mosquitto resends after their exchange completed.
 
 mod support;
 
@@ -275,7 +275,7 @@ async fn mosquitto_resends_a_released_qos2_publish_after_a_connection_dies_at_co
     eprintln!("what mosquitto resent on each attempt: {seen:x?} (0x3c PUBLISH DUP, 0x62 PUBREL)");
     assert!(
         seen.contains(&0x3c),
-        "mosquitto resent only PUBREL ({seen:x?}): has it been upgraded? Then bug 5 may be moot"
+        "mosquitto resent only PUBREL ({seen:x?}): has it been upgraded? Then bug 5's guard may go"
     );
 }
 
