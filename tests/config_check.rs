@@ -51,7 +51,7 @@ name = "edge-1"
 instance = "pod-0"
 
 [brokers.edge]
-url = "mqtt://127.0.0.1:1883"
+url = "mqtt://127.0.0.1:21883"
 
 [brokers.cloud]
 url = "mqtt://127.0.0.1:1884"
@@ -224,7 +224,7 @@ fn type_mismatches_name_the_key() {
 fn missing_required_keys() {
     let err = error(&MINIMAL.replace("name = \"edge-1\"", ""));
     assert!(err.starts_with("bridge.name: missing"), "{err}");
-    let err = error(&MINIMAL.replace("url = \"mqtt://127.0.0.1:1883\"", ""));
+    let err = error(&MINIMAL.replace("url = \"mqtt://127.0.0.1:21883\"", ""));
     assert!(err.starts_with("brokers.edge.url: missing"), "{err}");
     let err = error(&MINIMAL.replace("to = \"cloud\"", ""));
     assert!(err.starts_with("routes[0].to: missing"), "{err}");
@@ -232,9 +232,9 @@ fn missing_required_keys() {
 
 #[test]
 fn bad_urls_name_the_broker() {
-    let err = error(&MINIMAL.replace("mqtt://127.0.0.1:1883", "http://127.0.0.1:1883"));
+    let err = error(&MINIMAL.replace("mqtt://127.0.0.1:21883", "http://127.0.0.1:21883"));
     assert!(err.starts_with("brokers.edge.url: "), "{err}");
-    let err = error(&MINIMAL.replace("mqtt://127.0.0.1:1883", "mqtt://bridge:pw@127.0.0.1"));
+    let err = error(&MINIMAL.replace("mqtt://127.0.0.1:21883", "mqtt://bridge:pw@127.0.0.1"));
     assert!(
         err.starts_with("brokers.edge.url: put credentials"),
         "{err}"

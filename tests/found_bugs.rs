@@ -1,7 +1,6 @@
 //! Bridge bugs found by the chaos and hostile-broker work (issue #7), each as the smallest test
-//! that shows it: regression tests for the fixed ones, `#[ignore]`d reproductions for the open
-//! ones (run them with `cargo test --release --test found_bugs -- --ignored`; drop the `ignore`
-//! when one passes).
+//! that shows it. All five are fixed; these are their regression tests. A new bug found later
+//! goes here too, as a failing reproduction, until it is fixed.
 //!
 //! Bugs 1-3 (fixed in e8119b0) had one shape: one message the pair could not get past, and a
 //! connection re-established and failing again on it forever, so nothing behind it on that pair
