@@ -74,13 +74,13 @@ mod tests {
             user_properties: vec![("a".into(), "1".into())],
             ..Default::default()
         }));
-        add(&mut props, "edge-1", "127.0.0.1:1883");
+        add(&mut props, "edge-1", "127.0.0.1:21883");
         assert_eq!(
             props.unwrap().user_properties,
             vec![
                 ("a".into(), "1".into()),
                 (VIA.into(), "edge-1".into()),
-                (FROM.into(), "127.0.0.1:1883".into())
+                (FROM.into(), "127.0.0.1:21883".into())
             ]
         );
     }
