@@ -1,8 +1,9 @@
 //! Soak: a steady QoS 1 stream through one bridge process for a long time (10 minutes unless
 //! `MQBRIDGE_SOAK_SECS` says otherwise) while faults keep coming (connection cuts on both sides,
 //! stalls, slow links, target broker restarts), and the process's resident memory, open file
-//! descriptors and threads sampled from /proc: they must end where they started. Not part of the
-//! default suite (`#[ignore]`); run it with `scripts/soak.sh` (issue #7, "done when" 4).
+//! descriptors and threads sampled from /proc and its runtime's task count from /metrics: they
+//! must end where they started. Not part of the default suite (`#[ignore]`); run it with
+//! `scripts/soak.sh` (issue #7, "done when" 4).
 //!
 //! The stream goes in rounds (30 s each), every round checked complete (at least once) before the
 //! collector forgets it, so the test's own memory stays flat too. The bridge is never restarted:
@@ -25,9 +26,15 @@ struct Sample {
     hwm_kib: u64,
     fds: usize,
     threads: u64,
+    /// Tasks alive in the bridge's runtime (`mqbridge_runtime_tasks` on /metrics).
+    tasks: u64,
 }
 
-fn sample(pid: u32) -> Sample {
+async fn sample(pid: u32, admin: &str) -> Sample {
+    let tasks = http_get(admin, "/metrics")
+        .await
+        .map(|(_, body)| metric(&body, "mqbridge_runtime_tasks") as u64)
+        .unwrap_or(0);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
@@ -45,6 +52,7 @@ fn sample(pid: u32) -> Sample {
         hwm_kib: field("VmHWM:"),
         fds,
         threads: field("Threads:"),
+        tasks,
     }
 }
 
@@ -97,7 +105,7 @@ async fn soak_steady_load_with_periodic_faults_keeps_resources_flat() {
     let admin_addr = format!("127.0.0.1:{admin}");
 
     let started = Instant::now();
-    let mut samples = vec![(Duration::ZERO, sample(pid))];
+    let mut samples = vec![(Duration::ZERO, sample(pid, &admin_addr).await)];
     let mut faults: Vec<String> = Vec::new();
     let mut next_fault = Instant::now() + Duration::from_secs(10);
     let mut total_duplicates = 0;
@@ -174,15 +182,16 @@ async fn soak_steady_load_with_periodic_faults_keeps_resources_flat() {
         total_duplicates += count.duplicates;
         // Late duplicates of this round are ignored by the next rounds' counts (other prefix).
         collector.clear();
-        let s = sample(pid);
+        let s = sample(pid, &admin_addr).await;
         samples.push((started.elapsed(), s));
         eprintln!(
-            "round {round:2} at {:4}s: {count}; RSS {} KiB (peak {}), {} fds, {} threads",
+            "round {round:2} at {:4}s: {count}; RSS {} KiB (peak {}), {} fds, {} threads, {} tasks",
             started.elapsed().as_secs(),
             s.rss_kib,
             s.hwm_kib,
             s.fds,
-            s.threads
+            s.threads,
+            s.tasks
         );
     }
     assert!(bridge.is_running() && !bridge.log().contains("panicked"));
@@ -221,6 +230,12 @@ async fn soak_steady_load_with_periodic_faults_keeps_resources_flat() {
         "threads grew from {} to {}",
         first.threads,
         last.threads
+    );
+    assert!(
+        first.tasks > 0 && last.tasks <= first.tasks,
+        "tasks went from {} to {}",
+        first.tasks,
+        last.tasks
     );
     assert!(
         bridge

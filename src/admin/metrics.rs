@@ -250,6 +250,17 @@ impl Collector for BridgeCollector {
             by_route(|s| s.dead_lettered),
         )?;
 
+        // Process-wide: a task leak (a pair or connection task that never ends) shows here.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            family(
+                &mut enc,
+                "mqbridge_runtime_tasks",
+                "Tasks alive in the process's async runtime (pairs, connections, admin).",
+                Gauge,
+                [([("", ""); 0], rt.metrics().num_alive_tasks() as u64)],
+            )?;
+        }
+
         let mut m = enc.encode_descriptor(
             "mqbridge_forward_latency_seconds",
             "Time from receiving a QoS 1/2 message from the source to the target's acknowledgement.",
@@ -412,5 +423,23 @@ mod tests {
             assert!(series.starts_with("mqbridge_"), "{line}");
             assert!(series.ends_with('}'), "every sample carries labels: {line}");
         }
+    }
+    #[tokio::test]
+    async fn the_runtime_task_count_is_a_plain_gauge() {
+        let text = Metrics::new(RouteSet::new(vec![])).render();
+        let value: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("mqbridge_runtime_tasks "))
+            .unwrap_or_else(|| panic!("no mqbridge_runtime_tasks sample in:\n{text}"))
+            .parse()
+            .unwrap();
+        // A #[tokio::test] runs its body on the runtime's own thread, not as a spawned task.
+        let parked = tokio::spawn(std::future::pending::<()>());
+        let text = Metrics::new(RouteSet::new(vec![])).render();
+        assert!(
+            has_line(&text, &format!("mqbridge_runtime_tasks {}", value + 1)),
+            "{text}"
+        );
+        parked.abort();
     }
 }
