@@ -185,9 +185,19 @@ impl Codec {
         if buf.is_empty() {
             return Ok(None);
         }
-        match self.protocol {
+        // rumqttc says "insufficient bytes" both for a frame not all there yet and for a complete
+        // frame whose inner lengths overrun it (after splitting that frame off the buffer). Only
+        // the first means "wait for more"; the second is a malformed packet.
+        let complete = frame_len(buf).is_some_and(|n| buf.len() >= n);
+        let decoded = match self.protocol {
             Protocol::V5 => v5::decode(buf, self.max_incoming),
             _ => v3::decode(buf, self.max_incoming as usize),
+        };
+        match decoded {
+            Ok(None) if complete => Err(LinkError::Protocol(
+                "malformed packet: its contents overrun its remaining length".into(),
+            )),
+            other => other,
         }
     }
 
@@ -331,5 +341,93 @@ fn refusal(protocol: Protocol, c: &ConnAckInfo) -> String {
     match &c.reason {
         Some(r) => format!("{words} (code {:#04x}: {r})", c.code),
         None => format!("{words} (code {:#04x})", c.code),
+    }
+}
+
+/// The length of the frame at the start of `buf` (fixed header included), once its Remaining
+/// Length is all there; `None` before that or when the Remaining Length is malformed.
+fn frame_len(buf: &[u8]) -> Option<usize> {
+    let mut remaining = 0usize;
+    for (i, byte) in buf.iter().skip(1).take(4).enumerate() {
+        remaining |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some(1 + (i + 1) + remaining);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(protocol: Protocol, bytes: &[u8]) -> Result<Vec<Inbound>, LinkError> {
+        let codec = Codec::new(protocol, 64 * 1024);
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        while let Some(p) = codec.decode(&mut buf)? {
+            out.push(p);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn frame_length_counts_the_fixed_header() {
+        assert_eq!(frame_len(&[0x40]), None);
+        assert_eq!(frame_len(&[0x40, 0x02]), Some(4));
+        assert_eq!(frame_len(&[0x30, 0x80]), None);
+        assert_eq!(frame_len(&[0x30, 0x80, 0x01]), Some(3 + 128));
+        assert_eq!(
+            frame_len(&[0x30, 0xff, 0xff, 0xff, 0x7f]),
+            Some(5 + 268_435_455)
+        );
+        assert_eq!(frame_len(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01]), None);
+    }
+
+    #[test]
+    fn a_complete_frame_whose_contents_overrun_it_is_a_protocol_error_not_skipped() {
+        // Found by fuzzing (fuzz/seeds/link_decode/known_*): a PUBACK with a truncated property
+        // length, and a CONNACK without its properties length.
+        for bytes in [
+            &[0x40, 0x04, 0x00, 0x01, 0x00, 0x80][..],
+            &[0x20, 0x02, 0x00, 0x00],
+        ] {
+            let err = decode_all(Protocol::V5, bytes).expect_err("a malformed packet");
+            assert!(err.to_string().contains("malformed"), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_incomplete_frame_waits_for_more_and_then_decodes() {
+        let puback = [0x40u8, 0x03, 0x00, 0x07, 0x00];
+        let codec = Codec::new(Protocol::V5, 64 * 1024);
+        let mut buf = BytesMut::new();
+        for (i, byte) in puback.iter().enumerate() {
+            buf.extend_from_slice(&[*byte]);
+            let got = codec.decode(&mut buf).expect("no error on a partial frame");
+            if i + 1 < puback.len() {
+                assert!(got.is_none(), "decoded from {} of 5 bytes", i + 1);
+                assert_eq!(buf.len(), i + 1, "a partial frame is left in the buffer");
+            } else {
+                assert!(
+                    matches!(got, Some(Inbound::PubAck { pkid: 7, reason: 0 })),
+                    "{got:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn good_packets_around_the_check_still_decode_on_every_version() {
+        for protocol in [Protocol::V31, Protocol::V311, Protocol::V5] {
+            let got = decode_all(protocol, &[0x40, 0x02, 0x00, 0x05, 0xd0, 0x00]).unwrap();
+            assert!(
+                matches!(
+                    got[..],
+                    [Inbound::PubAck { pkid: 5, .. }, Inbound::PingResp]
+                ),
+                "{protocol:?}: {got:?}"
+            );
+        }
     }
 }
