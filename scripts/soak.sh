@@ -2,7 +2,7 @@
 # Soak test (not part of the default suite): a steady 1,000 msg/s QoS 1 stream through one
 # mqbridge process for 10 minutes (or as long as asked), with a fault every 10-20 s (connection
 # cuts on either side, stalls, slow links, target broker restarts), every message checked, and the
-# process's RSS, open file descriptors and threads reported at the start and at the end.
+# process's RSS, open file descriptors, threads and runtime tasks reported at the start and at the end.
 #
 #   scripts/soak.sh            # 10 minutes
 #   scripts/soak.sh 180        # 3 minutes (seconds; rounded down to whole 30 s rounds)
