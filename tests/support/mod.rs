@@ -1,6 +1,7 @@
-//! Shared harness for the integration tests: real mosquitto brokers, the `mqbridge` binary as a
-//! child process, and MQTT 3.1.1 / 5 clients that publish numbered messages and record what
-//! arrives. Every wait has a deadline, and every child process dies with its handle.
+//! Shared harness for the integration tests: real mosquitto brokers, a RabbitMQ node of the
+//! test's own (a real MQTT-over-WebSocket server), the `mqbridge` binary as a child process, and
+//! MQTT 3.1.1 / 5 clients that publish numbered messages and record what arrives. Every wait has
+//! a deadline, and every child process dies with its handle.
 //!
 //! Each test binary uses a different part of it, hence the allowances for unused items.
 #![allow(dead_code)]
@@ -13,6 +14,7 @@ mod ids;
 mod mosquitto;
 mod process;
 mod proxy;
+mod rabbitmq;
 mod temp;
 mod wait;
 mod ws_relay;
@@ -35,6 +37,8 @@ pub use ids::{
 pub use mosquitto::{Mosquitto, MosquittoOpts};
 #[allow(unused_imports)]
 pub use proxy::{Proxy, RandomCuts, Tapped, random_duration};
+#[allow(unused_imports)]
+pub use rabbitmq::RabbitMq;
 #[allow(unused_imports)]
 pub use temp::{TestDir, free_port, write_temp};
 #[allow(unused_imports)]
