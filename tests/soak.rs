@@ -20,50 +20,6 @@ use tokio::time::Instant;
 const RATE_PER_10MS: u32 = 10; // 1,000 messages/s
 const ROUND: Duration = Duration::from_secs(30);
 
-#[derive(Clone, Copy, Debug, Default)]
-struct Sample {
-    rss_kib: u64,
-    hwm_kib: u64,
-    fds: usize,
-    threads: u64,
-    /// Tasks alive in the bridge's runtime (`mqbridge_runtime_tasks` on /metrics).
-    tasks: u64,
-}
-
-async fn sample(pid: u32, admin: &str) -> Sample {
-    let tasks = http_get(admin, "/metrics")
-        .await
-        .map(|(_, body)| metric(&body, "mqbridge_runtime_tasks") as u64)
-        .unwrap_or(0);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    Sample {
-        rss_kib: field("VmRSS:"),
-        hwm_kib: field("VmHWM:"),
-        fds,
-        threads: field("Threads:"),
-        tasks,
-    }
-}
-
-/// The value of the first sample line of `metric` in a Prometheus text body (summed over labels).
-fn metric(body: &str, metric: &str) -> f64 {
-    body.lines()
-        .filter(|l| l.starts_with(metric) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: run with scripts/soak.sh"]
 async fn soak_steady_load_with_periodic_faults_keeps_resources_flat() {
@@ -105,7 +61,7 @@ async fn soak_steady_load_with_periodic_faults_keeps_resources_flat() {
     let admin_addr = format!("127.0.0.1:{admin}");
 
     let started = Instant::now();
-    let mut samples = vec![(Duration::ZERO, sample(pid, &admin_addr).await)];
+    let mut samples = vec![(Duration::ZERO, sample_resources(pid, &admin_addr).await)];
     let mut faults: Vec<String> = Vec::new();
     let mut next_fault = Instant::now() + Duration::from_secs(10);
     let mut total_duplicates = 0;
@@ -182,7 +138,7 @@ async fn soak_steady_load_with_periodic_faults_keeps_resources_flat() {
         total_duplicates += count.duplicates;
         // Late duplicates of this round are ignored by the next rounds' counts (other prefix).
         collector.clear();
-        let s = sample(pid, &admin_addr).await;
+        let s = sample_resources(pid, &admin_addr).await;
         samples.push((started.elapsed(), s));
         eprintln!(
             "round {round:2} at {:4}s: {count}; RSS {} KiB (peak {}), {} fds, {} threads, {} tasks",

@@ -1,6 +1,6 @@
 //! The `mqbridge` binary under test: `run -c <file>` as a child process with its output in a log
-//! file, one-shot CLI invocations (`check`, `--help`), and a tiny HTTP client for the admin
-//! endpoint.
+//! file, one-shot CLI invocations (`check`, `--help`), a tiny HTTP client for the admin
+//! endpoint, and the process's resources (memory, descriptors, threads, tasks) for long tests.
 
 use super::process::{kill_and_reap, signal, tail, wait_exit};
 use super::temp::TestDir;
@@ -241,4 +241,58 @@ pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
         .await
         .ok()
         .flatten()
+}
+
+/// The sum of the sample lines of `metric` in a Prometheus text body (over all label sets); 0
+/// when there is none. The name is matched as a prefix (`mqbridge_inflight` also takes
+/// `mqbridge_inflight{route="r"}`), so pass a name no other series starts with.
+pub fn metric(body: &str, metric: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(metric) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// What a running bridge process uses, from /proc and its admin endpoint (see
+/// [`sample_resources`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Resources {
+    /// Resident memory now (VmRSS) and at its peak so far (VmHWM).
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+    /// Open file descriptors.
+    pub fds: usize,
+    pub threads: u64,
+    /// Tasks alive in the bridge's runtime (`mqbridge_runtime_tasks` on /metrics; 0 when the
+    /// endpoint does not answer).
+    pub tasks: u64,
+}
+
+/// Samples process `pid` (/proc/<pid>/status and /proc/<pid>/fd), then its admin endpoint at
+/// `admin` ("127.0.0.1:PORT"). Fields that cannot be read are 0.
+pub async fn sample_resources(pid: u32, admin: &str) -> Resources {
+    // /proc first: the scrape's own connection would otherwise be counted while it closes.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let tasks = http_get(admin, "/metrics")
+        .await
+        .map(|(_, body)| metric(&body, "mqbridge_runtime_tasks") as u64)
+        .unwrap_or(0);
+    Resources {
+        rss_kib: field("VmRSS:"),
+        hwm_kib: field("VmHWM:"),
+        fds,
+        threads: field("Threads:"),
+        tasks,
+    }
 }

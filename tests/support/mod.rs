@@ -20,7 +20,7 @@ mod wait;
 mod ws_relay;
 
 #[allow(unused_imports)]
-pub use bridge::{Bridge, CliOutput, http_get, mqbridge_cli};
+pub use bridge::{Bridge, CliOutput, Resources, http_get, metric, mqbridge_cli, sample_resources};
 #[allow(unused_imports)]
 pub use client::{
     Collector, PUBLISH_WINDOW, Proto, Publisher, Received, publish_numbered,

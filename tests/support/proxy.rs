@@ -1,8 +1,9 @@
 //! A fault-injecting TCP proxy for chaos tests: listens on a free port of 127.0.0.1 and forwards
 //! every connection to a target port, until told to misbehave. It can cut every current
 //! connection (an abrupt reset, as a network fault), stall (nothing forwarded either way, the
-//! sockets stay open) for a while, slow every chunk down, refuse new connections, and cut at
-//! random moments driven by a seeded RNG, so a failing run can be replayed with its seed.
+//! sockets stay open) for a while, slow every chunk down, cap each connection's byte rate (a slow
+//! link), refuse new connections, and cut at random moments driven by a seeded RNG, so a failing
+//! run can be replayed with its seed.
 //!
 //! Point a bridge at it with `RouteConfig::src_url`/`dst_url` = `Some(proxy.url())`.
 
@@ -30,6 +31,10 @@ struct Shared {
     down_stalled_until: watch::Sender<Option<Instant>>,
     /// Delay before each chunk is forwarded.
     delay: Mutex<Duration>,
+    /// Bytes per second each connection may forward client → target and target → client; 0 for
+    /// no limit (see [`Proxy::throttle`]).
+    up_rate: AtomicU64,
+    down_rate: AtomicU64,
     /// New connections are accepted and closed at once (a broker that is "down").
     refusing: AtomicBool,
     /// Live connections, by number: dropping the sender cuts the connection.
@@ -82,6 +87,8 @@ impl Proxy {
             up_stalled_until: watch::channel(None).0,
             down_stalled_until: watch::channel(None).0,
             delay: Mutex::new(Duration::ZERO),
+            up_rate: AtomicU64::new(0),
+            down_rate: AtomicU64::new(0),
             refusing: AtomicBool::new(false),
             live: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
@@ -152,6 +159,27 @@ impl Proxy {
     /// Delays each forwarded chunk (in either direction) by `per_chunk`; zero for full speed.
     pub fn slow(&self, per_chunk: Duration) {
         *self.shared.delay.lock().unwrap() = per_chunk;
+    }
+
+    /// Caps every connection (current and new), each direction on its own, at `bytes_per_sec`;
+    /// `None` forwards at full speed again (the default). See [`Proxy::throttle_one_way`].
+    pub fn throttle(&self, bytes_per_sec: Option<u64>) {
+        self.throttle_one_way(true, bytes_per_sec);
+        self.throttle_one_way(false, bytes_per_sec);
+    }
+
+    /// As [`Proxy::throttle`], in one direction only: `up` is client → target (e.g. the bridge's
+    /// publishes), down is target → client. Each chunk read is held until the connection's
+    /// direction has paid for it at the rate (a slow link: the chunk arrives after its
+    /// transmission time), and reads are cut to 50 ms worth so the flow stays smooth; idle time
+    /// earns no credit, so there are no bursts above the rate.
+    pub fn throttle_one_way(&self, up: bool, bytes_per_sec: Option<u64>) {
+        let rate = if up {
+            &self.shared.up_rate
+        } else {
+            &self.shared.down_rate
+        };
+        rate.store(bytes_per_sec.unwrap_or(0), Ordering::SeqCst);
     }
 
     /// While true, new connections are closed as soon as they are accepted (current ones stay).
@@ -310,27 +338,45 @@ async fn forward(mut client: TcpStream, id: u64, shared: &Shared, mut cut: watch
     // whatever was already forwarded.
 }
 
-/// Copies `from` → `to` chunk by chunk, honouring stalls and delays. Returns at EOF or error.
+/// Copies `from` → `to` chunk by chunk, honouring stalls, delays and the throttle. Returns at EOF
+/// or error.
 async fn pump<R, W>(from: &mut R, to: &mut W, shared: &Shared, up: bool, mut tap: Option<Tap>)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let (counter, one_way) = if up {
-        (&shared.bytes_up, &shared.up_stalled_until)
+    let (counter, one_way, rate) = if up {
+        (&shared.bytes_up, &shared.up_stalled_until, &shared.up_rate)
     } else {
-        (&shared.bytes_down, &shared.down_stalled_until)
+        (
+            &shared.bytes_down,
+            &shared.down_stalled_until,
+            &shared.down_rate,
+        )
     };
     let mut stall = shared.stalled_until.subscribe();
     let mut stall_one_way = one_way.subscribe();
     let mut buf = vec![0u8; CHUNK];
+    // Throttled: when the bytes forwarded so far are paid for at the rate.
+    let mut paid_until = Instant::now();
     loop {
         wait_while_stalled(&mut stall).await;
         wait_while_stalled(&mut stall_one_way).await;
-        let n = match from.read(&mut buf).await {
+        let max = match rate.load(Ordering::SeqCst) {
+            0 => CHUNK,
+            r => (r / 20).clamp(1, CHUNK as u64) as usize,
+        };
+        let n = match from.read(&mut buf[..max]).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        // Read again: the throttle may have changed while the read waited.
+        let bytes_per_sec = rate.load(Ordering::SeqCst);
+        if bytes_per_sec > 0 {
+            let cost = Duration::from_secs_f64(n as f64 / bytes_per_sec as f64);
+            paid_until = paid_until.max(Instant::now()) + cost;
+            tokio::time::sleep_until(paid_until).await;
+        }
         let delay = *shared.delay.lock().unwrap();
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
