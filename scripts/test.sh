@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# The one test command: installs what the tests need when absent (mosquitto), then runs the whole
-# suite against one shared release build. Tests start their own brokers on free loopback ports.
+# The one test command: installs what the tests need when absent (mosquitto, RabbitMQ), then runs
+# the whole suite against one shared release build. Tests start their own brokers on free loopback
+# ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-  echo "installing mosquitto (the tests start their own instances on free ports)"
+# mosquitto for almost every test; RabbitMQ (its web_mqtt plugin ships in the package) for the
+# ws:// tests against a real WebSocket MQTT server. The tests start nodes of their own.
+missing=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]} (the tests start their own instances on free ports)"
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 cargo fmt --check
