@@ -8,8 +8,10 @@
 mod transport;
 mod v3;
 mod v5;
+mod wakeup;
 
 pub use transport::{Reader, Writer, prepare};
+pub use wakeup::WakeThreshold;
 
 use std::{io, time::Duration};
 
@@ -278,6 +280,8 @@ fn bridge_bit(p: &ConnectParams) -> u8 {
 pub struct Connection {
     pub reader: Reader,
     pub writer: Writer,
+    /// The reader's socket's wake-up threshold (plain TCP only); lives as long as `reader`.
+    pub wake_threshold: WakeThreshold,
     /// Bytes read and not decoded yet (may already hold packets that followed the CONNACK).
     pub rbuf: BytesMut,
     pub codec: Codec,
@@ -290,7 +294,7 @@ const CONNACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Opens a connection: transport (TCP, TLS, WebSocket), CONNECT, CONNACK. Refusals come back as
 /// `LinkError::Refused`.
 pub async fn connect(broker: &BrokerPlan, params: &ConnectParams) -> Result<Connection, LinkError> {
-    let (mut reader, mut writer) = transport::open(broker).await?;
+    let (mut reader, mut writer, wake_threshold) = transport::open(broker).await?;
     let codec = Codec::new(broker.protocol, DEFAULT_MAX_INCOMING);
     let mut wbuf = BytesMut::new();
     codec.connect(params, &mut wbuf);
@@ -319,6 +323,7 @@ pub async fn connect(broker: &BrokerPlan, params: &ConnectParams) -> Result<Conn
     Ok(Connection {
         reader,
         writer,
+        wake_threshold,
         rbuf,
         codec,
         connack,

@@ -42,7 +42,7 @@ use tokio_tungstenite::{
 };
 use tracing::{debug, warn};
 
-use super::LinkError;
+use super::{LinkError, wakeup::WakeThreshold};
 use crate::config::{BrokerPlan, TlsPlan, Transport};
 
 /// What the pair driver reads from.
@@ -62,7 +62,8 @@ const CHUNK: usize = 16 * 1024;
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Opens the transport to `broker`: TCP, then the TLS and/or WebSocket handshakes it needs.
-pub async fn open(broker: &BrokerPlan) -> Result<(Reader, Writer), LinkError> {
+/// The wake-up threshold is the TCP socket's when the driver reads the socket itself.
+pub async fn open(broker: &BrokerPlan) -> Result<(Reader, Writer, WakeThreshold), LinkError> {
     let addr = display_addr(&broker.host, broker.port);
     let tcp = step(
         "TCP connect",
@@ -77,21 +78,25 @@ pub async fn open(broker: &BrokerPlan) -> Result<(Reader, Writer), LinkError> {
     tcp.set_nodelay(true)?;
     match broker.transport {
         Transport::Tcp => {
+            let threshold = WakeThreshold::tcp(std::os::fd::AsRawFd::as_raw_fd(&tcp));
             let (r, w) = tcp.into_split();
-            Ok((Box::new(r), Box::new(w)))
+            Ok((Box::new(r), Box::new(w), threshold))
         }
         Transport::Tls => {
             let tls = tls_handshake(broker, &addr, tcp).await?;
-            Ok(spawn_pump(&broker.name, "TLS", StreamPump(tls)))
+            let (r, w) = spawn_pump(&broker.name, "TLS", StreamPump(tls));
+            Ok((r, w, WakeThreshold::none()))
         }
         Transport::Ws => {
             let ws = ws_handshake(broker, &addr, tcp).await?;
-            Ok(spawn_pump(&broker.name, "WebSocket", WsPump(ws)))
+            let (r, w) = spawn_pump(&broker.name, "WebSocket", WsPump(ws));
+            Ok((r, w, WakeThreshold::none()))
         }
         Transport::Wss => {
             let tls = tls_handshake(broker, &addr, tcp).await?;
             let ws = ws_handshake(broker, &addr, tls).await?;
-            Ok(spawn_pump(&broker.name, "WebSocket over TLS", WsPump(ws)))
+            let (r, w) = spawn_pump(&broker.name, "WebSocket over TLS", WsPump(ws));
+            Ok((r, w, WakeThreshold::none()))
         }
     }
 }
