@@ -75,6 +75,8 @@ const SOURCE_RBUF_HIGH: usize = 256 * 1024;
 /// wake-ups and syscalls). Writes are not delayed. A pair reads at most a window per `LINGER`,
 /// so only windows of `LINGER_MIN_WINDOW` or more linger (100,000 msg/s per pair and more).
 const LINGER: Duration = Duration::from_millis(1);
+/// Room made in a read buffer before each read, so that one read takes in a whole burst.
+const READ_CHUNK: usize = 64 * 1024;
 const LINGER_BATCH: usize = 4;
 const LINGER_MIN_WINDOW: usize = 100;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -98,6 +100,8 @@ struct Side {
     writer: Option<link::Writer>,
     /// The reader's socket's wake-up threshold, raised while the pair lingers.
     wake: link::WakeThreshold,
+    /// The last read filled the buffer's room: the socket may hold more (no lingering yet).
+    more_to_read: bool,
     rbuf: BytesMut,
     wbuf: BytesMut,
     connecting: Option<Connecting>,
@@ -125,6 +129,7 @@ impl Side {
             reader: None,
             writer: None,
             wake: link::WakeThreshold::none(),
+            more_to_read: false,
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
             connecting: None,
@@ -153,6 +158,7 @@ impl Side {
         self.reader = Some(c.reader);
         self.writer = Some(c.writer);
         self.wake = c.wake_threshold;
+        self.more_to_read = false;
         self.rbuf = c.rbuf;
         self.wbuf.clear();
         self.codec = c.codec;
@@ -188,6 +194,14 @@ impl Side {
 
     fn keep_alive(&self) -> Duration {
         self.broker.keep_alive
+    }
+
+    /// Makes room for a read (while connected) and returns how much there is.
+    fn read_room(&mut self) -> usize {
+        if self.is_up() && self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        self.rbuf.capacity() - self.rbuf.len()
     }
 }
 
@@ -413,6 +427,12 @@ async fn run_connected(
             && !lingering
             && (pair.source.rbuf.len() < SOURCE_RBUF_HIGH || pair.source_partial)
             && pair.source_pacer.ready(std::time::Instant::now());
+        let target_room = pair.target.read_room();
+        let source_room = if read_source {
+            pair.source.read_room()
+        } else {
+            0
+        };
         let Pair { source, target, .. } = &mut pair;
         tokio::select! {
             // Reads first: what is readable is taken in before anything is written, so acks and
@@ -420,13 +440,17 @@ async fn run_connected(
             biased;
             r = read_some(&mut target.reader, &mut target.rbuf), if read_target => match r {
                 Ok(0) => pair.side_lost(Role::Target, &LinkError::Closed),
-                Ok(_) => target.ping_sent = None,
+                Ok(n) => {
+                    target.ping_sent = None;
+                    target.more_to_read = n >= target_room;
+                }
                 Err(e) => pair.side_lost(Role::Target, &e),
             },
             r = read_some(&mut source.reader, &mut source.rbuf), if read_source => match r {
                 Ok(0) => pair.side_lost(Role::Source, &LinkError::Closed),
                 Ok(n) => {
                     source.ping_sent = None;
+                    source.more_to_read = n >= source_room;
                     pair.last_source_read = Instant::now();
                     pair.source_pacer.spend(std::time::Instant::now(), 0, n);
                 }
@@ -506,9 +530,12 @@ impl Pair {
     /// Starts, extends or ends lingering (see `LINGER`) after a pass.
     fn linger(&mut self) {
         let now = Instant::now();
+        // Not before both sockets were read dry: a burst larger than one read goes on at once.
         if std::mem::take(&mut self.source_batch) >= LINGER_BATCH
             && !self.draining
             && self.window.window() >= LINGER_MIN_WINDOW
+            && !self.source.more_to_read
+            && !self.target.more_to_read
         {
             self.linger_until = Some(now + LINGER);
             self.source.wake.raise();
