@@ -77,6 +77,8 @@ const SOURCE_RBUF_HIGH: usize = 256 * 1024;
 const LINGER: Duration = Duration::from_millis(1);
 /// Room made in a read buffer before each read, so that one read takes in a whole burst.
 const READ_CHUNK: usize = 64 * 1024;
+/// The smallest read of a source whose bytes are paced (`bandwidth_limit`).
+const MIN_PACED_READ: usize = 4096;
 const LINGER_BATCH: usize = 4;
 const LINGER_MIN_WINDOW: usize = 100;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -205,11 +207,14 @@ impl Side {
     }
 }
 
+/// One read into `buf`, of at most `limit` bytes.
 async fn read_some(
     reader: &mut Option<link::Reader>,
     buf: &mut BytesMut,
+    limit: usize,
 ) -> std::io::Result<usize> {
     match reader {
+        Some(r) if limit < buf.capacity() - buf.len() => r.take(limit as u64).read_buf(buf).await,
         Some(r) => r.read_buf(buf).await,
         None => std::future::pending().await,
     }
@@ -428,17 +433,21 @@ async fn run_connected(
             && (pair.source.rbuf.len() < SOURCE_RBUF_HIGH || pair.source_partial)
             && pair.source_pacer.ready(std::time::Instant::now());
         let target_room = pair.target.read_room();
-        let source_room = if read_source {
+        let mut source_room = if read_source {
             pair.source.read_room()
         } else {
             0
         };
+        if let Some(allowed) = pair.source_pacer.byte_allowance(std::time::Instant::now()) {
+            // A paced source is read in pieces its quota allows (a little over, paid back).
+            source_room = source_room.min(allowed.max(MIN_PACED_READ));
+        }
         let Pair { source, target, .. } = &mut pair;
         tokio::select! {
             // Reads first: what is readable is taken in before anything is written, so acks and
             // publishes leave in batches (fewer syscalls per message than a random pick).
             biased;
-            r = read_some(&mut target.reader, &mut target.rbuf), if read_target => match r {
+            r = read_some(&mut target.reader, &mut target.rbuf, target_room), if read_target => match r {
                 Ok(0) => pair.side_lost(Role::Target, &LinkError::Closed),
                 Ok(n) => {
                     target.ping_sent = None;
@@ -446,7 +455,7 @@ async fn run_connected(
                 }
                 Err(e) => pair.side_lost(Role::Target, &e),
             },
-            r = read_some(&mut source.reader, &mut source.rbuf), if read_source => match r {
+            r = read_some(&mut source.reader, &mut source.rbuf, source_room), if read_source => match r {
                 Ok(0) => pair.side_lost(Role::Source, &LinkError::Closed),
                 Ok(n) => {
                     source.ping_sent = None;

@@ -43,6 +43,12 @@ impl Bucket {
         self.tokens -= amount;
     }
 
+    /// What may be spent now without going into debt.
+    pub fn available(&mut self, now: Instant) -> f64 {
+        self.refill(now);
+        self.tokens.max(0.0)
+    }
+
     /// When the bucket will next be ready.
     pub fn ready_at(&mut self, now: Instant) -> Instant {
         self.refill(now);
@@ -96,6 +102,12 @@ impl Pacer {
         }
     }
 
+    /// How many bytes may go now without debt, when bytes are limited: what one read of a paced
+    /// socket may take, so that a large read cannot run ahead of the rate.
+    pub fn byte_allowance(&mut self, now: Instant) -> Option<usize> {
+        self.bytes.as_mut().map(|b| b.available(now) as usize)
+    }
+
     /// When `ready` will next be true.
     pub fn ready_at(&mut self, now: Instant) -> Instant {
         let p = self.publishes.as_mut().map_or(now, |b| b.ready_at(now));
@@ -143,6 +155,23 @@ mod tests {
             "{waited:?}"
         );
         assert!(p.ready(at));
+    }
+
+    #[test]
+    fn the_byte_allowance_is_what_is_left_of_the_burst() {
+        let start = Instant::now();
+        let mut p = Pacer::new(Some(100), Some(64 * 1024), start);
+        assert_eq!(p.byte_allowance(start), Some(64 * 1024));
+        p.spend(start, 1, 60 * 1024);
+        assert_eq!(p.byte_allowance(start), Some(4 * 1024));
+        p.spend(start, 1, 8 * 1024); // in debt: nothing more now
+        assert_eq!(p.byte_allowance(start), Some(0));
+        let later = start + Duration::from_secs(1);
+        assert_eq!(p.byte_allowance(later), Some(60 * 1024));
+        assert_eq!(
+            Pacer::new(Some(100), None, start).byte_allowance(start),
+            None
+        );
     }
 
     #[test]
