@@ -39,18 +39,6 @@ async fn expect_all(collector: &Collector, prefix: &str) {
     }
 }
 
-/// The bridge stops on SIGTERM after draining, with exit status 0.
-async fn stop_cleanly(bridge: &mut Bridge) {
-    assert!(
-        bridge
-            .stop(Duration::from_secs(15))
-            .await
-            .is_some_and(|s| s.success()),
-        "{}",
-        bridge.log()
-    );
-}
-
 /// Lines of RabbitMQ's log about Web MQTT (WebSocket) connections.
 fn web_mqtt_lines(log: &str) -> Vec<&str> {
     log.lines()
@@ -82,7 +70,7 @@ async fn mosquitto_to_rabbitmq_over_websocket_delivers_every_message() {
         !web_mqtt_lines(&log).is_empty(),
         "the bridge did not come in over Web MQTT:\n{log}"
     );
-    stop_cleanly(&mut bridge).await;
+    bridge.stop_cleanly().await;
     rabbit.stop().await;
 }
 
@@ -120,6 +108,6 @@ async fn rabbitmq_over_websocket_to_mosquitto_delivers_every_message() {
         !web_mqtt_lines(&log).is_empty(),
         "the bridge did not come in over Web MQTT:\n{log}"
     );
-    stop_cleanly(&mut bridge).await;
+    bridge.stop_cleanly().await;
     rabbit.stop().await;
 }

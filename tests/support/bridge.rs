@@ -128,6 +128,16 @@ impl Bridge {
         self.wait_exit(timeout).await
     }
 
+    /// SIGTERM, and asserts that the bridge drained and exited 0 within 15 s (its log if not).
+    pub async fn stop_cleanly(&mut self) {
+        let status = self.stop(Duration::from_secs(15)).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "the bridge did not stop cleanly ({status:?}):\n{}",
+            self.log()
+        );
+    }
+
     /// Kills the process if it still runs and starts it again with the same config and
     /// environment; the log continues in the same file.
     pub fn restart(&mut self) {
