@@ -75,12 +75,14 @@ const SOURCE_RBUF_HIGH: usize = 256 * 1024;
 /// wake-ups and syscalls). Writes are not delayed. A pair reads at most a window per `LINGER`,
 /// so only windows of `LINGER_MIN_WINDOW` or more linger (100,000 msg/s per pair and more).
 const LINGER: Duration = Duration::from_millis(1);
+/// Messages one pass must take from the source for the pair to linger (fewer: low rate, no wait).
+const LINGER_BATCH: usize = 4;
+/// The smallest target window that lingers: a pair then moves at most a window per `LINGER`.
+const LINGER_MIN_WINDOW: usize = 100;
 /// Room made in a read buffer before each read, so that one read takes in a whole burst.
 const READ_CHUNK: usize = 64 * 1024;
 /// The smallest read of a source whose bytes are paced (`bandwidth_limit`).
 const MIN_PACED_READ: usize = 4096;
-const LINGER_BATCH: usize = 4;
-const LINGER_MIN_WINDOW: usize = 100;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A connection that lasted this long was healthy: the next reconnect starts from `BACKOFF_MIN`.
@@ -433,14 +435,13 @@ async fn run_connected(
             && (pair.source.rbuf.len() < SOURCE_RBUF_HIGH || pair.source_partial)
             && pair.source_pacer.ready(std::time::Instant::now());
         let target_room = pair.target.read_room();
-        let mut source_room = if read_source {
-            pair.source.read_room()
-        } else {
-            0
-        };
-        if let Some(allowed) = pair.source_pacer.byte_allowance(std::time::Instant::now()) {
-            // A paced source is read in pieces its quota allows (a little over, paid back).
-            source_room = source_room.min(allowed.max(MIN_PACED_READ));
+        let mut source_room = 0;
+        if read_source {
+            source_room = pair.source.read_room();
+            if let Some(allowed) = pair.source_pacer.byte_allowance(std::time::Instant::now()) {
+                // A paced source is read in pieces its quota allows (a little over, paid back).
+                source_room = source_room.min(allowed.max(MIN_PACED_READ));
+            }
         }
         let Pair { source, target, .. } = &mut pair;
         tokio::select! {
