@@ -114,28 +114,9 @@ impl RabbitMq {
         self.mqtt_port
     }
 
-    /// The Web MQTT listener.
-    pub fn ws_port(&self) -> u16 {
-        self.ws_port
-    }
-
     /// `ws://127.0.0.1:PORT/ws`, as a bridge config's `url` wants it (web_mqtt serves `/ws`).
     pub fn ws_url(&self) -> String {
         format!("ws://127.0.0.1:{}/ws", self.ws_port)
-    }
-
-    /// `mqtt://127.0.0.1:PORT`.
-    pub fn mqtt_url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.mqtt_port)
-    }
-
-    /// The AMQP and Erlang distribution ports (nothing in the tests uses them).
-    pub fn amqp_port(&self) -> u16 {
-        self.amqp_port
-    }
-
-    pub fn dist_port(&self) -> u16 {
-        self.dist_port
     }
 
     pub fn dir(&self) -> &Path {
