@@ -66,6 +66,10 @@ pub struct LoopGuard {
 
 /// Stop decoding source packets while the target's unwritten bytes exceed this.
 const TARGET_WBUF_HIGH: usize = 1024 * 1024;
+/// Write the target before reading more from the source once this much waits for it: a burst
+/// then flows on a chunk at a time instead of being read whole first (less latency, and the
+/// target broker starts on it sooner).
+const TARGET_WRITE_FIRST: usize = READ_CHUNK;
 /// Stop reading the source socket while this many undecoded bytes wait.
 const SOURCE_RBUF_HIGH: usize = 256 * 1024;
 /// Under load (a pass took at least `LINGER_BATCH` messages from the source), the pair lets both
@@ -433,6 +437,7 @@ async fn run_connected(
             && !draining
             && !lingering
             && (pair.source.rbuf.len() < SOURCE_RBUF_HIGH || pair.source_partial)
+            && pair.target.wbuf.len() < TARGET_WRITE_FIRST
             && pair.source_pacer.ready(std::time::Instant::now());
         let target_room = pair.target.read_room();
         let mut source_room = 0;
