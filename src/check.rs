@@ -36,10 +36,12 @@ fn write_plan(out: &mut String, plan: &Plan) -> fmt::Result {
     writeln!(out, "bridge \"{}\", instance \"{}\"", b.name, b.instance)?;
     writeln!(
         out,
-        "  drain timeout {}, stall timeout {}, summary every {}",
+        "  drain timeout {}, stall timeout {}, summary every {}, {} worker thread{}",
         format_duration(b.drain_timeout),
         format_duration(b.stall_timeout),
-        format_duration(b.summary_interval)
+        format_duration(b.summary_interval),
+        b.worker_threads,
+        if b.worker_threads == 1 { "" } else { "s" }
     )?;
     match plan.admin_listen {
         Some(addr) => writeln!(out, "  admin: http://{addr} (/metrics, /healthz, /readyz)")?,

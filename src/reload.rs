@@ -168,6 +168,7 @@ pub fn restart_only_changes(running: &Plan, new: &Plan) -> Vec<&'static str> {
         summary_interval,
         loop_digest_window,
         loop_digest_capacity,
+        worker_threads,
     } = &running.bridge;
     let n = &new.bridge;
     let mut keys = Vec::new();
@@ -192,6 +193,7 @@ pub fn restart_only_changes(running: &Plan, new: &Plan) -> Vec<&'static str> {
         "bridge.loop_digest_capacity",
         *loop_digest_capacity != n.loop_digest_capacity,
     );
+    differs("bridge.worker_threads", *worker_threads != n.worker_threads);
     differs("admin.listen", running.admin_listen != new.admin_listen);
     keys
 }

@@ -14,6 +14,23 @@ use tracing::{error, info};
 
 use crate::{admin, config::Plan, link, loops::EchoDigest, reload::Routes};
 
+/// The runtime `run` is driven on: `bridge.worker_threads` = 1 (the default) is a
+/// single-threaded runtime, more a multi-threaded one with that many workers. Pairs that share
+/// one thread cost less CPU per message than pairs spread over cores (no task migration, no
+/// cross-core wake-ups; measurements in docs/ARCHITECTURE.md).
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(worker_threads)
+            .enable_all()
+            .build()
+    }
+}
+
 /// Runs `plan`, read from the file at `path`, until a termination signal, then drains. SIGHUP
 /// reads `path` again and applies what changed. Returns when every pair has stopped.
 pub async fn run(path: &Path, plan: Plan) -> anyhow::Result<()> {

@@ -126,6 +126,7 @@ fn minimal_config_gets_production_defaults() {
     assert_eq!(route.queue_capacity, 1000);
     assert_eq!(route.subscriptions(), ["$share/edge-1-up/a/+/#"]);
     assert_eq!(plan.bridge.drain_timeout.as_secs(), 10);
+    assert_eq!(plan.bridge.worker_threads, 1, "pairs share one thread");
 }
 
 #[test]
@@ -216,6 +217,13 @@ fn type_mismatches_name_the_key() {
         err.starts_with("bridge.drain_timeout: \"10\" is not a duration"),
         "{err}"
     );
+    let err = error(&MINIMAL.replace("[bridge]", "[bridge]\nworker_threads = 0"));
+    assert_eq!(
+        err,
+        "bridge.worker_threads: 0 is out of range; use 1 (the default) to 256"
+    );
+    let plan = load(&MINIMAL.replace("[bridge]", "[bridge]\nworker_threads = 4")).unwrap();
+    assert_eq!(plan.bridge.worker_threads, 4);
     let err = error(&MINIMAL.replace("topics = [\"a/+/#\"]", "topics = { a = 1 }"));
     assert!(err.starts_with("routes[0].topics: "), "{err}");
 }

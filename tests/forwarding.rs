@@ -124,3 +124,62 @@ async fn qos0_v5_to_v5_at_a_moderate_rate() {
 async fn qos0_v311_to_v311_at_a_moderate_rate() {
     three_publishers(Proto::V311, Proto::V311, 0).await;
 }
+
+/// The pairs run on one thread by default and on `bridge.worker_threads` of them when set, and
+/// forward the same either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_sets_the_threads_the_pairs_run_on() {
+    let src = Mosquitto::start().await;
+    let dst = Mosquitto::start().await;
+    let mut cfg = RouteConfig::new(src.port(), Proto::V311, dst.port(), Proto::V311);
+    cfg.pool_size = 3;
+    let collector = Collector::start(dst.port(), Proto::V5, "#", 1).await;
+    let mut threads = Vec::new();
+    for (round, workers) in [(0u32, None), (1, Some(3))] {
+        let toml = match workers {
+            Some(n) => cfg
+                .toml()
+                .replace("[bridge]\n", &format!("[bridge]\nworker_threads = {n}\n")),
+            None => cfg.toml(),
+        };
+        let mut bridge = start_ready(&toml, 3).await;
+        let first = round * 500;
+        publish_numbered(
+            src.port(),
+            Proto::V311,
+            |i| format!("in/{i}"),
+            1,
+            first,
+            500,
+            "w",
+        )
+        .await;
+        assert!(
+            collector
+                .wait_for_count(first as usize + 500, Duration::from_secs(20))
+                .await,
+            "{}",
+            bridge.log()
+        );
+        let pid = bridge.pid().expect("running");
+        threads.push(sample_resources(pid, "127.0.0.1:1").await.threads);
+        assert!(
+            bridge
+                .stop(Duration::from_secs(15))
+                .await
+                .is_some_and(|s| s.success()),
+            "{}",
+            bridge.log()
+        );
+    }
+    collector
+        .settle(Duration::from_millis(300), Duration::from_secs(3))
+        .await;
+    assert_exactly_once(&collector.received(), "w", 0..1000);
+    let (default, three) = (threads[0], threads[1]);
+    assert!(three >= 4, "main thread and 3 workers: {three} threads");
+    assert!(
+        default < three,
+        "default {default} threads, with 3 workers {three}"
+    );
+}

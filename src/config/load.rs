@@ -527,6 +527,9 @@ fn build_plan(config: schema::Config, cx: &Context) -> Result<Plan, ConfigError>
     Ok(plan)
 }
 
+/// More threads than this is a typo, not a machine.
+const MAX_WORKER_THREADS: u64 = 256;
+
 fn bridge_plan(bridge: schema::Bridge, cx: &Context) -> Result<BridgePlan, ConfigError> {
     let name = bridge.name.ok_or_else(|| {
         invalid(
@@ -561,6 +564,15 @@ fn bridge_plan(bridge: schema::Bridge, cx: &Context) -> Result<BridgePlan, Confi
             return Err(invalid(key, "must be above zero, e.g. \"30s\""));
         }
     }
+    if !(1..=MAX_WORKER_THREADS).contains(&bridge.worker_threads) {
+        return Err(invalid(
+            "bridge.worker_threads",
+            format!(
+                "{} is out of range; use 1 (the default) to {MAX_WORKER_THREADS}",
+                bridge.worker_threads
+            ),
+        ));
+    }
     Ok(BridgePlan {
         name,
         instance,
@@ -569,6 +581,7 @@ fn bridge_plan(bridge: schema::Bridge, cx: &Context) -> Result<BridgePlan, Confi
         summary_interval: bridge.summary_interval,
         loop_digest_window: bridge.loop_digest_window,
         loop_digest_capacity: usize::try_from(bridge.loop_digest_capacity).unwrap_or(usize::MAX),
+        worker_threads: bridge.worker_threads as usize,
     })
 }
 

@@ -208,6 +208,8 @@ pub struct BridgePlan {
     pub loop_digest_window: Duration,
     /// Most messages the echo digest remembers.
     pub loop_digest_capacity: usize,
+    /// Threads of the runtime the pairs run on (1: a single-threaded runtime).
+    pub worker_threads: usize,
 }
 
 /// The whole validated configuration.

@@ -70,6 +70,15 @@ pub struct Bridge {
         deserialize_with = "parse::uint"
     )]
     pub loop_digest_capacity: u64,
+    /// Threads that run the pairs. One by default: a thread forwards far more than two
+    /// brokers deliver, and pairs sharing it cost less per message than pairs spread over
+    /// cores (docs/ARCHITECTURE.md). More for many TLS pairs at high rates.
+    #[serde(default = "default_worker_threads", deserialize_with = "parse::uint")]
+    pub worker_threads: u64,
+}
+
+pub const fn default_worker_threads() -> u64 {
+    1
 }
 
 pub const fn default_loop_digest_window() -> Duration {
@@ -90,6 +99,7 @@ impl Default for Bridge {
             summary_interval: default_summary_interval(),
             loop_digest_window: default_loop_digest_window(),
             loop_digest_capacity: default_loop_digest_capacity(),
+            worker_threads: default_worker_threads(),
         }
     }
 }
