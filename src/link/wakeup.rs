@@ -15,7 +15,8 @@ use std::os::fd::RawFd;
 #[derive(Debug, Default)]
 pub struct WakeThreshold {
     fd: Option<RawFd>,
-    raised: bool,
+    /// The mark while raised.
+    raised: Option<libc::c_int>,
 }
 
 /// Linux caps the mark at half the receive buffer; asking for more means "as much as it can".
@@ -25,7 +26,7 @@ impl WakeThreshold {
     pub fn tcp(fd: RawFd) -> WakeThreshold {
         WakeThreshold {
             fd: Some(fd),
-            raised: false,
+            raised: None,
         }
     }
 
@@ -36,16 +37,21 @@ impl WakeThreshold {
 
     /// Wake the process only once much has arrived.
     pub fn raise(&mut self) {
-        if !self.raised {
-            self.raised = self.set(RAISED);
+        self.raise_to(RAISED);
+    }
+
+    /// Wake the process only once `bytes` have arrived.
+    pub fn raise_to(&mut self, bytes: libc::c_int) {
+        if self.raised != Some(bytes) && self.set(bytes) {
+            self.raised = Some(bytes);
         }
     }
 
     /// Wake it for any byte again (and now, if bytes are waiting).
     pub fn lower(&mut self) {
-        if self.raised {
+        if self.raised.is_some() {
             self.set(1);
-            self.raised = false;
+            self.raised = None;
         }
     }
 
@@ -90,7 +96,7 @@ mod tests {
         assert_eq!(server.read(&mut buf).await.unwrap(), 1);
         let mut mark = WakeThreshold::tcp(server.as_raw_fd());
         mark.raise();
-        assert!(mark.raised);
+        assert!(mark.raised.is_some());
         client.write_all(b"ping").await.unwrap();
         let early = tokio::time::timeout(Duration::from_millis(200), server.read(&mut buf)).await;
         assert!(early.is_err(), "readable below the raised mark: {early:?}");
@@ -107,6 +113,31 @@ mod tests {
         let mut mark = WakeThreshold::none();
         mark.raise();
         mark.lower();
-        assert!(!mark.raised);
+        assert!(mark.raised.is_none());
+    }
+
+    /// What batching acks relies on: with the mark at 8 bytes, one 4-byte ack does not wake the
+    /// reader, the second does, and both are read at once.
+    #[tokio::test]
+    async fn a_mark_of_two_acks_wakes_the_reader_on_the_second() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, server) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (mut client, (mut server, _)) = (client.unwrap(), server.unwrap());
+        client.write_all(b"a").await.unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(server.read(&mut buf).await.unwrap(), 1);
+        let mut mark = WakeThreshold::tcp(server.as_raw_fd());
+        mark.raise_to(8);
+        client.write_all(&[0x40, 2, 0, 1]).await.unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(200), server.read(&mut buf)).await;
+        assert!(early.is_err(), "readable below the mark: {early:?}");
+        client.write_all(&[0x40, 2, 0, 2]).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), server.read(&mut buf))
+            .await
+            .expect("readable at the mark")
+            .unwrap();
+        assert_eq!(&buf[..n], &[0x40, 2, 0, 1, 0x40, 2, 0, 2]);
     }
 }

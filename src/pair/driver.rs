@@ -83,6 +83,13 @@ const LINGER: Duration = Duration::from_millis(1);
 const LINGER_BATCH: usize = 4;
 /// The smallest target window that lingers: a pair then moves at most a window per `LINGER`.
 const LINGER_MIN_WINDOW: usize = 100;
+/// Acks a pair waits for (at most `LINGER`) when the target's window is full, before it reads
+/// the source again: the window then refills by a batch, not one message per ack and wake-up
+/// (mosquitto writes every ack on its own). Only targets whose window lingers at all.
+const ACK_BATCH: usize = 32;
+/// `ACK_BATCH` acks on the wire: PUBACK, PUBREC and PUBCOMP are 4 bytes (a longer v5 ack only
+/// makes the mark come sooner).
+const ACK_BATCH_BYTES: libc::c_int = 4 * ACK_BATCH as libc::c_int;
 /// Room made in a read buffer before each read, so that one read takes in a whole burst.
 const READ_CHUNK: usize = 64 * 1024;
 /// The smallest read of a source whose bytes are paced (`bandwidth_limit`).
@@ -282,8 +289,19 @@ struct Pair {
     last_pacing_log: Option<Instant>,
     /// Messages taken from the source in the current pass.
     source_batch: usize,
-    /// Under load: no reads before this.
-    linger_until: Option<Instant>,
+    /// Under load: no reads (but acks, when waiting for them) before its end.
+    linger: Option<Linger>,
+    /// Acks (PUBACK, PUBREC, PUBCOMP) taken from the target in the current pass.
+    target_acks: usize,
+}
+
+/// Until when a pair lingers, and whether for a batch of acks (see `ACK_BATCH`).
+#[derive(Debug, Clone, Copy)]
+struct Linger {
+    until: Instant,
+    /// The target's window is full: target reads stay on, with its wake-up mark at
+    /// `ACK_BATCH` acks, and the lingering ends as soon as that many slots are free.
+    for_acks: bool,
 }
 
 /// Why a message was not delivered: the `reason` label of `mqbridge_messages_dropped_total`.
@@ -402,7 +420,8 @@ async fn run_connected(
         source_pacer: Pacer::new(None, route.from.bandwidth_limit, Instant::now().into_std()),
         last_pacing_log: None,
         source_batch: 0,
-        linger_until: None,
+        linger: None,
+        target_acks: 0,
         spec,
     };
     let mut drain_deadline = None;
@@ -427,11 +446,12 @@ async fn run_connected(
         }
 
         pair.linger();
-        let lingering = pair.linger_until.is_some();
+        let lingering = pair.linger.is_some();
+        let for_acks = pair.linger.is_some_and(|l| l.for_acks);
         let next_timer = pair.next_timer(drain_deadline);
         let draining = pair.draining;
         let parking = pair.parking.is_some() || !active_open;
-        let read_target = !lingering;
+        let read_target = !lingering || for_acks;
         let read_source = pair.source.is_up()
             && pair.window.can_accept()
             && !draining
@@ -542,24 +562,42 @@ impl Pair {
         }
     }
 
-    /// Starts, extends or ends lingering (see `LINGER`) after a pass.
+    /// Starts, extends or ends lingering (see `LINGER` and `ACK_BATCH`) after a pass.
     fn linger(&mut self) {
         let now = Instant::now();
+        let batch = std::mem::take(&mut self.source_batch);
+        let acks = std::mem::take(&mut self.target_acks);
+        let may = !self.draining && self.window.window() >= LINGER_MIN_WINDOW;
+        let free = self.window.window().saturating_sub(self.window.in_flight());
         // Not before both sockets were read dry: a burst larger than one read goes on at once.
-        if std::mem::take(&mut self.source_batch) >= LINGER_BATCH
-            && !self.draining
-            && self.window.window() >= LINGER_MIN_WINDOW
-            && !self.source.more_to_read
-            && !self.target.more_to_read
-        {
-            self.linger_until = Some(now + LINGER);
+        if batch >= LINGER_BATCH && may && !self.source.more_to_read && !self.target.more_to_read {
+            self.linger = Some(Linger {
+                until: now + LINGER,
+                for_acks: false,
+            });
             self.source.wake.raise();
             self.target.wake.raise();
-        } else if self.linger_until.is_some_and(|t| now >= t) {
-            self.linger_until = None;
-            // Whatever arrived meanwhile makes the sockets readable now.
-            self.source.wake.lower();
-            self.target.wake.lower();
+        } else if let Some(l) = self.linger {
+            if now >= l.until || (l.for_acks && free >= ACK_BATCH) {
+                self.linger = None;
+                // Whatever arrived meanwhile makes the sockets readable now.
+                self.source.wake.lower();
+                self.target.wake.lower();
+            }
+        } else if acks > 0
+            && may
+            && free < ACK_BATCH
+            && self.target.is_up()
+            && !self.target.more_to_read
+        {
+            // The window is full and the target acks one message at a time: without this, each
+            // ack would wake the pair to forward one message.
+            self.linger = Some(Linger {
+                until: now + LINGER,
+                for_acks: true,
+            });
+            self.source.wake.raise();
+            self.target.wake.raise_to(ACK_BATCH_BYTES);
         }
     }
 
@@ -730,18 +768,21 @@ impl Pair {
             match packet {
                 Inbound::PubAck { pkid, reason } => {
                     self.target_progress = true;
+                    self.target_acks += 1;
                     self.target.healthy = true;
                     self.ack_latency(pkid, reason);
                     self.window.target_puback(pkid, reason)
                 }
                 Inbound::PubRec { pkid, reason } => {
                     self.target_progress = true;
+                    self.target_acks += 1;
                     self.target.healthy = true;
                     self.ack_latency(pkid, reason);
                     self.window.target_pubrec(pkid, reason)
                 }
                 Inbound::PubComp { pkid } => {
                     self.target_progress = true;
+                    self.target_acks += 1;
                     self.window.target_pubcomp(pkid)
                 }
                 Inbound::PingResp | Inbound::SubAck { .. } | Inbound::UnsubAck { .. } => {}
@@ -1241,8 +1282,8 @@ impl Pair {
         if let Some(d) = drain_deadline {
             t = t.min(d);
         }
-        if let Some(l) = self.linger_until {
-            t = t.min(l);
+        if let Some(l) = self.linger {
+            t = t.min(l.until);
         }
         t
     }
