@@ -15,6 +15,8 @@ async fn publishes_are_paced_to_the_targets_max_publish_rate() {
     let mut cfg = RouteConfig::new(src.port(), Proto::V311, dst.port(), Proto::V311);
     cfg.qos = 1;
     cfg.dst_extra = format!("max_publish_rate = {RATE}\n");
+    let admin = format!("127.0.0.1:{}", free_port());
+    cfg.tail = format!("[admin]\nlisten = \"{admin}\"\n");
     let collector = Collector::start(dst.port(), Proto::V5, "in/#", 1).await;
     let mut bridge = start_ready(&cfg.toml(), 1).await;
     publish_numbered(
@@ -60,6 +62,10 @@ async fn publishes_are_paced_to_the_targets_max_publish_rate() {
         "{}",
         bridge.log()
     );
+    // Held back again and again (about once per message beyond the first second's burst).
+    let body = http_get(&admin, "/metrics").await.expect("/metrics").1;
+    let paced = metric(&body, "mqbridge_paced_total");
+    assert!(paced >= RATE as f64, "paced {paced} times:\n{body}");
     assert!(
         bridge
             .stop(Duration::from_secs(10))

@@ -63,6 +63,7 @@ struct RouteSample<'a> {
     qos_downgraded: u64,
     properties_dropped: u64,
     dead_lettered: u64,
+    paced: u64,
     in_flight: u64,
     window: u64,
     source_up: u64,
@@ -101,6 +102,7 @@ impl<'a> RouteSample<'a> {
             s.qos_downgraded += g(&p.qos_downgraded);
             s.properties_dropped += g(&p.properties_dropped);
             s.dead_lettered += g(&p.dead_lettered);
+            s.paced += g(&p.paced);
             s.in_flight += g(&p.in_flight);
             s.window += g(&p.window);
             s.source_up += up(&p.source_up);
@@ -170,6 +172,13 @@ impl Collector for BridgeCollector {
             "Payload bytes written to the target.",
             Counter,
             by_route(|s| s.bytes_forwarded),
+        )?;
+        family(
+            &mut enc,
+            "mqbridge_paced",
+            "Times a pair held a message back to stay within the target's per-connection quotas (max_publish_rate, bandwidth_limit); growing steadily: the route's offered load exceeds what its pairs may carry.",
+            Counter,
+            by_route(|s| s.paced),
         )?;
         family(
             &mut enc,
@@ -332,6 +341,7 @@ mod tests {
             PairStats::add(&p.forwarded, n);
             PairStats::add(&p.bytes_forwarded, 10 * n);
             PairStats::add(&p.dropped_refused, 1);
+            PairStats::add(&p.paced, 2 * n);
             PairStats::set(&p.in_flight, n);
             PairStats::set(&p.window, 20);
         }
@@ -344,6 +354,8 @@ mod tests {
             r#"mqbridge_messages_dropped_total{route="up",reason="refused"} 2"#,
             r#"mqbridge_messages_dropped_total{route="up",reason="loop"} 0"#,
             r#"mqbridge_messages_dropped_total{route="up",reason="target_down_qos0"} 0"#,
+            "# TYPE mqbridge_paced_total counter",
+            r#"mqbridge_paced_total{route="up"} 24"#,
             "# TYPE mqbridge_inflight gauge",
             r#"mqbridge_inflight{route="up"} 12"#,
             r#"mqbridge_window{route="up"} 40"#,
