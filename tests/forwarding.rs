@@ -163,14 +163,7 @@ async fn worker_threads_sets_the_threads_the_pairs_run_on() {
         );
         let pid = bridge.pid().expect("running");
         threads.push(sample_resources(pid, "127.0.0.1:1").await.threads);
-        assert!(
-            bridge
-                .stop(Duration::from_secs(15))
-                .await
-                .is_some_and(|s| s.success()),
-            "{}",
-            bridge.log()
-        );
+        bridge.stop_cleanly().await;
     }
     collector
         .settle(Duration::from_millis(300), Duration::from_secs(3))

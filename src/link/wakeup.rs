@@ -81,19 +81,26 @@ mod tests {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// The property the driver relies on: with the mark raised a few bytes do not make the
-    /// socket readable; lowering it makes them readable without anything more arriving.
-    #[tokio::test]
-    async fn lowering_the_mark_wakes_a_reader_for_bytes_that_arrived_while_it_was_raised() {
+    /// A connected pair whose server side has read everything: a read shorter than its buffer,
+    /// so the runtime now waits for the kernel's next wake-up.
+    async fn waiting_reader() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (client, server) =
             tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
         let (mut client, (mut server, _)) = (client.unwrap(), server.unwrap());
-        // A read shorter than its buffer: the runtime now waits for the kernel's next wake-up.
         client.write_all(b"a").await.unwrap();
         let mut buf = [0u8; 16];
         assert_eq!(server.read(&mut buf).await.unwrap(), 1);
+        (client, server)
+    }
+
+    /// The property the driver relies on: with the mark raised a few bytes do not make the
+    /// socket readable; lowering it makes them readable without anything more arriving.
+    #[tokio::test]
+    async fn lowering_the_mark_wakes_a_reader_for_bytes_that_arrived_while_it_was_raised() {
+        let (mut client, mut server) = waiting_reader().await;
+        let mut buf = [0u8; 16];
         let mut mark = WakeThreshold::tcp(server.as_raw_fd());
         mark.raise();
         assert!(mark.raised.is_some());
@@ -120,14 +127,8 @@ mod tests {
     /// reader, the second does, and both are read at once.
     #[tokio::test]
     async fn a_mark_of_two_acks_wakes_the_reader_on_the_second() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, server) =
-            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
-        let (mut client, (mut server, _)) = (client.unwrap(), server.unwrap());
-        client.write_all(b"a").await.unwrap();
+        let (mut client, mut server) = waiting_reader().await;
         let mut buf = [0u8; 16];
-        assert_eq!(server.read(&mut buf).await.unwrap(), 1);
         let mut mark = WakeThreshold::tcp(server.as_raw_fd());
         mark.raise_to(8);
         client.write_all(&[0x40, 2, 0, 1]).await.unwrap();
