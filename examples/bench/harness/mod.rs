@@ -86,6 +86,11 @@ pub struct Opts {
     /// Keep the scratch directory (configs and logs of every run).
     #[arg(long)]
     pub keep: bool,
+    /// Give mqbridge the last CPU and run everything else (brokers, generator, mosquitto's
+    /// bridge inside broker A) on the others, as when the bridge runs on a host or pod of its
+    /// own. Needs at least 2 CPUs.
+    #[arg(long)]
+    pub bridge_core: bool,
 }
 
 /// The ways from the publisher to the subscriber.
@@ -201,6 +206,8 @@ where
 
 struct Context {
     mqbridge: PathBuf,
+    /// `--bridge-core`: the CPUs mqbridge is confined to.
+    bridge_cpus: Option<procs::CpuSet>,
     mosquitto: PathBuf,
     scratch: PathBuf,
     broker_extra: String,
@@ -227,15 +234,33 @@ pub fn run(opts: &Opts, args: &str) -> Result<Report, String> {
     let original = mqbridge_binary(opts)?;
     std::fs::copy(&original, &mqbridge)
         .map_err(|e| format!("cannot copy {}: {e}", original.display()))?;
+    let mosquitto = mosquitto_binary(opts);
+    // Before `--bridge-core` confines this process: the machine's cores, not the ones left.
+    let machine = report::Machine::describe(&mosquitto, &mqbridge);
+    let bridge_cpus = if opts.bridge_core {
+        let cpus = procs::CpuSet::allowed().map_err(|e| format!("--bridge-core: {e}"))?;
+        let Some((&last, rest)) = cpus.split_last().filter(|(_, rest)| !rest.is_empty()) else {
+            return Err(format!(
+                "--bridge-core: needs at least 2 CPUs, this process may use {cpus:?}"
+            ));
+        };
+        // Inherited by the generator's threads and by every broker started from here on.
+        procs::CpuSet::of(rest.iter().copied())
+            .confine_this_thread()
+            .map_err(|e| format!("--bridge-core: {e}"))?;
+        Some(procs::CpuSet::of([last]))
+    } else {
+        None
+    };
     let ctx = Context {
         mqbridge,
-        mosquitto: mosquitto_binary(opts),
+        bridge_cpus,
+        mosquitto,
         scratch,
         broker_extra: opts.broker_extra.replace(';', "\n"),
         bridge_extra: opts.bridge_extra.replace(';', "\n"),
     };
     let reps = opts.reps.unwrap_or(if opts.quick { 1 } else { 5 });
-    let machine = report::Machine::describe(&ctx.mosquitto, &ctx.mqbridge);
     // Only the probes run here; publisher and subscriber have threads of their own.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -409,6 +434,7 @@ fn run_case(rt: &tokio::runtime::Runtime, ctx: &Context, case: &Case) -> io::Res
                     qos: case.qos,
                     pool_size,
                     max_inflight: case.window,
+                    cpus: ctx.bridge_cpus.as_ref(),
                 },
             )?;
             (a, Some(b), Some(bridge))

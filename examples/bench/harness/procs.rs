@@ -39,6 +39,58 @@ pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// A set of CPUs for `sched_setaffinity` (`--bridge-core`).
+#[derive(Clone, Copy)]
+pub struct CpuSet(libc::cpu_set_t);
+
+impl CpuSet {
+    pub fn of(cpus: impl IntoIterator<Item = usize>) -> CpuSet {
+        // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set, and CPU_SET only
+        // sets a bit of it (it ignores numbers beyond its size).
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for cpu in cpus {
+            unsafe { libc::CPU_SET(cpu, &mut set) };
+        }
+        CpuSet(set)
+    }
+
+    /// The CPUs this process may run on, in order.
+    pub fn allowed() -> io::Result<Vec<usize>> {
+        // SAFETY: as above; sched_getaffinity writes at most size_of::<cpu_set_t>() bytes.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let size = 8 * std::mem::size_of_val(&set);
+        Ok((0..size)
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .collect())
+    }
+
+    /// Confines the calling thread, and the threads and processes it starts from now on.
+    pub fn confine_this_thread(&self) -> io::Result<()> {
+        // SAFETY: the set lives for the call; the kernel only reads it.
+        let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&self.0), &self.0) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Confines the process `cmd` starts (before it runs its program).
+    pub fn confine(&self, cmd: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        let set = *self;
+        // SAFETY: the closure runs in the forked child before exec and only makes one syscall
+        // (async-signal-safe) on a copy it owns.
+        unsafe {
+            cmd.pre_exec(move || set.confine_this_thread());
+        }
+    }
+}
+
 /// A child process killed (and reaped) on drop.
 pub struct Proc {
     pub name: &'static str,
@@ -285,6 +337,8 @@ pub struct Mqbridge {
 
 pub struct MqbridgeSettings<'a> {
     pub binary: &'a Path,
+    /// Confine the process to these CPUs (`--bridge-core`).
+    pub cpus: Option<&'a CpuSet>,
     pub source: u16,
     pub target: u16,
     pub qos: u8,
@@ -299,6 +353,9 @@ impl Mqbridge {
         std::fs::write(&conf, mqbridge_config(s, admin))?;
         let mut cmd = Command::new(s.binary);
         cmd.arg("run").arg("-c").arg(&conf);
+        if let Some(cpus) = s.cpus {
+            cpus.confine(&mut cmd);
+        }
         let mut proc = Proc::spawn("mqbridge", cmd, dir.join("mqbridge.log"))?;
         proc.wait_until(Duration::from_secs(20), || ready(admin))?;
         Ok(Mqbridge { proc })

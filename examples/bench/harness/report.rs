@@ -269,6 +269,13 @@ fn markdown(
         opts.window_qos2,
         if opts.quick { ", --quick" } else { "" }
     );
+    if opts.bridge_core {
+        let _ = writeln!(
+            out,
+            "--bridge-core: mqbridge ran on the last CPU alone; brokers, generator (and \
+             mosquitto's bridge, inside broker A) on the others."
+        );
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,
