@@ -289,10 +289,6 @@ struct Pair {
     last_pacing_log: Option<Instant>,
     /// Messages taken from the source in the current pass.
     source_batch: usize,
-    /// Messages taken from the source since `recent_since`: the arrival rate, for a pair whose
-    /// passes are each too small to linger on (one with a core to itself).
-    recent: usize,
-    recent_since: Instant,
     /// Under load: no reads (but acks, when waiting for them) before its end.
     linger: Option<Linger>,
     /// Acks (PUBACK, PUBREC, PUBCOMP) taken from the target in the current pass.
@@ -424,8 +420,6 @@ async fn run_connected(
         source_pacer: Pacer::new(None, route.from.bandwidth_limit, Instant::now().into_std()),
         last_pacing_log: None,
         source_batch: 0,
-        recent: 0,
-        recent_since: Instant::now(),
         linger: None,
         target_acks: 0,
         spec,
@@ -572,26 +566,11 @@ impl Pair {
     fn linger(&mut self) {
         let now = Instant::now();
         let batch = std::mem::take(&mut self.source_batch);
-        // Under load also when each pass is small but together they come at `LINGER_BATCH`
-        // or more per `LINGER` (a pair that is never kept waiting reads a few at a time).
-        self.recent += batch;
-        let span = now.duration_since(self.recent_since);
-        let mut busy = false;
-        if span >= LINGER {
-            busy =
-                self.recent as u128 * LINGER.as_nanos() >= LINGER_BATCH as u128 * span.as_nanos();
-            self.recent = 0;
-            self.recent_since = now;
-        }
         let acks = std::mem::take(&mut self.target_acks);
         let may = !self.draining && self.window.window() >= LINGER_MIN_WINDOW;
         let free = self.window.window().saturating_sub(self.window.in_flight());
         // Not before both sockets were read dry: a burst larger than one read goes on at once.
-        if (batch >= LINGER_BATCH || busy)
-            && may
-            && !self.source.more_to_read
-            && !self.target.more_to_read
-        {
+        if batch >= LINGER_BATCH && may && !self.source.more_to_read && !self.target.more_to_read {
             self.linger = Some(Linger {
                 until: now + LINGER,
                 for_acks: false,
