@@ -289,6 +289,12 @@ struct Pair {
     last_pacing_log: Option<Instant>,
     /// Messages taken from the source in the current pass.
     source_batch: usize,
+    /// Messages taken from the source since `recent_since`: the arrival rate, for a pair whose
+    /// passes are each too small to linger on (one with a core to itself).
+    recent: usize,
+    recent_since: Instant,
+    /// The pair lingered since `recent_since`.
+    lingered_recently: bool,
     /// Under load: no reads (but acks, when waiting for them) before its end.
     linger: Option<Linger>,
     /// Acks (PUBACK, PUBREC, PUBCOMP) taken from the target in the current pass.
@@ -420,6 +426,9 @@ async fn run_connected(
         source_pacer: Pacer::new(None, route.from.bandwidth_limit, Instant::now().into_std()),
         last_pacing_log: None,
         source_batch: 0,
+        recent: 0,
+        recent_since: Instant::now(),
+        lingered_recently: false,
         linger: None,
         target_acks: 0,
         spec,
@@ -566,11 +575,31 @@ impl Pair {
     fn linger(&mut self) {
         let now = Instant::now();
         let batch = std::mem::take(&mut self.source_batch);
+        // Under load also when each pass is small but together they come at `LINGER_BATCH`
+        // or more per `LINGER` (a pair that is never kept waiting reads a few at a time).
+        self.recent += batch;
+        let span = now.duration_since(self.recent_since);
+        let mut busy = false;
+        if span >= LINGER {
+            // Only for a pair that did not linger meanwhile: one that does (shared cores, big
+            // passes) is already batching, and more lingering would only add latency.
+            busy = !self.lingered_recently
+                && self.recent as u128 * LINGER.as_nanos()
+                    >= LINGER_BATCH as u128 * span.as_nanos();
+            self.recent = 0;
+            self.recent_since = now;
+            self.lingered_recently = false;
+        }
         let acks = std::mem::take(&mut self.target_acks);
         let may = !self.draining && self.window.window() >= LINGER_MIN_WINDOW;
         let free = self.window.window().saturating_sub(self.window.in_flight());
         // Not before both sockets were read dry: a burst larger than one read goes on at once.
-        if batch >= LINGER_BATCH && may && !self.source.more_to_read && !self.target.more_to_read {
+        if (batch >= LINGER_BATCH || busy)
+            && may
+            && !self.source.more_to_read
+            && !self.target.more_to_read
+        {
+            self.lingered_recently = true;
             self.linger = Some(Linger {
                 until: now + LINGER,
                 for_acks: false,
@@ -592,6 +621,7 @@ impl Pair {
         {
             // The window is full and the target acks one message at a time: without this, each
             // ack would wake the pair to forward one message.
+            self.lingered_recently = true;
             self.linger = Some(Linger {
                 until: now + LINGER,
                 for_acks: true,
