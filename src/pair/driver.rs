@@ -22,6 +22,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
+    linger,
     pacing::Pacer,
     stats::PairStats,
     window::{Action, Counters, SourceAck, Window},
@@ -72,24 +73,9 @@ const TARGET_WBUF_HIGH: usize = 1024 * 1024;
 const TARGET_WRITE_FIRST: usize = READ_CHUNK;
 /// Stop reading the source socket while this many undecoded bytes wait.
 const SOURCE_RBUF_HIGH: usize = 256 * 1024;
-/// Under load (a pass took at least `LINGER_BATCH` messages from the source), the pair lets both
-/// sockets fill for `LINGER` before it reads them again, with their wake-up thresholds raised so
-/// that the kernel does not wake the process for each packet meanwhile: every read, write and
-/// wake-up then carries many messages instead of a few (most of the bridge's CPU per message is
-/// wake-ups and syscalls). Writes are not delayed. A pair reads at most a window per `LINGER`,
-/// so only windows of `LINGER_MIN_WINDOW` or more linger (100,000 msg/s per pair and more).
-const LINGER: Duration = Duration::from_millis(1);
-/// Messages one pass must take from the source for the pair to linger (fewer: low rate, no wait).
-const LINGER_BATCH: usize = 4;
-/// The smallest target window that lingers: a pair then moves at most a window per `LINGER`.
-const LINGER_MIN_WINDOW: usize = 100;
-/// Acks a pair waits for (at most `LINGER`) when the target's window is full, before it reads
-/// the source again: the window then refills by a batch, not one message per ack and wake-up
-/// (mosquitto writes every ack on its own). Only targets whose window lingers at all.
-const ACK_BATCH: usize = 32;
 /// `ACK_BATCH` acks on the wire: PUBACK, PUBREC and PUBCOMP are 4 bytes (a longer v5 ack only
 /// makes the mark come sooner).
-const ACK_BATCH_BYTES: libc::c_int = 4 * ACK_BATCH as libc::c_int;
+const ACK_BATCH_BYTES: libc::c_int = 4 * linger::ACK_BATCH as libc::c_int;
 /// Room made in a read buffer before each read, so that one read takes in a whole burst.
 const READ_CHUNK: usize = 64 * 1024;
 /// The smallest read of a source whose bytes are paced (`bandwidth_limit`).
@@ -289,25 +275,10 @@ struct Pair {
     last_pacing_log: Option<Instant>,
     /// Messages taken from the source in the current pass.
     source_batch: usize,
-    /// Messages taken from the source since `recent_since`: the arrival rate, for a pair whose
-    /// passes are each too small to linger on (one with a core to itself).
-    recent: usize,
-    recent_since: Instant,
-    /// The pair lingered since `recent_since`.
-    lingered_recently: bool,
-    /// Under load: no reads (but acks, when waiting for them) before its end.
-    linger: Option<Linger>,
+    /// Under load: no reads (but acks, when waiting for them) for a while (`pair::linger`).
+    linger: linger::Lingering,
     /// Acks (PUBACK, PUBREC, PUBCOMP) taken from the target in the current pass.
     target_acks: usize,
-}
-
-/// Until when a pair lingers, and whether for a batch of acks (see `ACK_BATCH`).
-#[derive(Debug, Clone, Copy)]
-struct Linger {
-    until: Instant,
-    /// The target's window is full: target reads stay on, with its wake-up mark at
-    /// `ACK_BATCH` acks, and the lingering ends as soon as that many slots are free.
-    for_acks: bool,
 }
 
 /// Why a message was not delivered: the `reason` label of `mqbridge_messages_dropped_total`.
@@ -426,10 +397,7 @@ async fn run_connected(
         source_pacer: Pacer::new(None, route.from.bandwidth_limit, Instant::now().into_std()),
         last_pacing_log: None,
         source_batch: 0,
-        recent: 0,
-        recent_since: Instant::now(),
-        lingered_recently: false,
-        linger: None,
+        linger: linger::Lingering::new(std::time::Instant::now()),
         target_acks: 0,
         spec,
     };
@@ -455,8 +423,8 @@ async fn run_connected(
         }
 
         pair.linger();
-        let lingering = pair.linger.is_some();
-        let for_acks = pair.linger.is_some_and(|l| l.for_acks);
+        let lingering = pair.linger.kind().is_some();
+        let for_acks = pair.linger.kind() == Some(linger::Kind::Acks);
         let next_timer = pair.next_timer(drain_deadline);
         let draining = pair.draining;
         let parking = pair.parking.is_some() || !active_open;
@@ -571,63 +539,32 @@ impl Pair {
         }
     }
 
-    /// Starts, extends or ends lingering (see `LINGER` and `ACK_BATCH`) after a pass.
+    /// Starts, extends or ends lingering after a pass (`pair::linger` decides).
     fn linger(&mut self) {
-        let now = Instant::now();
-        let batch = std::mem::take(&mut self.source_batch);
-        // Under load also when each pass is small but together they come at `LINGER_BATCH`
-        // or more per `LINGER` (a pair that is never kept waiting reads a few at a time).
-        self.recent += batch;
-        let span = now.duration_since(self.recent_since);
-        let mut busy = false;
-        if span >= LINGER {
-            // Only for a pair that did not linger meanwhile: one that does (shared cores, big
-            // passes) is already batching, and more lingering would only add latency.
-            busy = !self.lingered_recently
-                && self.recent as u128 * LINGER.as_nanos()
-                    >= LINGER_BATCH as u128 * span.as_nanos();
-            self.recent = 0;
-            self.recent_since = now;
-            self.lingered_recently = false;
-        }
-        let acks = std::mem::take(&mut self.target_acks);
-        let may = !self.draining && self.window.window() >= LINGER_MIN_WINDOW;
-        let free = self.window.window().saturating_sub(self.window.in_flight());
-        // Not before both sockets were read dry: a burst larger than one read goes on at once.
-        if (batch >= LINGER_BATCH || busy)
-            && may
-            && !self.source.more_to_read
-            && !self.target.more_to_read
-        {
-            self.lingered_recently = true;
-            self.linger = Some(Linger {
-                until: now + LINGER,
-                for_acks: false,
-            });
-            self.source.wake.raise();
-            self.target.wake.raise();
-        } else if let Some(l) = self.linger {
-            if now >= l.until || (l.for_acks && free >= ACK_BATCH) {
-                self.linger = None;
-                // Whatever arrived meanwhile makes the sockets readable now.
+        let pass = linger::Pass {
+            taken: std::mem::take(&mut self.source_batch),
+            acks: std::mem::take(&mut self.target_acks),
+            window: self.window.window(),
+            free: self.window.window().saturating_sub(self.window.in_flight()),
+            draining: self.draining,
+            target_up: self.target.is_up(),
+            source_dry: !self.source.more_to_read,
+            target_dry: !self.target.more_to_read,
+        };
+        match self.linger.after_pass(std::time::Instant::now(), &pass) {
+            linger::Change::Nothing => {}
+            linger::Change::Start(linger::Kind::Load) => {
+                self.source.wake.raise();
+                self.target.wake.raise();
+            }
+            linger::Change::Start(linger::Kind::Acks) => {
+                self.source.wake.raise();
+                self.target.wake.raise_to(ACK_BATCH_BYTES);
+            }
+            linger::Change::End => {
                 self.source.wake.lower();
                 self.target.wake.lower();
             }
-        } else if acks > 0
-            && may
-            && free < ACK_BATCH
-            && self.target.is_up()
-            && !self.target.more_to_read
-        {
-            // The window is full and the target acks one message at a time: without this, each
-            // ack would wake the pair to forward one message.
-            self.lingered_recently = true;
-            self.linger = Some(Linger {
-                until: now + LINGER,
-                for_acks: true,
-            });
-            self.source.wake.raise();
-            self.target.wake.raise_to(ACK_BATCH_BYTES);
         }
     }
 
@@ -1312,8 +1249,8 @@ impl Pair {
         if let Some(d) = drain_deadline {
             t = t.min(d);
         }
-        if let Some(l) = self.linger {
-            t = t.min(l.until);
+        if let Some(until) = self.linger.until() {
+            t = t.min(Instant::from_std(until));
         }
         t
     }

@@ -2,6 +2,7 @@
 //! `window` is the sans-IO heart (ack chaining and flow control); `driver` runs it over sockets.
 
 pub mod driver;
+pub mod linger;
 pub mod pacing;
 pub mod stats;
 pub mod window;
