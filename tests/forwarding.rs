@@ -162,6 +162,7 @@ async fn worker_threads_sets_the_threads_the_pairs_run_on() {
             bridge.log()
         );
         let pid = bridge.pid().expect("running");
+        // No admin endpoint here: only the /proc fields of the sample are read.
         threads.push(sample_resources(pid, "127.0.0.1:1").await.threads);
         bridge.stop_cleanly().await;
     }

@@ -423,16 +423,16 @@ async fn run_connected(
         }
 
         pair.linger();
-        let lingering = pair.linger.kind().is_some();
-        let for_acks = pair.linger.kind() == Some(linger::Kind::Acks);
+        let lingering = pair.linger.kind();
         let next_timer = pair.next_timer(drain_deadline);
         let draining = pair.draining;
         let parking = pair.parking.is_some() || !active_open;
-        let read_target = !lingering || for_acks;
+        // While waiting for acks the target is read (at its raised mark); under load neither is.
+        let read_target = lingering != Some(linger::Kind::Load);
         let read_source = pair.source.is_up()
             && pair.window.can_accept()
             && !draining
-            && !lingering
+            && lingering.is_none()
             && (pair.source.rbuf.len() < SOURCE_RBUF_HIGH || pair.source_partial)
             && pair.target.wbuf.len() < TARGET_WRITE_FIRST
             && pair.source_pacer.ready(std::time::Instant::now());
@@ -545,7 +545,7 @@ impl Pair {
             taken: std::mem::take(&mut self.source_batch),
             acks: std::mem::take(&mut self.target_acks),
             window: self.window.window(),
-            free: self.window.window().saturating_sub(self.window.in_flight()),
+            free: self.window.free(),
             draining: self.draining,
             target_up: self.target.is_up(),
             source_dry: !self.source.more_to_read,

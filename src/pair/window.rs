@@ -199,6 +199,11 @@ impl Window {
         self.window
     }
 
+    /// Slots of the window not held (whether or not the target is up).
+    pub fn free(&self) -> usize {
+        self.window.saturating_sub(self.slots.len())
+    }
+
     pub fn counters(&self) -> Counters {
         self.counters
     }
