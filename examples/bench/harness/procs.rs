@@ -286,7 +286,7 @@ impl Broker {
 /// `TCP_NODELAY` only on the connections it accepts, never on its own bridge's outgoing one. With
 /// it on, broker A sends to mqbridge (and to the subscriber in the direct path) one segment per
 /// message, while its built-in bridge keeps Nagle's coalescing towards broker B; on the AMD
-/// machine that made broker A 10-25 % dearer per message for the paths it does not favour.
+/// machine that made broker A 10-50 % dearer per message on the paths it does not favour.
 fn broker_config(
     dir: &Path,
     name: &str,
