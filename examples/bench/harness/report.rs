@@ -10,6 +10,9 @@ pub struct Machine {
     pub cores: usize,
     pub cpu: String,
     pub kernel: String,
+    /// `net.ipv4.tcp_congestion_control`: every socket of the run uses it (bbr paces loopback
+    /// flows, which moved these results by tens of percent: README).
+    pub congestion: String,
     pub mosquitto: String,
     pub mqbridge: String,
     /// `git describe --always --dirty` of the working tree the run started in.
@@ -34,6 +37,9 @@ impl Machine {
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_owned())
                 .unwrap_or_default(),
+            congestion: std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_else(|_| "unknown".into()),
             mosquitto: first_line(mosquitto, &["-h"]),
             mqbridge: first_line(mqbridge, &["--version"]),
             source: first_line(FsPath::new("git"), &["describe", "--always", "--dirty"]),
@@ -257,9 +263,17 @@ fn markdown(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Machine: {} cores ({}), Linux {}, loopback; {}; {} (source {}). Load average \
-         (1/5/15 min) {} before, {} after.",
-        m.cores, m.cpu, m.kernel, m.mosquitto, m.mqbridge, m.source, m.load_before, m.load_after
+        "Machine: {} cores ({}), Linux {}, loopback, TCP congestion control {}; {}; {} (source \
+         {}). Load average (1/5/15 min) {} before, {} after.",
+        m.cores,
+        m.cpu,
+        m.kernel,
+        m.congestion,
+        m.mosquitto,
+        m.mqbridge,
+        m.source,
+        m.load_before,
+        m.load_after
     );
     let _ = writeln!(
         out,
@@ -390,6 +404,7 @@ fn json(
         ("cores", m.cores.to_string()),
         ("cpu", esc(&m.cpu)),
         ("kernel", esc(&m.kernel)),
+        ("tcp_congestion_control", esc(&m.congestion)),
         ("mosquitto", esc(&m.mosquitto)),
         ("mqbridge", esc(&m.mqbridge)),
         ("source", esc(&m.source)),
