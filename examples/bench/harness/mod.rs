@@ -91,6 +91,11 @@ pub struct Opts {
     /// own. Needs at least 2 CPUs.
     #[arg(long)]
     pub bridge_core: bool,
+    /// Run everything in a network namespace of its own whose loopback uses this TCP congestion
+    /// control (e.g. `cubic`; the host's setting is left alone). `bbr` paces every flow, also on
+    /// loopback, and moved these results by tens of percent (README). Needs root.
+    #[arg(long, value_name = "ALGORITHM")]
+    pub congestion: Option<String>,
 }
 
 /// The ways from the publisher to the subscriber.
@@ -235,6 +240,9 @@ pub fn run(opts: &Opts, args: &str) -> Result<Report, String> {
     std::fs::copy(&original, &mqbridge)
         .map_err(|e| format!("cannot copy {}: {e}", original.display()))?;
     let mosquitto = mosquitto_binary(opts);
+    if let Some(cc) = &opts.congestion {
+        procs::private_network(cc).map_err(|e| format!("--congestion {cc}: {e}"))?;
+    }
     // Before `--bridge-core` confines this process: the machine's cores, not the ones left.
     let machine = report::Machine::describe(&mosquitto, &mqbridge);
     let bridge_cpus = if opts.bridge_core {

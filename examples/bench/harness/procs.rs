@@ -39,6 +39,39 @@ pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// `--congestion`: moves this thread (and so every process and thread it starts from here on)
+/// into a network namespace of its own, brings its loopback up and sets its TCP congestion
+/// control. The host's network and its setting stay as they are. Needs root (CAP_SYS_ADMIN).
+pub fn private_network(congestion: &str) -> io::Result<()> {
+    // SAFETY: unshare takes flags only; CLONE_NEWNET affects the calling thread alone, which is
+    // the one that starts the brokers, mqbridge and the generator's threads.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("cannot create a network namespace ({e}); run as root"),
+        ));
+    }
+    let up = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot run `ip link set lo up`: {e}")))?;
+    if !up.success() {
+        return Err(io::Error::other(format!(
+            "`ip link set lo up` failed: {up}"
+        )));
+    }
+    let knob = "/proc/sys/net/ipv4/tcp_congestion_control";
+    std::fs::write(knob, congestion).map_err(|e| {
+        let known = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+            .unwrap_or_default();
+        io::Error::new(
+            e.kind(),
+            format!("cannot set it ({e}); this kernel offers: {}", known.trim()),
+        )
+    })
+}
+
 /// A set of CPUs for `sched_setaffinity` (`--bridge-core`).
 #[derive(Clone, Copy)]
 pub struct CpuSet(libc::cpu_set_t);

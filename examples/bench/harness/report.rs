@@ -283,6 +283,14 @@ fn markdown(
         opts.window_qos2,
         if opts.quick { ", --quick" } else { "" }
     );
+    if let Some(cc) = &opts.congestion {
+        let _ = writeln!(
+            out,
+            "--congestion {cc}: brokers, generator and mqbridge ran in a network namespace of \
+             their own, its loopback with TCP congestion control {cc}; the host's setting was \
+             left alone."
+        );
+    }
     if opts.bridge_core {
         let _ = writeln!(
             out,
@@ -418,6 +426,11 @@ fn json(
         ("window", opts.window.to_string()),
         ("window_qos2", opts.window_qos2.to_string()),
         ("nap_us", opts.nap.as_micros().to_string()),
+        ("bridge_core", opts.bridge_core.to_string()),
+        (
+            "private_network",
+            opts.congestion.as_deref().map_or("null".into(), esc),
+        ),
     ]);
     let rss = |k: Option<u64>| k.map_or("null".into(), |k| k.to_string());
     let summary: Vec<String> = rows
