@@ -89,3 +89,73 @@ fn quick_benchmark_runs_and_mqbridge_loses_nothing() {
     assert!(report.runs.iter().all(|r| r.count == r.distinct + r.lost()));
     assert_eq!(report.summary.len(), 3);
 }
+
+/// `--congestion`: the run happens in a network namespace of its own with the algorithm asked
+/// for, and the host's setting is the same afterwards. Needs root (as CI runs).
+#[test]
+fn congestion_runs_in_a_private_namespace_and_leaves_the_host_alone() {
+    // SAFETY: geteuid only reads the process's credentials.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: --congestion needs root to create a network namespace");
+        return;
+    }
+    let knob = "/proc/sys/net/ipv4/tcp_congestion_control";
+    let host = std::fs::read_to_string(knob).expect("the host's setting");
+    let host = host.trim().to_owned();
+    // The run moves this thread into the namespace; a thread started before stays outside and
+    // reads the host's setting afterwards.
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let outside = std::thread::spawn(move || {
+        wait.recv().expect("the test's signal");
+        std::fs::read_to_string(knob).expect("the host's setting")
+    });
+    // Another algorithm than the host's, so that reading the host's would not pass.
+    let other = if host == "reno" { "cubic" } else { "reno" };
+    assert_eq!(
+        std::fs::read_link("/proc/thread-self/ns/net").ok(),
+        std::fs::read_link("/proc/self/ns/net").ok(),
+        "this test starts in the process's network namespace"
+    );
+    let json = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-congestion.json");
+    let report = harness::run_with_args([
+        "bench",
+        "--quick",
+        "--qos",
+        "0",
+        "--payload",
+        "64",
+        "--pools",
+        "1",
+        "--paths",
+        "mqbridge",
+        "--congestion",
+        other,
+        "--mqbridge",
+        env!("CARGO_BIN_EXE_mqbridge"),
+        "--json",
+        json.to_str().expect("utf-8 path"),
+    ])
+    .unwrap_or_else(|e| panic!("the benchmark failed: {e}"));
+    println!("{}", report.markdown);
+    assert!(
+        report
+            .markdown
+            .contains(&format!("TCP congestion control {other};")),
+        "the machine line names the namespace's algorithm: {}",
+        report.markdown
+    );
+    assert!(report.runs.iter().all(|r| r.count > 0 && r.lost() == 0));
+    let written = std::fs::read_to_string(&json).expect("the JSON file");
+    assert!(
+        written.contains(&format!("\"tcp_congestion_control\": \"{other}\"")),
+        "{written}"
+    );
+    assert_ne!(
+        std::fs::read_link("/proc/thread-self/ns/net").ok(),
+        std::fs::read_link("/proc/self/ns/net").ok(),
+        "the run happened in a namespace of its own"
+    );
+    go.send(()).expect("the outside thread waits");
+    let after = outside.join().expect("the outside thread");
+    assert_eq!(after.trim(), host, "the host's setting was changed");
+}

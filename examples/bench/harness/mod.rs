@@ -231,7 +231,11 @@ pub fn run(opts: &Opts, args: &str) -> Result<Report, String> {
         return Err(format!("--qos {q}: 0, 1 or 2"));
     }
     let paths = paths(opts)?;
-    let scratch = std::env::temp_dir().join(format!("mqbridge-bench-{}", std::process::id()));
+    // One per run: the smoke tests run several in one process, side by side.
+    static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let run_no = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let scratch =
+        std::env::temp_dir().join(format!("mqbridge-bench-{}-{run_no}", std::process::id()));
     std::fs::create_dir_all(&scratch)
         .map_err(|e| format!("cannot create {}: {e}", scratch.display()))?;
     // A private copy: a rebuild of target/release during the run must not change what is measured.
