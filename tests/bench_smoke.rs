@@ -23,27 +23,28 @@ fn table(markdown: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-#[test]
-fn quick_benchmark_runs_and_mqbridge_loses_nothing() {
-    let json = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-smoke.json");
-    let report = harness::run_with_args([
-        "bench",
-        "--quick",
-        "--qos",
-        "1",
-        "--payload",
-        "64",
-        "--pools",
-        "1",
-        "--idle-timeout",
-        "10s",
+/// `bench --quick` with these options (split at spaces), this build's mqbridge and a JSON file
+/// of its own.
+fn quick(options: &str, json: &Path) -> harness::Report {
+    let mut args = vec!["bench", "--quick"];
+    args.extend(options.split_whitespace());
+    let json_arg = json.to_str().expect("utf-8 path");
+    args.extend_from_slice(&[
         "--mqbridge",
         env!("CARGO_BIN_EXE_mqbridge"),
         "--json",
-        json.to_str().expect("utf-8 path"),
-    ])
-    .unwrap_or_else(|e| panic!("the benchmark failed: {e}"));
+        json_arg,
+    ]);
+    let report =
+        harness::run_with_args(args).unwrap_or_else(|e| panic!("the benchmark failed: {e}"));
     println!("{}", report.markdown);
+    report
+}
+
+#[test]
+fn quick_benchmark_runs_and_mqbridge_loses_nothing() {
+    let json = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-smoke.json");
+    let report = quick("--qos 1 --payload 64 --pools 1 --idle-timeout 10s", &json);
 
     let rows = table(&report.markdown);
     let header = &rows[0];
@@ -117,26 +118,10 @@ fn congestion_runs_in_a_private_namespace_and_leaves_the_host_alone() {
         "this test starts in the process's network namespace"
     );
     let json = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-congestion.json");
-    let report = harness::run_with_args([
-        "bench",
-        "--quick",
-        "--qos",
-        "0",
-        "--payload",
-        "64",
-        "--pools",
-        "1",
-        "--paths",
-        "mqbridge",
-        "--congestion",
-        other,
-        "--mqbridge",
-        env!("CARGO_BIN_EXE_mqbridge"),
-        "--json",
-        json.to_str().expect("utf-8 path"),
-    ])
-    .unwrap_or_else(|e| panic!("the benchmark failed: {e}"));
-    println!("{}", report.markdown);
+    let report = quick(
+        &format!("--qos 0 --payload 64 --pools 1 --paths mqbridge --congestion {other}"),
+        &json,
+    );
     assert!(
         report
             .markdown
