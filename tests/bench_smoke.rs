@@ -100,7 +100,7 @@ fn congestion_runs_in_a_private_namespace_and_leaves_the_host_alone() {
         eprintln!("skipped: --congestion needs root to create a network namespace");
         return;
     }
-    let knob = "/proc/sys/net/ipv4/tcp_congestion_control";
+    let knob = harness::procs::CONGESTION_KNOB;
     let host = std::fs::read_to_string(knob).expect("the host's setting");
     let host = host.trim().to_owned();
     // The run moves this thread into the namespace; a thread started before stays outside and

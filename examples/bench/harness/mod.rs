@@ -3,7 +3,7 @@
 //! `examples/bench/main.rs` is the command line; `tests/bench_smoke.rs` runs `--quick` in-process.
 
 mod load;
-mod procs;
+pub mod procs;
 mod report;
 mod wire;
 

@@ -39,6 +39,9 @@ pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// The TCP congestion control of the calling thread's network namespace (read and written).
+pub const CONGESTION_KNOB: &str = "/proc/sys/net/ipv4/tcp_congestion_control";
+
 /// `--congestion`: moves this thread (and so every process and thread it starts from here on)
 /// into a network namespace of its own, brings its loopback up and sets its TCP congestion
 /// control. The host's network and its setting stay as they are. Needs root (CAP_SYS_ADMIN).
@@ -61,8 +64,7 @@ pub fn private_network(congestion: &str) -> io::Result<()> {
             "`ip link set lo up` failed: {up}"
         )));
     }
-    let knob = "/proc/sys/net/ipv4/tcp_congestion_control";
-    std::fs::write(knob, congestion).map_err(|e| {
+    std::fs::write(CONGESTION_KNOB, congestion).map_err(|e| {
         let known = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
             .unwrap_or_default();
         io::Error::new(

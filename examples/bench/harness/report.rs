@@ -37,7 +37,7 @@ impl Machine {
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_owned())
                 .unwrap_or_default(),
-            congestion: std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+            congestion: std::fs::read_to_string(super::procs::CONGESTION_KNOB)
                 .map(|s| s.trim().to_owned())
                 .unwrap_or_else(|_| "unknown".into()),
             mosquitto: first_line(mosquitto, &["-h"]),
