@@ -93,7 +93,7 @@ pub struct Opts {
     pub bridge_core: bool,
     /// Run everything in a network namespace of its own whose loopback uses this TCP congestion
     /// control (e.g. `cubic`; the host's setting is left alone). `bbr` paces every flow, also on
-    /// loopback, and moved these results by tens of percent (README). Needs root.
+    /// loopback, and moved these results by tens of percent (docs/BENCHMARKS.md). Needs root.
     #[arg(long, value_name = "ALGORITHM")]
     pub congestion: Option<String>,
 }

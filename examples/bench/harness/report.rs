@@ -11,7 +11,7 @@ pub struct Machine {
     pub cpu: String,
     pub kernel: String,
     /// `net.ipv4.tcp_congestion_control`: every socket of the run uses it (bbr paces loopback
-    /// flows, which moved these results by tens of percent: README).
+    /// flows, which moved these results by tens of percent: docs/BENCHMARKS.md).
     pub congestion: String,
     pub mosquitto: String,
     pub mqbridge: String,
@@ -203,7 +203,7 @@ fn opt(x: Option<f64>, digits: usize) -> String {
     }
 }
 
-/// The command that reproduces a run with `args` (for the README).
+/// The command that reproduces a run with `args` (for docs/BENCHMARKS.md).
 fn command_line(args: &str) -> String {
     if args.is_empty() {
         "bash scripts/bench.sh".into()
