@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one test command: installs what the tests need when absent (mosquitto, RabbitMQ), then runs
+# The one test command: installs what the tests need when absent (mosquitto, RabbitMQ, NATS), then runs
 # the whole suite against one shared release build. Tests start their own brokers on free loopback
 # ports.
 set -euo pipefail
@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
+# NATS's MQTT listener: a real broker without shared subscriptions (tests/no_shared_subscriptions.rs).
+[ -x /usr/sbin/nats-server ] || missing+=(nats-server)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]} (the tests start their own instances on free ports)"
   SUDO=""

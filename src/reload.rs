@@ -137,6 +137,7 @@ fn broker_parts(parts: &mut Parts, broker: &BrokerPlan) {
         max_publish_rate,
         max_filters_per_subscribe,
         try_private,
+        share_probe,
         tls,
     } = broker;
     let key = |k: &str| format!("brokers.{name}.{k}");
@@ -152,6 +153,7 @@ fn broker_parts(parts: &mut Parts, broker: &BrokerPlan) {
     parts.public(key("max_publish_rate"), max_publish_rate);
     parts.public(key("max_filters_per_subscribe"), max_filters_per_subscribe);
     parts.public(key("try_private"), try_private);
+    parts.public(key("share_probe"), share_probe);
     parts.public(key("tls"), tls);
 }
 

@@ -73,6 +73,23 @@ pub fn start(
             active,
         )));
     }
+    // Indexes past the pool that an earlier run (or the config before a reload) ran may still
+    // hold subscribed sessions, which the broker keeps feeding: clean them up (SPEC 4.1).
+    let sweep_from = PairSpec {
+        route: plan.clone(),
+        index: route.pool_size_max,
+        source_client_id: String::new(),
+        target_client_id: String::new(),
+        stats: Arc::new(PairStats::default()),
+        drain_timeout: bridge.drain_timeout,
+        epoch,
+        loops: loops.clone(),
+    };
+    tasks.push(tokio::spawn(sweep(
+        bridge.clone(),
+        sweep_from,
+        shutdown.clone(),
+    )));
     if route.pool_auto {
         let sizer = PoolSizer::new(route.pool_size, route.pool_size_max);
         tasks.push(tokio::spawn(size_pool(
@@ -88,6 +105,31 @@ pub fn start(
         pairs,
         tasks,
         stop,
+    }
+}
+
+/// How many indexes past the pool a start looks at, at most: a guard against a broker that
+/// reports a session for every client id.
+const SWEEP_LIMIT: usize = 1024;
+
+/// Retires indexes `first.index`, `first.index + 1`, … until one whose source had no session.
+/// MQTT 3.1 cannot tell, so on 3.1 only the first is looked at (see docs/GUARANTEES.md).
+async fn sweep(
+    bridge: crate::config::BridgePlan,
+    first: PairSpec,
+    shutdown: watch::Receiver<bool>,
+) {
+    let route = first.route.clone();
+    for index in first.index..first.index + SWEEP_LIMIT {
+        let spec = PairSpec {
+            index,
+            source_client_id: client_id(&bridge, &route, index, Side::Source),
+            target_client_id: client_id(&bridge, &route, index, Side::Target),
+            ..first.clone()
+        };
+        if driver::retire(spec, shutdown.clone()).await != Some(true) {
+            return;
+        }
     }
 }
 

@@ -113,6 +113,8 @@ async fn invalid_topic_names_from_the_source_do_not_block_the_pair() {
     let dst = Mosquitto::start().await;
     let collector = Collector::start(dst.port(), Proto::V5, "in/#", 1).await;
     let mut cfg = RouteConfig::new(source.port, Proto::V311, dst.port(), Proto::V5);
+    // A scripted source, not a broker: it cannot route the share probe back.
+    cfg.src_extra = "share_probe = false".into();
     cfg.qos = 1;
     cfg.src_url = Some(source.url());
     let mut bridge = Bridge::start(&cfg.toml());
@@ -357,16 +359,25 @@ async fn a_qos2_publish_resent_after_its_exchange_completed_is_not_forwarded_aga
     let dst = Mosquitto::start().await;
     let collector = Collector::start(dst.port(), Proto::V5, "in/#", 2).await;
     let mut cfg = RouteConfig::new(source_port, Proto::V311, dst.port(), Proto::V5);
+    // A scripted source, not a broker: it cannot route the share probe back.
+    cfg.src_extra = "share_probe = false".into();
     cfg.qos = 2;
     let mut bridge = Bridge::start(&cfg.toml());
-    for round in 0..2u8 {
+    let mut round = 0u8;
+    while round < 2 {
         let (stream, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
             .await
             .expect("the bridge connects")
             .unwrap();
         let (read, mut write) = stream.into_split();
         let mut rx = spawn_reader(read);
-        assert_eq!(rx.recv().await.unwrap().0 >> 4, 1, "CONNECT");
+        let (first, connect) = rx.recv().await.unwrap();
+        assert_eq!(first >> 4, 1, "CONNECT");
+        if !connect.windows(4).any(|w| w == b"-r-0") {
+            // The start's clean-up of index 1 (past the pool): no session here, nothing to do.
+            write.write_all(&connack(false, false)).await.unwrap();
+            continue;
+        }
         write.write_all(&connack(false, round > 0)).await.unwrap();
         let (first, subscribe) = rx.recv().await.unwrap();
         assert_eq!(first >> 4, 8, "SUBSCRIBE");
@@ -380,6 +391,7 @@ async fn a_qos2_publish_resent_after_its_exchange_completed_is_not_forwarded_aga
         let (first, _) = rx.recv().await.unwrap();
         assert_eq!(first >> 4, 7, "PUBCOMP");
         // Round 0 ends as if the PUBCOMP had been lost with the connection.
+        round += 1;
     }
     collector
         .settle(Duration::from_millis(500), Duration::from_secs(5))

@@ -156,6 +156,8 @@ async fn hostile_source(v5: bool) {
     let collector = Collector::start(dst.port(), Proto::V5, "in/#", 1).await;
     let proto = if v5 { Proto::V5 } else { Proto::V311 };
     let mut cfg = RouteConfig::new(source.port, proto, dst.port(), Proto::V5);
+    // A scripted source, not a broker: it cannot route the share probe back.
+    cfg.src_extra = "share_probe = false".into();
     cfg.qos = 1;
     cfg.src_url = Some(source.url());
     // A short keep-alive, so the silent connection is given up quickly.

@@ -138,3 +138,42 @@ async fn message_expiry_counts_the_time_held_and_expired_messages_are_dropped() 
         bridge.log()
     );
 }
+
+/// Issue #14, hole 5: a target that answers 0x97 (quota exceeded) means "not now". Before the
+/// fix every such message was taken for refused: logged, counted as dropped, acknowledged to the
+/// source, lost. Now each is published again after a pause until the target takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_exceeded_is_retried_until_the_target_takes_every_message() {
+    let src = Mosquitto::start().await;
+    let target = EmbeddedBroker::start(BrokerOptions::named("target")).unwrap();
+    target.script().ack_with_reason("in/#", 0x97);
+    let out = Collector::start(target.port(), Proto::V5, "in/#", 1).await;
+    let mut cfg = RouteConfig::new(src.port(), Proto::V5, target.port(), Proto::V5);
+    cfg.qos = 1;
+    let bridge = start_ready(&cfg.toml(), 1).await;
+    publish_numbered(src.port(), Proto::V5, |i| format!("in/{i}"), 1, 0, 50, "qx").await;
+    assert!(
+        bridge
+            .wait_log(
+                "quota exceeded (0x97): publishing again",
+                Duration::from_secs(10)
+            )
+            .await,
+        "{}",
+        bridge.log()
+    );
+    assert_eq!(out.count(), 0, "the target took nothing yet");
+    target.script().reset();
+    assert!(
+        out.wait_for_count(50, Duration::from_secs(20)).await,
+        "{} of 50 arrived:\n{}",
+        out.count(),
+        bridge.log()
+    );
+    assert_at_least_once(&out.received(), "qx", 0..50);
+    let log = bridge.log();
+    assert!(
+        !log.contains("undeliverable"),
+        "nothing was dropped:\n{log}"
+    );
+}

@@ -744,6 +744,7 @@ fn broker_plan(
         max_publish_rate,
         max_filters_per_subscribe,
         try_private: broker.try_private,
+        share_probe: broker.share_probe,
         tls,
     })
 }

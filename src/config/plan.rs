@@ -105,6 +105,8 @@ pub struct BrokerPlan {
     pub max_filters_per_subscribe: usize,
     /// MQTT 3.x: CONNECT as a bridge (protocol level | 0x80), mosquitto's `try_private`.
     pub try_private: bool,
+    /// Check with a probe message that `$share` subscriptions are really shared.
+    pub share_probe: bool,
     pub tls: Option<TlsPlan>,
 }
 

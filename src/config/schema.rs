@@ -189,9 +189,20 @@ pub struct Broker {
     /// broker that does not know it refuses the connection ("unsupported protocol version").
     #[serde(default, deserialize_with = "parse::boolean")]
     pub try_private: bool,
+    /// As a source with `share = "$share"` or `"$oshare"`: after subscribing, each pair checks
+    /// that the broker really shares, by publishing a probe to `mqbridge/probe/<client id>` that
+    /// only a shared subscription of its own can deliver. A broker that takes `$share/g/f` as a
+    /// literal filter (NATS, aedes, amqtt) would otherwise deliver nothing to a pair that looks
+    /// ready. Set false where ACLs forbid that topic; MQTT 5 brokers also say so in CONNACK.
+    #[serde(default = "default_true", deserialize_with = "parse::boolean")]
+    pub share_probe: bool,
     /// `[brokers.<name>.tls]`: present = TLS; implied by `mqtts://` and `wss://`.
     #[serde(default)]
     pub tls: Option<Tls>,
+}
+
+pub const fn default_true() -> bool {
+    true
 }
 
 pub const fn default_protocol() -> Protocol {

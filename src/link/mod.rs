@@ -74,6 +74,8 @@ pub struct ConnAckInfo {
     pub maximum_qos: Option<u8>,
     pub maximum_packet_size: Option<u32>,
     pub topic_alias_maximum: Option<u16>,
+    /// v5: Shared Subscription Available (absent = 1, available).
+    pub shared_subscription_available: Option<u8>,
     pub reason: Option<String>,
 }
 
@@ -270,6 +272,17 @@ impl Codec {
             _ => buf.extend_from_slice(&[0xE0, 0]),
         }
     }
+
+    /// v5 only: DISCONNECT (normal) with Session Expiry Interval 0, which ends the session with
+    /// the connection (allowed when CONNECT set a non-zero interval, MQTT-3.14.2-2 forbids only
+    /// the reverse). `false` on 3.x, which needs a clean-session connection for that.
+    pub fn disconnect_ending_session(&self, buf: &mut BytesMut) -> bool {
+        if self.protocol != Protocol::V5 {
+            return false;
+        }
+        buf.extend_from_slice(&[0xE0, 0x07, 0x00, 0x05, 0x11, 0, 0, 0, 0]);
+        true
+    }
 }
 
 fn bridge_bit(p: &ConnectParams) -> u8 {
@@ -330,17 +343,60 @@ pub async fn connect(broker: &BrokerPlan, params: &ConnectParams) -> Result<Conn
     })
 }
 
+/// An MQTT 5 reason code (CONNACK, PUBACK, PUBREC, SUBACK, DISCONNECT) in words.
+pub fn reason_name(code: u8) -> &'static str {
+    match code {
+        0x00 => "success",
+        0x04 => "disconnect with will message",
+        0x10 => "no matching subscribers",
+        0x80 => "unspecified error",
+        0x81 => "malformed packet",
+        0x82 => "protocol error",
+        0x83 => "implementation specific error",
+        0x84 => "unsupported protocol version",
+        0x85 => "client identifier not valid",
+        0x86 => "bad user name or password",
+        0x87 => "not authorized",
+        0x88 => "server unavailable",
+        0x89 => "server busy",
+        0x8A => "banned",
+        0x8B => "server shutting down",
+        0x8C => "bad authentication method",
+        0x8D => "keep alive timeout",
+        0x8E => "session taken over",
+        0x8F => "topic filter invalid",
+        0x90 => "topic name invalid",
+        0x91 => "packet identifier in use",
+        0x92 => "packet identifier not found",
+        0x93 => "receive maximum exceeded",
+        0x94 => "topic alias invalid",
+        0x95 => "packet too large",
+        0x96 => "message rate too high",
+        0x97 => "quota exceeded",
+        0x98 => "administrative action",
+        0x99 => "payload format invalid",
+        0x9A => "retain not supported",
+        0x9B => "QoS not supported",
+        0x9C => "use another server",
+        0x9D => "server moved",
+        0x9E => "shared subscriptions not supported",
+        0x9F => "connection rate exceeded",
+        0xA0 => "maximum connect time",
+        0xA1 => "subscription identifiers not supported",
+        0xA2 => "wildcard subscriptions not supported",
+        _ => "unknown reason",
+    }
+}
+
 /// A CONNACK refusal in words.
 fn refusal(protocol: Protocol, c: &ConnAckInfo) -> String {
     let words = match (protocol, c.code) {
-        (Protocol::V5, 0x84) | (_, 1) => "unsupported protocol version",
-        (Protocol::V5, 0x85) | (_, 2) => "client identifier not valid",
-        (Protocol::V5, 0x88) | (_, 3) => "server unavailable",
-        (Protocol::V5, 0x86) | (_, 4) => "bad user name or password",
-        (Protocol::V5, 0x87) | (_, 5) => "not authorized",
-        (Protocol::V5, 0x89) => "server busy",
-        (Protocol::V5, 0x8A) => "banned",
-        (Protocol::V5, 0x97) => "quota exceeded",
+        (Protocol::V5, code) => reason_name(code),
+        (_, 1) => "unsupported protocol version",
+        (_, 2) => "client identifier not valid",
+        (_, 3) => "server unavailable",
+        (_, 4) => "bad user name or password",
+        (_, 5) => "not authorized",
         _ => "refused",
     };
     match &c.reason {
@@ -432,6 +488,19 @@ mod tests {
                     [Inbound::PubAck { pkid: 5, .. }, Inbound::PingResp]
                 ),
                 "{protocol:?}: {got:?}"
+            );
+        }
+    }
+
+    /// `E0 01 9A` (DISCONNECT, Retain not supported, no properties) is a valid v5 packet; it was
+    /// reported as "malformed packet" (issue #14, hole 12), and so was any code rumqttc lacks.
+    #[test]
+    fn a_v5_disconnect_with_only_a_reason_code_decodes() {
+        for reason in [0x9A, 0x8E, 0x89, 0x00, 0xA2] {
+            let got = decode_all(Protocol::V5, &[0xE0, 0x01, reason, 0xd0, 0x00]).unwrap();
+            assert!(
+                matches!(got[..], [Inbound::Disconnect { reason: r }, Inbound::PingResp] if r == reason),
+                "{reason:#04x}: {got:?}"
             );
         }
     }

@@ -37,9 +37,11 @@ pub(super) fn encode_connect(p: &ConnectParams, buf: &mut BytesMut) {
         clean_start: p.clean_start,
         properties: Some(props),
     };
-    let login = p.username.as_ref().map(|u| {
+    // MQTT 5 allows a password without a user name (3.1.2.9); rumqttc leaves out an empty
+    // user name and sets only the password flag.
+    let login = (p.username.is_some() || p.password.is_some()).then(|| {
         v5::Login::new(
-            u.clone(),
+            p.username.clone().unwrap_or_default(),
             p.password.as_ref().map(|s| s.expose()).unwrap_or_default(),
         )
     });
@@ -108,6 +110,15 @@ fn connack_code(c: v5::ConnectReturnCode) -> u8 {
 }
 
 pub(super) fn decode(buf: &mut BytesMut, max: u32) -> Result<Option<Inbound>, LinkError> {
+    // A DISCONNECT with a reason code and no property length (`E0 01 rc`) is valid (MQTT 5
+    // 3.14.2.2: "if the Remaining Length is less than 2, a value of 0 is used"); rumqttc reads a
+    // property length regardless and calls it malformed, and it refuses reason codes it does
+    // not know. Brokers send exactly this when they close a connection with a reason.
+    if buf.len() >= 3 && buf[0] == 0xE0 && buf[1] == 1 {
+        let reason = buf[2];
+        let _ = buf.split_to(3);
+        return Ok(Some(Inbound::Disconnect { reason }));
+    }
     let packet = match v5::Packet::read(buf, Some(max)) {
         Ok(p) => p,
         Err(mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
@@ -123,6 +134,9 @@ pub(super) fn decode(buf: &mut BytesMut, max: u32) -> Result<Option<Inbound>, Li
                 maximum_qos: p.as_ref().and_then(|p| p.max_qos),
                 maximum_packet_size: p.as_ref().and_then(|p| p.max_packet_size),
                 topic_alias_maximum: p.as_ref().and_then(|p| p.topic_alias_max),
+                shared_subscription_available: p
+                    .as_ref()
+                    .and_then(|p| p.shared_subscription_available),
                 reason: p.as_ref().and_then(|p| p.reason_string.clone()),
             })
         }
@@ -243,4 +257,47 @@ pub(super) fn encode_disconnect(buf: &mut BytesMut) {
         properties: None,
     };
     let _ = d.write(buf);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::ConnectParams;
+
+    fn params(username: Option<&str>, password: Option<&str>) -> ConnectParams {
+        ConnectParams {
+            client_id: "c".into(),
+            clean_start: true,
+            keep_alive_secs: 30,
+            session_expiry_secs: 0,
+            username: username.map(str::to_string),
+            password: password.map(|p| crate::config::Secret::new(p.to_string())),
+            receive_maximum: None,
+            maximum_packet_size: None,
+            try_private: false,
+        }
+    }
+
+    fn login_of(p: &ConnectParams) -> Option<(String, String)> {
+        let mut buf = BytesMut::new();
+        encode_connect(p, &mut buf);
+        match v5::Packet::read(&mut buf, None).expect("a valid CONNECT") {
+            v5::Packet::Connect(_, _, login) => login.map(|l| (l.username, l.password)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Issue #14, hole 13: a v5 password without a user name was never sent.
+    #[test]
+    fn a_password_without_a_user_name_is_sent_on_v5() {
+        assert_eq!(
+            login_of(&params(None, Some("s3cret"))),
+            Some((String::new(), "s3cret".into()))
+        );
+        assert_eq!(
+            login_of(&params(Some("u"), Some("p"))),
+            Some(("u".into(), "p".into()))
+        );
+        assert_eq!(login_of(&params(None, None)), None);
+    }
 }

@@ -19,16 +19,17 @@ use tokio::{
     sync::watch,
     time::Instant,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{
     linger,
     pacing::Pacer,
+    share_probe::{self, ShareProbe},
     stats::PairStats,
     window::{Action, Counters, SourceAck, Window},
 };
 use crate::{
-    config::{BrokerPlan, PropertiesMode, Protocol, Qos, RetainMode, RoutePlan},
+    config::{BrokerPlan, PropertiesMode, Protocol, Qos, RetainMode, RoutePlan, Share},
     link::{self, Codec, ConnectParams, Connection, Inbound, InboundPublish, LinkError},
     loops::{EchoDigest, marker},
     message::Message,
@@ -81,6 +82,10 @@ const READ_CHUNK: usize = 64 * 1024;
 /// The smallest read of a source whose bytes are paced (`bandwidth_limit`).
 const MIN_PACED_READ: usize = 4096;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The pause after a "not now" ack (0x97 quota exceeded, 0x91 packet id in use), doubling up
+/// to the maximum while they keep coming, back to the minimum after an accepted one.
+const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A connection that lasted this long was healthy: the next reconnect starts from `BACKOFF_MIN`.
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
@@ -264,6 +269,18 @@ struct Pair {
     /// Counters of earlier activations of this pair (an auto-sized pool parks and wakes pairs).
     base: Counters,
     parking: Option<Parking>,
+    /// The first source CONNACK's session present flag.
+    source_session: Option<bool>,
+    /// After a transient refusal (0x97, 0x91): when the window may write again, and the
+    /// pause after the next one.
+    retry_at: Option<Instant>,
+    retry_backoff: Duration,
+    /// The target ended the last connection with a DISCONNECT that gave a reason.
+    target_said_why: bool,
+    /// An index no longer in the pool, cleaning up (`Mode::Retire`): quieter logs.
+    retiring: bool,
+    /// The shared-subscription self-test of a 3.x source (`None`: not wanted).
+    probe: Option<ShareProbe>,
     last_source_read: Instant,
     /// First write per target packet id, for `mqbridge_forward_latency_seconds`. The source is
     /// read only while the window has room, so this is (within a pass) the receive time.
@@ -331,6 +348,12 @@ pub async fn run_pooled(
     mut shutdown: watch::Receiver<bool>,
     mut active: watch::Receiver<bool>,
 ) {
+    if !*active.borrow() && !*shutdown.borrow() {
+        // Parked from the start: an earlier run may have left this index subscribed, and the
+        // broker queues for it meanwhile. Clean up first (SPEC 4.1); nothing there is a no-op.
+        spec.stats.parked.store(true, Relaxed);
+        retire(spec.clone(), shutdown.clone()).await;
+    }
     loop {
         spec.stats.parked.store(!*active.borrow(), Relaxed);
         while !*active.borrow_and_update() {
@@ -343,7 +366,8 @@ pub async fn run_pooled(
             return;
         }
         spec.stats.parked.store(false, Relaxed);
-        if run_connected(spec.clone(), &mut shutdown, &mut active).await == Ended::Shutdown {
+        let ran = run_connected(spec.clone(), &mut shutdown, &mut active, Mode::Serve).await;
+        if ran.ended == Ended::Shutdown {
             return;
         }
         info!(route = %spec.route.name, pair = spec.index, "pair parked: the pool shrank");
@@ -356,12 +380,130 @@ enum Ended {
     Parked,
 }
 
+/// What an activation is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Subscribe and forward until shutdown or parked.
+    Serve,
+    /// A pool index no longer run: resume its sessions, unsubscribe, forward what they still
+    /// deliver, then leave (SPEC 4.1).
+    Retire,
+}
+
+struct Activation {
+    ended: Ended,
+    /// The first source CONNACK's session present flag (`None`: the source never connected).
+    source_session: Option<bool>,
+    forwarded: u64,
+}
+
+/// Cleans up pool index `spec.index` for good: connects both sides with their persistent
+/// sessions, unsubscribes the route's filters on the source (retrying until the UNSUBACK, across
+/// reconnects), forwards what the session still delivers, then ends both sessions. Returns
+/// whether the source had a session for this index (`None` if shut down before it was known).
+/// MQTT 3.1 cannot report a session, so there it is always `Some(false)`.
+pub async fn retire(spec: PairSpec, mut shutdown: watch::Receiver<bool>) -> Option<bool> {
+    if spec.route.from.session_expiry.is_zero() {
+        return Some(false); // clean sessions: nothing outlives a connection
+    }
+    // Look first, at the source alone: most starts find nothing, and then no target connection
+    // is made. MQTT 3.1 cannot report a session: there the full clean-up runs.
+    if spec.route.from.protocol != Protocol::V31 {
+        match source_session_present(&spec).await {
+            Ok(true) => {}
+            Ok(false) => return Some(false),
+            Err(e) => {
+                debug!(route = %spec.route.name, pair = spec.index, "cannot look for a session left at this index: {e}");
+                return None;
+            }
+        }
+    }
+    let (_hold, mut active) = watch::channel(false);
+    let ran = run_connected(spec.clone(), &mut shutdown, &mut active, Mode::Retire).await;
+    if ran.ended == Ended::Parked {
+        end_sessions(&spec).await;
+        if ran.source_session == Some(true) {
+            info!(route = %spec.route.name, pair = spec.index, forwarded = ran.forwarded, "retired index {}: its source session was still subscribed; unsubscribed, forwarded what it held, ended its sessions", spec.index);
+        }
+    }
+    ran.source_session
+}
+
+/// Whether the source keeps a session for this index. A session the look itself created is
+/// ended again (v5: DISCONNECT with Session Expiry 0; 3.x: a clean-session connection); one that
+/// was there is left as it was, for the clean-up to take over.
+async fn source_session_present(spec: &PairSpec) -> Result<bool, LinkError> {
+    let broker = &spec.route.from;
+    let params = ConnectParams::for_broker(broker, spec.source_client_id.clone());
+    let look = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut c = link::connect(broker, &params).await?;
+        let present = c.connack.session_present;
+        let mut buf = BytesMut::new();
+        let ended = !present && c.codec.disconnect_ending_session(&mut buf);
+        if !ended {
+            c.codec.disconnect(&mut buf);
+        }
+        c.writer.write_all(&buf).await?;
+        let _ = c.writer.shutdown().await;
+        Ok::<_, LinkError>((present, ended))
+    })
+    .await
+    .map_err(|_| LinkError::Timeout(Duration::from_secs(10)))??;
+    let (present, ended) = look;
+    if !present && !ended {
+        end_session(spec, broker, &spec.source_client_id).await;
+    }
+    Ok(present)
+}
+
+/// Ends both sides' sessions of a retired index: a connection with a clean session (v5: Clean
+/// Start, Session Expiry 0) discards what the broker kept, and ends with the connection.
+async fn end_sessions(spec: &PairSpec) {
+    let sides = [
+        (&spec.route.from, &spec.source_client_id),
+        (&spec.route.to, &spec.target_client_id),
+    ];
+    for (broker, client_id) in sides {
+        end_session(spec, broker, client_id).await;
+    }
+}
+
+async fn end_session(spec: &PairSpec, broker: &BrokerPlan, client_id: &str) {
+    {
+        if broker.session_expiry.is_zero() {
+            return;
+        }
+        let mut params = ConnectParams::for_broker(broker, client_id.to_string());
+        params.clean_start = true;
+        params.session_expiry_secs = 0;
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut c = link::connect(broker, &params).await?;
+            let mut buf = BytesMut::new();
+            c.codec.disconnect(&mut buf);
+            c.writer.write_all(&buf).await?;
+            let _ = c.writer.shutdown().await;
+            Ok::<_, LinkError>(())
+        })
+        .await;
+        match ended {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(route = %spec.route.name, broker = %broker.name, %client_id, "cannot end the retired index's session: {e}")
+            }
+            Err(_) => {
+                warn!(route = %spec.route.name, broker = %broker.name, %client_id, "cannot end the retired index's session: timed out")
+            }
+        }
+    }
+}
+
 /// One activation of a pair: until shutdown (drained) or until parked.
 async fn run_connected(
     spec: PairSpec,
     shutdown: &mut watch::Receiver<bool>,
     active: &mut watch::Receiver<bool>,
-) -> Ended {
+    mode: Mode,
+) -> Activation {
     let route = spec.route.clone();
     let base = Counters {
         received: PairStats::get(&spec.stats.received),
@@ -371,7 +513,26 @@ async fn run_connected(
     };
     let mut pair = Pair {
         base,
-        parking: None,
+        parking: (mode == Mode::Retire).then_some(Parking {
+            unsubscribed: false,
+            nothing_held: false,
+        }),
+        source_session: None,
+        retry_at: None,
+        retry_backoff: RETRY_BACKOFF_MIN,
+        target_said_why: false,
+        retiring: mode == Mode::Retire,
+        probe: (mode == Mode::Serve
+            && route.share != Share::None
+            && route.from.share_probe
+            && route.from.protocol != Protocol::V5)
+            .then(|| {
+                let prefix = match route.share {
+                    Share::OShare => format!("$oshare/{}", route.group),
+                    _ => format!("$share/{}", route.group),
+                };
+                ShareProbe::new(&prefix, &spec.source_client_id)
+            }),
         last_source_read: Instant::now(),
         window: Window::new(usize::from(route.to.max_inflight)),
         source: Side::new("source", route.from.clone(), spec.source_client_id.clone()),
@@ -405,6 +566,10 @@ async fn run_connected(
     let mut active_open = true;
     loop {
         pair.start_due_connections();
+        if pair.keep_alive_due().is_some_and(|t| Instant::now() >= t) {
+            // Also on a busy pass: a QoS 0 source we never write to still needs its PINGREQ.
+            pair.keep_alive_tick();
+        }
         pair.process_target_input();
         pair.process_source_input();
         pair.apply_actions();
@@ -415,11 +580,11 @@ async fn run_connected(
                 *drain_deadline.get_or_insert_with(|| Instant::now() + pair.spec.drain_timeout);
             if pair.drained() || Instant::now() >= deadline {
                 pair.disconnect().await;
-                return Ended::Shutdown;
+                return pair.activation(Ended::Shutdown);
             }
         } else if pair.parked() {
             pair.disconnect().await;
-            return Ended::Parked;
+            return pair.activation(Ended::Parked);
         }
 
         pair.linger();
@@ -509,7 +674,10 @@ async fn run_connected(
                 // The pool's controller is gone (the route is stopping): nothing more to follow.
                 Err(_) => active_open = false,
             },
-            _ = tokio::time::sleep_until(next_timer) => pair.keep_alive_tick(),
+            _ = tokio::time::sleep_until(next_timer) => {
+                pair.keep_alive_tick();
+                pair.handle_timeouts();
+            }
         }
     }
 }
@@ -520,6 +688,8 @@ async fn run_connected(
 #[derive(Debug)]
 struct Parking {
     unsubscribed: bool,
+    /// A retiring index whose source had no session: done as soon as it is known.
+    nothing_held: bool,
 }
 
 const PARK_QUIET: Duration = Duration::from_millis(500);
@@ -576,14 +746,8 @@ impl Pair {
             target.start_connecting(params);
         }
         // The source connects once the target has, so its advertised window mirrors the target's.
-        let source = &mut self.source;
-        if !self.draining
-            && self.parking.is_none()
-            && self.target.connects > 0
-            && !source.is_up()
-            && source.connecting.is_none()
-            && now >= source.retry_at
-        {
+        if self.source_may_connect() && now >= self.source.retry_at {
+            let source = &mut self.source;
             let mut params = ConnectParams::for_broker(&source.broker, source.client_id.clone());
             if source.broker.protocol == Protocol::V5 {
                 let window = self.window.window().min(usize::from(u16::MAX)) as u16;
@@ -596,6 +760,16 @@ impl Pair {
             }
             source.start_connecting(params);
         }
+    }
+
+    /// Whether the source connection is to be (re)established once its backoff allows.
+    fn source_may_connect(&self) -> bool {
+        // Also while parking: the UNSUBSCRIBE must reach the broker, or it keeps queueing for
+        // us, and what the session still holds must be taken before the pair leaves.
+        !self.draining
+            && self.target.connects > 0
+            && !self.source.is_up()
+            && self.source.connecting.is_none()
     }
 
     fn target_established(&mut self, c: Connection) {
@@ -613,7 +787,11 @@ impl Pair {
         }
         let first = self.target.connects == 0;
         self.target.established(c);
-        info!(route = %self.spec.route.name, pair = self.spec.index, broker = %self.target.broker.name, client_id = %self.target.client_id, session_present = info.session_present, window, "target connected");
+        if self.retiring {
+            debug!(route = %self.spec.route.name, pair = self.spec.index, session_present = info.session_present, "retiring index: target connected");
+        } else {
+            info!(route = %self.spec.route.name, pair = self.spec.index, broker = %self.target.broker.name, client_id = %self.target.client_id, session_present = info.session_present, window, "target connected");
+        }
         if first && info.session_present {
             self.release_stranded();
         }
@@ -650,13 +828,43 @@ impl Pair {
             PairStats::add(&self.spec.stats.source_reconnects, 1);
         }
         self.source.established(c);
-        info!(route = %self.spec.route.name, pair = self.spec.index, broker = %self.source.broker.name, client_id = %self.source.client_id, session_present = info.session_present, "source connected");
+        if self.retiring {
+            debug!(route = %self.spec.route.name, pair = self.spec.index, session_present = info.session_present, "retiring index: source connected");
+        } else {
+            info!(route = %self.spec.route.name, pair = self.spec.index, broker = %self.source.broker.name, client_id = %self.source.client_id, session_present = info.session_present, "source connected");
+        }
         self.window.source_connected(info.session_present);
         self.spec.stats.source_up.store(true, Relaxed);
         // A resumed session keeps whatever it subscribed before, perhaps under an older config
         // whose filters we no longer know (MQTT cannot list them): check what arrives.
         self.resumed_session = info.session_present;
-        self.subscribe();
+        self.source_session.get_or_insert(info.session_present);
+        if let Some(p) = self.probe.as_mut() {
+            p.reset();
+        }
+        let route = &self.spec.route;
+        if route.share != Share::None && info.shared_subscription_available == Some(0) {
+            error!(route = %route.name, broker = %self.source.broker.name, "the source broker has no shared subscriptions (its CONNACK says Shared Subscription Available = 0), so `routes.{}.share` cannot work there: set share = \"none\" on that route (and pool_size = 1, or every pair gets every message); retrying", route.name);
+            return self.side_lost(Role::Source, &"no shared subscriptions on this broker");
+        }
+        // A parking pair waits for quiet from here: the broker resends what the session held.
+        self.last_source_read = Instant::now();
+        if self.retiring
+            && !info.session_present
+            && self.source.broker.protocol != Protocol::V31
+            && let Some(p) = self.parking.as_mut()
+        {
+            // Nothing was kept for this index: no subscription, no queue. (MQTT 3.1 cannot say,
+            // so there the full clean-up runs.)
+            p.unsubscribed = true;
+            p.nothing_held = true;
+            return;
+        }
+        match &self.parking {
+            Some(p) if !p.unsubscribed => self.unsubscribe(),
+            Some(_) => {}
+            None => self.subscribe(),
+        }
     }
 
     /// SUBSCRIBE every filter, split to respect `max_filters_per_subscribe`. Done on every
@@ -689,7 +897,9 @@ impl Pair {
                 self.window.target_disconnected();
                 self.spec.stats.target_up.store(false, Relaxed);
                 self.qos0_buffered = 0;
-                if was_up && !self.target_progress && self.window.on_wire() > 0 {
+                if std::mem::take(&mut self.target_said_why) {
+                    // Neither evidence against the message nor for it.
+                } else if was_up && !self.target_progress && self.window.on_wire() > 0 {
                     self.target_fail_streak += 1;
                 } else if was_up {
                     self.target_fail_streak = 0;
@@ -734,6 +944,9 @@ impl Pair {
             };
             match packet {
                 Inbound::PubAck { pkid, reason } => {
+                    if reason < 0x80 {
+                        self.retry_backoff = RETRY_BACKOFF_MIN;
+                    }
                     self.target_progress = true;
                     self.target_acks += 1;
                     self.target.healthy = true;
@@ -741,6 +954,9 @@ impl Pair {
                     self.window.target_puback(pkid, reason)
                 }
                 Inbound::PubRec { pkid, reason } => {
+                    if reason < 0x80 {
+                        self.retry_backoff = RETRY_BACKOFF_MIN;
+                    }
                     self.target_progress = true;
                     self.target_acks += 1;
                     self.target.healthy = true;
@@ -765,9 +981,15 @@ impl Pair {
                 }
                 Inbound::PubRel { pkid } => self.target.codec.pubcomp(pkid, &mut self.target.wbuf),
                 Inbound::Disconnect { reason } => {
+                    // A broker that says why (server busy, session taken over, …) did not
+                    // choke on our message: that is no evidence for the poison heuristic.
+                    self.target_said_why = true;
                     return self.side_lost(
                         Role::Target,
-                        &format!("the broker sent DISCONNECT (reason {reason:#04x})"),
+                        &format!(
+                            "the broker sent DISCONNECT: {} ({reason:#04x})",
+                            link::reason_name(reason)
+                        ),
                     );
                 }
                 Inbound::ConnAck(_) | Inbound::Unexpected(_) => {
@@ -806,11 +1028,12 @@ impl Pair {
                 }
                 Inbound::PubRel { pkid } => self.window.source_pubrel(pkid),
                 Inbound::SubAck { pkid, codes } => self.suback(pkid, &codes),
-                Inbound::UnsubAck { .. } => {
+                Inbound::UnsubAck { pkid } if pkid == UNSUBSCRIBE_PKID => {
                     if let Some(p) = self.parking.as_mut() {
                         p.unsubscribed = true;
                     }
                 }
+                Inbound::UnsubAck { .. } => {} // the share probe's
                 Inbound::PingResp
                 | Inbound::PubAck { .. }
                 | Inbound::PubRec { .. }
@@ -819,7 +1042,10 @@ impl Pair {
                 Inbound::Disconnect { reason } => {
                     return self.side_lost(
                         Role::Source,
-                        &format!("the broker sent DISCONNECT (reason {reason:#04x})"),
+                        &format!(
+                            "the broker sent DISCONNECT: {} ({reason:#04x})",
+                            link::reason_name(reason)
+                        ),
                     );
                 }
                 Inbound::ConnAck(_) | Inbound::Unexpected(_) => {
@@ -831,16 +1057,66 @@ impl Pair {
     }
 
     fn suback(&mut self, pkid: u16, codes: &[u8]) {
+        if pkid == share_probe::SUBSCRIBE_PKID {
+            let code = codes.first().copied().unwrap_or(0x80);
+            let t = self.probe.as_mut().and_then(|p| p.suback(code));
+            return self.probe_transmit(t);
+        }
         let route = &self.spec.route;
         if let Some(bad) = codes.iter().find(|c| **c >= 0x80) {
             warn!(route = %route.name, broker = %self.source.broker.name, code = bad, subscriptions = ?route.subscriptions(), "the source broker refused a subscription (shared subscriptions or ACLs?); retrying by reconnecting");
             return self.side_lost(Role::Source, &"subscription refused");
         }
+        let was_pending = !self.suback_pending.is_empty();
         self.suback_pending.retain(|p| *p != pkid);
         self.source.healthy = true;
-        if self.suback_pending.is_empty() {
-            self.spec.stats.subscribed.store(true, Relaxed);
-            info!(route = %route.name, pair = self.spec.index, "pair ready: subscribed");
+        if was_pending && self.suback_pending.is_empty() {
+            match self.probe.as_mut() {
+                Some(p) => {
+                    let t = p.start(std::time::Instant::now());
+                    self.probe_transmit(Some(t));
+                }
+                None => self.ready(),
+            }
+        }
+    }
+
+    fn ready(&mut self) {
+        self.spec.stats.subscribed.store(true, Relaxed);
+        info!(route = %self.spec.route.name, pair = self.spec.index, "pair ready: subscribed");
+    }
+
+    /// Writes what the share probe asks for, and acts on its verdict when it has one.
+    fn probe_transmit(&mut self, t: Option<share_probe::Transmit>) {
+        let Some(t) = t else { return };
+        let buf = &mut self.source.wbuf;
+        match t {
+            share_probe::Transmit::Subscribe { pkid, filter } => {
+                self.source
+                    .codec
+                    .subscribe(pkid, &[filter], Qos::AtMostOnce, buf)
+            }
+            share_probe::Transmit::Publish { topic } => {
+                let m = Message {
+                    topic,
+                    payload: bytes::Bytes::from_static(b"mqbridge share probe"),
+                    qos: Qos::AtMostOnce,
+                    retain: false,
+                    properties: None,
+                    expires_at: None,
+                };
+                self.source.codec.publish(0, false, &m, None, buf);
+            }
+            share_probe::Transmit::Unsubscribe { pkid, filter } => {
+                self.source.codec.unsubscribe(pkid, &[filter], buf);
+                let route = self.spec.route.clone();
+                match self.probe.as_ref().and_then(ShareProbe::verdict) {
+                    Some(share_probe::Verdict::Shares) => self.ready(),
+                    _ => {
+                        error!(route = %route.name, pair = self.spec.index, broker = %self.source.broker.name, "the source broker does not deliver shared subscriptions: a probe published to {} never came back through {}/{}/… within {:?}, so this pair would receive nothing; it stays not ready. The broker takes `$share/…` as a literal filter (NATS, aedes and amqtt do): set `routes.{}.share = \"none\"` (with pool_size = 1), or `brokers.{}.share_probe = false` if its ACLs forbid the probe topic", self.probe.as_ref().map(ShareProbe::topic).unwrap_or(""), if route.share == Share::OShare { "$oshare" } else { "$share" }, route.group, share_probe::PROBE_TIMEOUT, route.name, self.source.broker.name);
+                    }
+                }
+            }
         }
     }
 
@@ -848,6 +1124,14 @@ impl Pair {
     /// topic), capped QoS, retain and properties per the route, then hands it to the window.
     /// What cannot be delivered is dead-lettered and acknowledged here (SPEC 4.7).
     fn source_publish(&mut self, mut p: InboundPublish) {
+        if let Some(probe) = self.probe.as_mut()
+            && let Some(t) = probe.publish(&p.topic)
+        {
+            if p.qos != Qos::AtMostOnce {
+                self.window.source_discard(p.pkid, p.qos, p.dup);
+            }
+            return self.probe_transmit(t);
+        }
         let route = self.spec.route.clone();
         if self.resumed_session && !route.topics.iter().any(|f| f.matches(&p.topic)) {
             // From a subscription of an older config kept by the resumed session: not ours to
@@ -1120,8 +1404,23 @@ impl Pair {
                     }
                     self.mark_progress();
                 }
+                Action::Backoff { reason } => {
+                    let pause = self.retry_backoff;
+                    self.retry_at = Some(Instant::now() + pause);
+                    self.retry_backoff = (pause * 2).min(RETRY_BACKOFF_MAX);
+                    if self
+                        .last_drop_log
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+                    {
+                        self.last_drop_log = Some(Instant::now());
+                        warn!(route = %self.spec.route.name, pair = self.spec.index, broker = %self.target.broker.name, "the target said {} ({reason:#04x}): publishing again in {pause:?}", link::reason_name(reason));
+                    }
+                }
                 Action::Refused { message, reason } => {
-                    let why = format!("the target refused it with reason code {reason:#04x}");
+                    let why = format!(
+                        "the target refused it: {} ({reason:#04x})",
+                        link::reason_name(reason)
+                    );
                     self.drop_message(
                         &message.topic,
                         &message.payload,
@@ -1185,25 +1484,44 @@ impl Pair {
     }
 
     fn start_parking(&mut self) {
-        let subs = self.spec.route.subscriptions();
-        let up = self.source.is_up();
-        if up {
-            self.source
-                .codec
-                .unsubscribe(UNSUBSCRIBE_PKID, &subs, &mut self.source.wbuf);
+        self.parking = Some(Parking {
+            unsubscribed: false,
+            nothing_held: false,
+        });
+        if self.source.is_up() {
+            self.unsubscribe();
         }
-        self.parking = Some(Parking { unsubscribed: !up });
+        // Else the source connects to unsubscribe (`source_may_connect`, `source_established`).
         self.spec.stats.subscribed.store(false, Relaxed);
         debug!(route = %self.spec.route.name, pair = self.spec.index, "parking: unsubscribing");
     }
 
-    /// Parking is complete: unsubscribed (or the source is gone), nothing held, quiet.
+    fn unsubscribe(&mut self) {
+        let subs = self.spec.route.subscriptions();
+        self.source
+            .codec
+            .unsubscribe(UNSUBSCRIBE_PKID, &subs, &mut self.source.wbuf);
+    }
+
+    /// Parking is complete: the broker confirmed the UNSUBSCRIBE, and on a live source
+    /// connection nothing more arrived for `PARK_QUIET` (what the session held was resent and
+    /// taken), and nothing is held.
     fn parked(&self) -> bool {
         self.parking.as_ref().is_some_and(|p| {
-            (p.unsubscribed || !self.source.is_up())
-                && self.drained()
-                && self.last_source_read.elapsed() >= PARK_QUIET
+            p.nothing_held
+                || (p.unsubscribed
+                    && self.source.is_up()
+                    && self.drained()
+                    && self.last_source_read.elapsed() >= PARK_QUIET)
         })
+    }
+
+    fn activation(&self, ended: Ended) -> Activation {
+        Activation {
+            ended,
+            source_session: self.source_session,
+            forwarded: self.window.counters().forwarded,
+        }
     }
 
     fn drained(&self) -> bool {
@@ -1226,25 +1544,45 @@ impl Pair {
         }
         self.spec.stats.source_up.store(false, Relaxed);
         self.spec.stats.target_up.store(false, Relaxed);
-        info!(route = %self.spec.route.name, pair = self.spec.index, left_in_flight = self.window.in_flight(), "pair stopped");
+        if self.retiring {
+            debug!(route = %self.spec.route.name, pair = self.spec.index, left_in_flight = self.window.in_flight(), "retiring index: disconnected");
+        } else {
+            info!(route = %self.spec.route.name, pair = self.spec.index, left_in_flight = self.window.in_flight(), "pair stopped");
+        }
     }
 
     /// When the loop must wake without I/O: a reconnect falls due, a keep-alive, the drain deadline.
     fn next_timer(&mut self, drain_deadline: Option<Instant>) -> Instant {
         let mut t = Instant::now() + Duration::from_secs(1);
-        // Paced: wake when the quota allows the next read (only if we would read at all).
+        // Paced: wake when the quota allows the next read (only if we would read at all, and
+        // only if a quota holds it back: "ready now" is no deadline, and waking for it every
+        // timer tick made idle pairs cost CPU).
         if self.source.is_up() && self.window.can_accept() && !self.draining {
             let now = std::time::Instant::now();
             let at = self
                 .target_pacer
                 .ready_at(now)
                 .max(self.source_pacer.ready_at(now));
-            t = t.min(Instant::from_std(at));
-        }
-        for side in [&self.source, &self.target] {
-            if !side.is_up() && side.connecting.is_none() {
-                t = t.min(side.retry_at);
+            if at > now {
+                t = t.min(Instant::from_std(at));
             }
+        }
+        // A reconnect only when it will be started: the source waits for the target's first
+        // connection, and its past deadline made a pair whose target is down spin.
+        if !self.target.is_up() && self.target.connecting.is_none() {
+            t = t.min(self.target.retry_at);
+        }
+        if self.source_may_connect() {
+            t = t.min(self.source.retry_at);
+        }
+        if let Some(ka) = self.keep_alive_due() {
+            t = t.min(ka);
+        }
+        if let Some(p) = self.probe.as_ref().and_then(ShareProbe::poll_timeout) {
+            t = t.min(Instant::from_std(p));
+        }
+        if let Some(r) = self.retry_at {
+            t = t.min(r);
         }
         if let Some(d) = drain_deadline {
             t = t.min(d);
@@ -1253,6 +1591,36 @@ impl Pair {
             t = t.min(Instant::from_std(until));
         }
         t
+    }
+
+    /// The next keep-alive deadline of either side: a PINGREQ due, or a PINGRESP overdue.
+    fn keep_alive_due(&self) -> Option<Instant> {
+        let read_source = self.window.can_accept() && !self.draining;
+        [(&self.source, read_source), (&self.target, true)]
+            .into_iter()
+            .filter(|(side, _)| side.is_up() && !side.keep_alive().is_zero())
+            .map(|(side, reading)| {
+                let ka = side.keep_alive();
+                match side.ping_sent {
+                    Some(sent) if reading => sent + ka + Duration::from_millis(1),
+                    // Not read on purpose: the tick forgets the ping and pings again when due.
+                    Some(sent) => sent.max(side.last_write) + ka.mul_f32(0.75),
+                    None => side.last_write + ka.mul_f32(0.75),
+                }
+            })
+            .min()
+    }
+
+    /// Deadlines without I/O other than keep-alive: the share probe's.
+    fn handle_timeouts(&mut self) {
+        let now = std::time::Instant::now();
+        let t = self.probe.as_mut().and_then(|p| p.handle_timeout(now));
+        self.probe_transmit(t);
+        if self.retry_at.is_some_and(|r| Instant::now() >= r) {
+            self.retry_at = None;
+            self.window.resume();
+            self.apply_actions();
+        }
     }
 
     /// PINGREQ on idle connections; a connection whose PINGRESP does not come is dead.

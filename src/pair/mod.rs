@@ -4,5 +4,6 @@
 pub mod driver;
 pub mod linger;
 pub mod pacing;
+pub mod share_probe;
 pub mod stats;
 pub mod window;

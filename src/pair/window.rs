@@ -71,6 +71,16 @@ pub enum Action {
     /// The target refused a message with a reason code ≥ 0x80; it is acknowledged to the source
     /// anyway (it would be refused again), so the driver logs, counts and dead-letters it.
     Refused { message: Message, reason: u8 },
+    /// The target said "not now" (`is_transient`): the message is queued again, as a new
+    /// PUBLISH, and nothing is written until the driver calls [`Window::resume`] after a pause.
+    Backoff { reason: u8 },
+}
+
+/// Reason codes of a PUBACK or PUBREC that mean "not now", not "never": 0x97 Quota exceeded and
+/// 0x91 Packet Identifier in use. The exchange is over (an ack ≥ 0x80 ends it, MQTT-4.4.0-2), so
+/// the message goes out again under a new packet id; nothing is dead-lettered.
+pub fn is_transient(reason: u8) -> bool {
+    matches!(reason, 0x91 | 0x97)
 }
 
 /// Where a held message came from, so its ack can go back.
@@ -118,6 +128,8 @@ pub struct Counters {
     pub unsolicited_acks: u64,
     /// Held messages whose Message Expiry ran out before they could be written.
     pub expired: u64,
+    /// Messages published again after a transient refusal (0x97, 0x91).
+    pub retried: u64,
 }
 
 /// The window and ack-chaining state of one pair.
@@ -148,6 +160,8 @@ pub struct Window {
     released: IdMap<u64>,
     source_up: bool,
     target_up: bool,
+    /// After a transient refusal, until [`Window::resume`]: nothing new is written.
+    paused: bool,
     epoch: u64,
     next_pkid: u16,
     next_seq: u64,
@@ -171,6 +185,7 @@ impl Window {
             released: IdMap::default(),
             source_up: false,
             target_up: false,
+            paused: false,
             epoch: 0,
             next_pkid: 1,
             next_seq: 0,
@@ -360,6 +375,7 @@ impl Window {
     /// same packet ids and DUP, and QoS 2 messages past PUBREC get their PUBREL again.
     pub fn target_connected(&mut self, session_present: bool, window: usize) {
         self.target_up = true;
+        self.paused = false; // a new connection starts with fresh quotas
         self.window = window.clamp(1, u16::MAX as usize);
         let mut held: Vec<(u64, u16)> = self.slots.iter().map(|(id, s)| (s.seq, *id)).collect();
         held.sort_unstable();
@@ -494,10 +510,19 @@ impl Window {
             .is_some_and(|s| s.stage == stage && s.message.qos == qos)
     }
 
+    /// The pause after a transient refusal is over: write what is queued.
+    pub fn resume(&mut self) {
+        self.paused = false;
+        self.send_queued();
+    }
+
     /// The first ack of a published slot: done (or refused). Frees the slot and acks the source.
     fn finish(&mut self, pkid: u16, reason: u8) {
         let slot = self.slots.remove(&pkid).expect("caller checked");
         self.on_wire -= 1;
+        if is_transient(reason) {
+            return self.requeue(pkid, slot, reason);
+        }
         if reason >= 0x80 {
             self.counters.refused += 1;
             self.actions.push_back(Action::Refused {
@@ -512,6 +537,34 @@ impl Window {
             self.ack_source(source);
         }
         self.send_queued();
+    }
+
+    /// Queues a message the target refused for now under a new packet id, in its place by
+    /// arrival, and pauses writing. On 0x91 the old id is released (PUBREL): the target holds a
+    /// stale exchange under it.
+    fn requeue(&mut self, old: u16, mut slot: Slot, reason: u8) {
+        self.counters.retried += 1;
+        if reason == 0x91 {
+            self.actions.push_back(Action::SendPubRel(old));
+        }
+        let new = self.allocate_pkid();
+        if let Some(src) = slot.source {
+            self.pending.insert(src.pkid, new);
+        }
+        slot.stage = Stage::Queued;
+        slot.sent = false; // a new PUBLISH, not a resend: no DUP
+        let seq = slot.seq;
+        self.slots.insert(new, slot);
+        let at = self
+            .queued
+            .iter()
+            .position(|id| self.slots.get(id).is_some_and(|s| s.seq > seq))
+            .unwrap_or(self.queued.len());
+        self.queued.insert(at, new);
+        if !self.paused {
+            self.paused = true;
+            self.actions.push_back(Action::Backoff { reason });
+        }
     }
 
     fn insert_slot(&mut self, pkid: u16, message: Message, source: Option<SourceRef>) {
@@ -533,7 +586,7 @@ impl Window {
 
     /// Writes queued messages while the target is up and the window has room.
     fn send_queued(&mut self) {
-        while self.target_up && self.on_wire < self.window {
+        while self.target_up && !self.paused && self.on_wire < self.window {
             let Some(pkid) = self.queued.pop_front() else {
                 break;
             };
@@ -707,7 +760,9 @@ mod tests {
             while let Some(a) = self.w.poll_action() {
                 match a {
                     Action::AckSource(ack) => self.s.wire.push_back(ack),
-                    Action::Refused { .. } => panic!("nothing refuses here"),
+                    Action::Refused { .. } | Action::Backoff { .. } => {
+                        panic!("nothing refuses here")
+                    }
                     Action::SendPublish { pkid, dup } => {
                         let m = self
                             .w
@@ -1074,6 +1129,101 @@ mod tests {
             Some(Action::AckSource(SourceAck::PubAck(3)))
         );
         assert_eq!(w.counters().refused, 1);
+    }
+
+    /// Issue #14, hole 5: 0x97 (quota exceeded) means "not now". It was dead-lettered and acked
+    /// as final; now the message goes out again as a new PUBLISH after the driver's pause, ahead
+    /// of what arrived after it, and the source is acked only when the target takes it.
+    #[test]
+    fn quota_exceeded_publishes_again_after_a_pause_in_arrival_order() {
+        let mut w = Window::new(2);
+        w.target_connected(false, 2);
+        w.source_connected(false);
+        for (src, id) in [(3, 1), (4, 2), (5, 3)] {
+            w.source_publish(
+                Some(src),
+                Qos::AtLeastOnce,
+                false,
+                msg(id, Qos::AtLeastOnce),
+            );
+        }
+        let sent: Vec<_> = std::iter::from_fn(|| w.poll_action()).collect();
+        assert_eq!(
+            sent,
+            [
+                Action::SendPublish {
+                    pkid: 1,
+                    dup: false
+                },
+                Action::SendPublish {
+                    pkid: 2,
+                    dup: false
+                }
+            ]
+        );
+        w.target_puback(1, 0x97);
+        assert_eq!(w.poll_action(), Some(Action::Backoff { reason: 0x97 }));
+        assert_eq!(
+            w.poll_action(),
+            None,
+            "no ack to the source, no dead letter, no send"
+        );
+        w.target_puback(2, 0);
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::AckSource(SourceAck::PubAck(4)))
+        );
+        assert_eq!(w.poll_action(), None, "paused: nothing written");
+        w.resume();
+        let Some(Action::SendPublish { pkid, dup }) = w.poll_action() else {
+            panic!("the refused message is published again first")
+        };
+        assert!(!dup, "a new PUBLISH, not a resend");
+        assert_ne!(pkid, 1, "under a new packet id");
+        assert_eq!(w.held(pkid).unwrap().topic, "t/1");
+        assert!(matches!(w.poll_action(), Some(Action::SendPublish { .. })));
+        w.target_puback(pkid, 0);
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::AckSource(SourceAck::PubAck(3)))
+        );
+        let c = w.counters();
+        assert_eq!((c.refused, c.retried), (0, 1));
+    }
+
+    #[test]
+    fn packet_id_in_use_releases_the_id_and_publishes_again() {
+        let mut w = Window::new(4);
+        w.target_connected(true, 4);
+        w.source_connected(false);
+        w.source_publish(Some(9), Qos::ExactlyOnce, false, msg(1, Qos::ExactlyOnce));
+        w.poll_action();
+        w.target_pubrec(1, 0x91);
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::SendPubRel(1)),
+            "the stale exchange is released"
+        );
+        assert_eq!(w.poll_action(), Some(Action::Backoff { reason: 0x91 }));
+        w.resume();
+        assert!(matches!(
+            w.poll_action(),
+            Some(Action::SendPublish { pkid, dup: false }) if pkid != 1
+        ));
+    }
+
+    #[test]
+    fn a_reconnect_ends_the_pause() {
+        let mut w = Window::new(4);
+        w.target_connected(false, 4);
+        w.source_connected(false);
+        w.source_publish(Some(3), Qos::AtLeastOnce, false, msg(1, Qos::AtLeastOnce));
+        w.poll_action();
+        w.target_puback(1, 0x97);
+        w.poll_action();
+        w.target_disconnected();
+        w.target_connected(false, 4);
+        assert!(matches!(w.poll_action(), Some(Action::SendPublish { .. })));
     }
 
     #[test]

@@ -306,3 +306,24 @@ pub async fn sample_resources(pid: u32, admin: &str) -> Resources {
         tasks,
     }
 }
+
+/// CPU time (user + system) process `pid` has used so far, from /proc/<pid>/stat.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis((ticks(11) + ticks(12)) * 1000 / hz)
+}
+
+/// The share of one core process `pid` uses over `span` (0.0 to 1.0 per core).
+pub async fn cpu_share(pid: u32, span: Duration) -> f64 {
+    let before = cpu_time(pid);
+    let t0 = std::time::Instant::now();
+    tokio::time::sleep(span).await;
+    let used = cpu_time(pid).saturating_sub(before);
+    used.as_secs_f64() / t0.elapsed().as_secs_f64()
+}

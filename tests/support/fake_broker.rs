@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -251,13 +252,16 @@ impl FakeSource {
         let shared = state.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                let Some((rx, write)) = pair_zero(stream, v5).await else {
+                    continue;
+                };
                 let n = {
                     let mut s = shared.lock().unwrap();
                     s.connections += 1;
                     s.connections - 1
                 };
                 let step = steps.get(n).cloned();
-                tokio::spawn(serve_source(stream, v5, n, step, shared.clone()));
+                tokio::spawn(serve_source(rx, write, v5, n, step, shared.clone()));
             }
         });
         FakeSource { port, state, task }
@@ -300,21 +304,42 @@ impl Drop for FakeSource {
 
 const SOURCE_WINDOW: usize = 10;
 
-async fn serve_source(
+/// Reads a connection's CONNECT. Pair 0's (every test here runs one pair) is returned, to be
+/// served with the next scripted step; any other is the start's clean-up of pool indexes past
+/// the pool, which gets a CONNACK without a session, nothing else, and no step.
+async fn pair_zero(
     stream: TcpStream,
+    v5: bool,
+) -> Option<(mpsc::Receiver<(u8, Vec<u8>)>, OwnedWriteHalf)> {
+    let _ = stream.set_nodelay(true);
+    let (read, mut write) = stream.into_split();
+    let mut rx = spawn_reader(read);
+    match rx.recv().await {
+        Some((first, body)) if first >> 4 == 1 => {
+            if body.windows(4).any(|w| w == b"-r-0") {
+                return Some((rx, write));
+            }
+            let _ = write.write_all(&connack(v5, false)).await;
+            tokio::spawn(async move {
+                let _keep = write;
+                while rx.recv().await.is_some() {}
+            });
+            None
+        }
+        // Not a CONNECT: not a client of ours; dropped.
+        _ => None,
+    }
+}
+
+async fn serve_source(
+    mut rx: mpsc::Receiver<(u8, Vec<u8>)>,
+    mut write: OwnedWriteHalf,
     v5: bool,
     n: usize,
     step: Option<Step>,
     state: Arc<Mutex<SourceState>>,
 ) {
     let log = |line: String| state.lock().unwrap().log.push(format!("conn {n}: {line}"));
-    let _ = stream.set_nodelay(true);
-    let (read, mut write) = stream.into_split();
-    let mut rx = spawn_reader(read);
-    match rx.recv().await {
-        Some((first, _)) if first >> 4 == 1 => {}
-        other => return log(format!("expected CONNECT, got {other:?}")),
-    }
     if write.write_all(&connack(v5, n > 0)).await.is_err() {
         return;
     }
@@ -425,13 +450,16 @@ impl FakeTarget {
         let shared = state.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                let Some((rx, write)) = pair_zero(stream, v5).await else {
+                    continue;
+                };
                 let n = {
                     let mut s = shared.lock().unwrap();
                     s.connections += 1;
                     s.connections - 1
                 };
                 let step = steps.get(n).cloned();
-                tokio::spawn(serve_target(stream, v5, n, step, shared.clone()));
+                tokio::spawn(serve_target(rx, write, v5, n, step, shared.clone()));
             }
         });
         FakeTarget { port, state, task }
@@ -473,20 +501,14 @@ impl Drop for FakeTarget {
 }
 
 async fn serve_target(
-    stream: TcpStream,
+    mut rx: mpsc::Receiver<(u8, Vec<u8>)>,
+    mut write: OwnedWriteHalf,
     v5: bool,
     n: usize,
     step: Option<Step>,
     state: Arc<Mutex<TargetState>>,
 ) {
     let log = |line: String| state.lock().unwrap().log.push(format!("conn {n}: {line}"));
-    let _ = stream.set_nodelay(true);
-    let (read, mut write) = stream.into_split();
-    let mut rx = spawn_reader(read);
-    match rx.recv().await {
-        Some((first, _)) if first >> 4 == 1 => {}
-        other => return log(format!("expected CONNECT, got {other:?}")),
-    }
     if write.write_all(&connack(v5, n > 0)).await.is_err() {
         return;
     }

@@ -12,6 +12,7 @@ mod configs;
 pub mod fake_broker;
 mod ids;
 mod mosquitto;
+mod nats;
 mod process;
 mod proxy;
 mod rabbitmq;
@@ -20,7 +21,10 @@ mod wait;
 mod ws_relay;
 
 #[allow(unused_imports)]
-pub use bridge::{Bridge, CliOutput, Resources, http_get, metric, mqbridge_cli, sample_resources};
+pub use bridge::{
+    Bridge, CliOutput, Resources, cpu_share, cpu_time, http_get, metric, mqbridge_cli,
+    sample_resources,
+};
 #[allow(unused_imports)]
 pub use client::{
     Collector, PUBLISH_WINDOW, Proto, Publisher, Received, publish_numbered,
@@ -35,6 +39,8 @@ pub use ids::{
 };
 #[allow(unused_imports)]
 pub use mosquitto::{Mosquitto, MosquittoOpts};
+#[allow(unused_imports)]
+pub use nats::Nats;
 #[allow(unused_imports)]
 pub use proxy::{Proxy, RandomCuts, Tapped, random_duration};
 #[allow(unused_imports)]
