@@ -210,3 +210,17 @@ async fn a_taken_admin_port_is_a_clear_error() {
     );
     assert!(!log.contains("pair ready"), "no pair starts: {log}");
 }
+
+/// Issue #14, hole 17: an `auto` pool parks the pairs it does not need, and `/readyz` was 503
+/// for ever over them ("source down"). Parked on purpose is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auto_pool_with_parked_pairs_is_ready() {
+    let src = Mosquitto::start().await;
+    let dst = Mosquitto::start().await;
+    let (mut cfg, admin) = config(&src, &dst, 1);
+    cfg.route_extra = "pool_size = \"auto\"\npool_size_min = 1\npool_size_max = 3".into();
+    let toml = cfg.toml().replace("pool_size = 1\n", "");
+    let _bridge = start_ready(&toml, 1).await;
+    let (_, body) = wait_readyz(&admin, 200, "ready", Duration::from_secs(15)).await;
+    assert!(body.starts_with("ready: 3 pairs"), "{body}");
+}

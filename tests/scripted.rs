@@ -177,3 +177,54 @@ async fn quota_exceeded_is_retried_until_the_target_takes_every_message() {
         "nothing was dropped:\n{log}"
     );
 }
+
+/// Issue #14, hole 9: when the target came back with another window, the source connection was
+/// dropped at once to mirror it, with whatever it had delivered and not yet been read, and acks
+/// not yet written. With a clean source session (nothing redelivers) those messages were lost.
+/// Now a clean session keeps its old window (bounded) instead; a persistent one is renewed with
+/// a DISCONNECT once everything was taken in and acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_target_window_loses_nothing_from_a_clean_source_session() {
+    const N: u32 = 3000;
+    let src = Mosquitto::start().await;
+    let target = EmbeddedBroker::start(BrokerOptions::named("target")).unwrap();
+    target.script().set_receive_maximum(Some(10));
+    let out = Collector::start(target.port(), Proto::V5, "in/#", 1).await;
+    let mut cfg = RouteConfig::new(src.port(), Proto::V5, target.port(), Proto::V5);
+    cfg.qos = 1;
+    let bridge = Bridge::start_with_env(
+        &cfg.toml(),
+        &[("MQBRIDGE__BROKERS__SRC__SESSION_EXPIRY", "0s")],
+    );
+    wait_ready(&bridge, 1, 1).await;
+    let port = src.port();
+    let publishing = tokio::spawn(async move {
+        publish_numbered_paced(
+            port,
+            Proto::V5,
+            |i| format!("in/{}", i % 5),
+            1,
+            0,
+            N,
+            "w",
+            Duration::from_micros(500),
+        )
+        .await
+    });
+    assert!(out.wait_for_count(500, Duration::from_secs(20)).await);
+    target.script().set_receive_maximum(Some(20));
+    target.script().disconnect_after_publishes(1);
+    publishing.await.unwrap();
+    let all = out
+        .wait_for(Duration::from_secs(30), |r| {
+            count_ids(r, "w", 0..N).missing.is_empty()
+        })
+        .await;
+    let count = count_ids(&out.received(), "w", 0..N);
+    assert!(all, "{count}\n{}", bridge.log());
+    assert!(
+        bridge.log().contains("the target's window changed"),
+        "the window did change:\n{}",
+        bridge.log()
+    );
+}

@@ -19,6 +19,8 @@ pub struct PairHealth {
     pub source_up: bool,
     pub target_up: bool,
     pub subscribed: bool,
+    /// Parked on purpose by an `auto` pool that shrank: not expected to be connected.
+    pub parked: bool,
     /// QoS ≥ 1 messages held.
     pub in_flight: u64,
     /// Milliseconds since process start from which a lack of acks counts: the later of the last
@@ -94,6 +96,9 @@ pub fn readiness<'a>(
     let mut problems = Vec::new();
     for (id, h) in pairs {
         count += 1;
+        if h.parked {
+            continue;
+        }
         let mut why = Vec::new();
         if !h.source_up {
             why.push(format!("source down (broker {})", id.source_broker));
@@ -150,9 +155,24 @@ mod tests {
             source_up: true,
             target_up: true,
             subscribed: true,
+            parked: false,
             in_flight: 0,
             waiting_since_ms: 0,
         }
+    }
+
+    /// Issue #14, hole 17: an `auto` pool's parked pairs made `/readyz` 503 for ever.
+    #[test]
+    fn parked_pairs_of_an_auto_pool_are_fine() {
+        let parked = PairHealth {
+            source_up: false,
+            target_up: false,
+            subscribed: false,
+            parked: true,
+            ..up()
+        };
+        let r = readiness([(id("a", 0), up()), (id("a", 1), parked)], 0, STALL);
+        assert!(r.is_ready(), "{r}");
     }
 
     #[test]

@@ -138,6 +138,7 @@ impl Admin {
                     source_up: p.source_up.load(Relaxed),
                     target_up: p.target_up.load(Relaxed),
                     subscribed: p.subscribed.load(Relaxed),
+                    parked: p.parked.load(Relaxed),
                     in_flight,
                     waiting_since_ms: since.waiting_since(PairStats::get(&p.last_progress_ms)),
                 }

@@ -277,6 +277,8 @@ struct Pair {
     retry_backoff: Duration,
     /// The target ended the last connection with a DISCONNECT that gave a reason.
     target_said_why: bool,
+    /// Renewing the source connection to mirror a changed target window.
+    renew_source: Renew,
     /// An index no longer in the pool, cleaning up (`Mode::Retire`): quieter logs.
     retiring: bool,
     /// The shared-subscription self-test of a 3.x source (`None`: not wanted).
@@ -378,6 +380,16 @@ pub async fn run_pooled(
 enum Ended {
     Shutdown,
     Parked,
+}
+
+/// Where a renewal of the source connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Renew {
+    No,
+    /// Not reading the socket; taking in what the buffer holds and writing the acks.
+    Draining,
+    /// DISCONNECT written into the buffer; the connection ends once it is on the wire.
+    Disconnecting,
 }
 
 /// What an activation is for.
@@ -521,6 +533,7 @@ async fn run_connected(
         retry_at: None,
         retry_backoff: RETRY_BACKOFF_MIN,
         target_said_why: false,
+        renew_source: Renew::No,
         retiring: mode == Mode::Retire,
         probe: (mode == Mode::Serve
             && route.share != Share::None
@@ -573,6 +586,7 @@ async fn run_connected(
         pair.process_target_input();
         pair.process_source_input();
         pair.apply_actions();
+        pair.renew_source_when_quiet();
         pair.publish_stats();
 
         if pair.draining {
@@ -595,6 +609,7 @@ async fn run_connected(
         // While waiting for acks the target is read (at its raised mark); under load neither is.
         let read_target = lingering != Some(linger::Kind::Load);
         let read_source = pair.source.is_up()
+            && pair.renew_source == Renew::No
             && pair.window.can_accept()
             && !draining
             && lingering.is_none()
@@ -801,10 +816,46 @@ impl Pair {
         // reconnect the source so what it may send us mirrors the target again.
         let now = Some(window.min(usize::from(u16::MAX)) as u16);
         if self.source.is_up() && self.advertised.is_some() && self.advertised != now {
-            info!(route = %self.spec.route.name, pair = self.spec.index, "the target's window changed; reconnecting the source to mirror it");
-            self.side_lost(Role::Source, &"the target's window changed");
-            self.source.retry_at = Instant::now();
+            if self.source.broker.session_expiry.is_zero() {
+                // A clean session loses what is in flight with the connection: keep the old
+                // window (the pair holds at most that much) rather than lose messages.
+                info!(route = %self.spec.route.name, pair = self.spec.index, "the target's window changed; the source keeps its old window until it reconnects (a clean session would lose what is in flight)");
+            } else if self.renew_source == Renew::No {
+                info!(route = %self.spec.route.name, pair = self.spec.index, "the target's window changed; renewing the source connection to mirror it once what it sent is taken and acknowledged");
+                self.renew_source = Renew::Draining;
+            }
         }
+    }
+
+    /// The source connection is renewed (the target's window changed) only once everything it
+    /// delivered was taken from the read buffer and every ack written, then with a DISCONNECT:
+    /// nothing it sent is thrown away, and no ack is left unsaid.
+    fn renew_source_when_quiet(&mut self) {
+        match self.renew_source {
+            Renew::No => {}
+            Renew::Draining => {
+                if !self.source.is_up() {
+                    self.renew_source = Renew::No; // it went anyway; the reconnect mirrors
+                } else if self.source_taken_in() && self.source.wbuf.is_empty() {
+                    self.source.codec.disconnect(&mut self.source.wbuf);
+                    self.renew_source = Renew::Disconnecting;
+                }
+            }
+            Renew::Disconnecting => {
+                if !self.source.is_up() || self.source.wbuf.is_empty() {
+                    self.renew_source = Renew::No;
+                    if self.source.is_up() {
+                        self.side_lost(Role::Source, &"renewing it to mirror the target's window");
+                    }
+                    self.source.retry_at = Instant::now();
+                }
+            }
+        }
+    }
+
+    /// Nothing complete waits undecoded in the source's read buffer.
+    fn source_taken_in(&self) -> bool {
+        self.source.rbuf.is_empty() || self.source_partial
     }
 
     /// A target session resumed by a pair that knows nothing of it (a new process, or a pair
