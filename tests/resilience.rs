@@ -19,7 +19,10 @@ fn log_field(line: &str, key: &str) -> Option<u64> {
 /// source's persistent sessions redeliver what was not acknowledged, so every message arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_killed_mid_stream_loses_nothing() {
-    let src = Mosquitto::start().await;
+    // The stream outruns the bridge while it is away (kills, cuts, outages): with mosquitto's
+    // default queue of 1,000 the source itself would drop the excess (#15: the spool). This test
+    // is about what the bridge does, so the source's queue holds the whole backlog.
+    let src = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
     let dst = Mosquitto::start().await;
     let mut cfg = RouteConfig::new(src.port(), Proto::V5, dst.port(), Proto::V311);
     cfg.pool_size = 2;
@@ -83,7 +86,10 @@ async fn bridge_killed_mid_stream_loses_nothing() {
 /// reconnects by itself and every message arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_down_for_3s_loses_nothing() {
-    let src = Mosquitto::start().await;
+    // The stream outruns the bridge while it is away (kills, cuts, outages): with mosquitto's
+    // default queue of 1,000 the source itself would drop the excess (#15: the spool). This test
+    // is about what the bridge does, so the source's queue holds the whole backlog.
+    let src = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
     let mut dst = Mosquitto::start_with(MosquittoOpts {
         persistence: true,
         ..Default::default()
@@ -156,7 +162,10 @@ async fn slow_target_never_exceeds_the_window_and_memory_stays_bounded() {
     const WINDOW: u64 = 20;
     const MESSAGES: u32 = 2000; // 100× the window
     const RSS_BOUND_KIB: u64 = 32 * 1024;
-    let src = Mosquitto::start().await;
+    // The stream outruns the bridge while it is away (kills, cuts, outages): with mosquitto's
+    // default queue of 1,000 the source itself would drop the excess (#15: the spool). This test
+    // is about what the bridge does, so the source's queue holds the whole backlog.
+    let src = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
     let mut dst = Mosquitto::start().await;
     let mut cfg = RouteConfig::new(src.port(), Proto::V5, dst.port(), Proto::V311);
     cfg.qos = 1;

@@ -43,7 +43,10 @@ fn forwarded(log: &str) -> u64 {
 async fn two_replicas_share_the_load_and_survive_a_sigkill() {
     const MESSAGES: u32 = 20_000;
     let started = Instant::now();
-    let src = Mosquitto::start().await;
+    // The stream outruns the bridge while it is away (kills, cuts, outages): with mosquitto's
+    // default queue of 1,000 the source itself would drop the excess (#15: the spool). This test
+    // is about what the bridge does, so the source's queue holds the whole backlog.
+    let src = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
     let dst = Mosquitto::start().await;
     let collector = Collector::start(dst.port(), Proto::V5, "in/#", 1).await;
     let mut cfg = RouteConfig::new(src.port(), Proto::V5, dst.port(), Proto::V5);

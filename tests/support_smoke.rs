@@ -190,36 +190,49 @@ fn free_ports_are_distinct() {
     assert_eq!(std::fs::read_to_string(file).unwrap(), "a = 1\n");
 }
 
+/// The harness's broker keeps mosquitto's default queue for an offline persistent session:
+/// 1,000 messages, the rest dropped. That is what a bridge meets in the field, so tests that
+/// need more ask for it (`MosquittoOpts::deep_queue`, which keeps all of them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn harness_broker_queues_thousands_for_an_offline_persistent_session() {
-    let broker = Mosquitto::start().await;
-    for proto in Proto::ALL {
-        let id = format!("offline-{}", proto.as_config());
-        let filters = [("q/#", 2)];
-        Collector::start_persistent(broker.port(), proto, &id, &filters)
-            .await
-            .disconnect()
+async fn harness_broker_queues_1000_by_default_and_thousands_when_deep() {
+    // Offline, mosquitto may hold up to its in-flight window (20) beside the queue.
+    for (opts, kept) in [
+        (MosquittoOpts::default(), 1000..=1020),
+        (MosquittoOpts::deep_queue(), 5000..=5000),
+    ] {
+        let broker = Mosquitto::start_with(opts).await;
+        for proto in Proto::ALL {
+            let id = format!("offline-{}", proto.as_config());
+            let filters = [("q/#", 2)];
+            Collector::start_persistent(broker.port(), proto, &id, &filters)
+                .await
+                .disconnect()
+                .await;
+            let prefix = format!("off{}", proto.as_config());
+            publish_numbered(broker.port(), proto, |_| "q/x".into(), 1, 0, 3000, &prefix).await;
+            publish_numbered(
+                broker.port(),
+                proto,
+                |_| "q/y".into(),
+                2,
+                3000,
+                2000,
+                &prefix,
+            )
             .await;
-        let prefix = format!("off{}", proto.as_config());
-        publish_numbered(broker.port(), proto, |_| "q/x".into(), 1, 0, 3000, &prefix).await;
-        publish_numbered(
-            broker.port(),
-            proto,
-            |_| "q/y".into(),
-            2,
-            3000,
-            2000,
-            &prefix,
-        )
-        .await;
 
-        let back = Collector::start_persistent(broker.port(), proto, &id, &filters).await;
-        assert!(
-            back.wait_for_count(5000, WAIT).await,
-            "{proto:?}: got {} of 5000",
-            back.count()
-        );
-        back.settle(Duration::from_millis(200), WAIT).await;
-        assert_exactly_once(&back.received(), &prefix, 0..5000);
+            let back = Collector::start_persistent(broker.port(), proto, &id, &filters).await;
+            assert!(
+                back.wait_for_count(*kept.start(), WAIT).await,
+                "{proto:?}: got {} of {kept:?}",
+                back.count()
+            );
+            back.settle(Duration::from_millis(300), WAIT).await;
+            assert!(
+                kept.contains(&back.count()),
+                "{proto:?}: kept {}",
+                back.count()
+            );
+        }
     }
 }

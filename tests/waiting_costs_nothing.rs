@@ -95,3 +95,37 @@ async fn a_busy_qos0_source_still_gets_its_pingreq() {
     );
     assert_eq!(collector.count(), 700, "{log}");
 }
+
+/// Issue #14, hole 10 (in part): a v5 broker may shorten our keep-alive in its CONNACK (Server
+/// Keep Alive; mosquitto's `max_keepalive`), and the client must use it (MQTT-3.2.2-21). Before
+/// the fix an idle target was cut off every 1.5 × its value and reconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_target_is_kept_alive_at_the_brokers_server_keep_alive() {
+    let src = Mosquitto::start().await;
+    let dst = Mosquitto::start_with(MosquittoOpts {
+        // mosquitto's smallest: it then answers a v5 CONNECT asking for 30 s with 10.
+        extra: "max_keepalive 10\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let cfg = RouteConfig::new(src.port(), Proto::V311, dst.port(), Proto::V5);
+    let bridge = Bridge::start_with_env(
+        &cfg.toml(),
+        &[("MQBRIDGE__BROKERS__DST__KEEP_ALIVE", "30s")],
+    );
+    wait_ready(&bridge, 1, 1).await;
+    // Idle for longer than mosquitto's 1.5 × 10 s (we would have pinged at 0.75 × 30 s).
+    let cut = bridge
+        .wait_log("connection lost", Duration::from_secs(17))
+        .await;
+    assert!(!cut, "an idle connection was cut:\n{}", bridge.log());
+    assert_eq!(
+        bridge
+            .log()
+            .matches("target connected route=r pair=0")
+            .count(),
+        1,
+        "{}",
+        bridge.log()
+    );
+}

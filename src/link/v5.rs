@@ -137,6 +137,7 @@ pub(super) fn decode(buf: &mut BytesMut, max: u32) -> Result<Option<Inbound>, Li
                 shared_subscription_available: p
                     .as_ref()
                     .and_then(|p| p.shared_subscription_available),
+                server_keep_alive: p.as_ref().and_then(|p| p.server_keep_alive),
                 reason: p.as_ref().and_then(|p| p.reason_string.clone()),
             })
         }

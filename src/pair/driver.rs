@@ -122,6 +122,8 @@ struct Side {
     ping_sent: Option<Instant>,
     /// Successful connections so far (the first is not a reconnect).
     connects: u64,
+    /// The current connection's Server Keep Alive (v5 CONNACK).
+    server_keep_alive: Option<Duration>,
 }
 
 impl Side {
@@ -146,6 +148,7 @@ impl Side {
             healthy: false,
             ping_sent: None,
             connects: 0,
+            server_keep_alive: None,
         }
     }
 
@@ -175,6 +178,10 @@ impl Side {
         self.last_write = Instant::now();
         self.ping_sent = None;
         self.connects += 1;
+        self.server_keep_alive = c
+            .connack
+            .server_keep_alive
+            .map(|s| Duration::from_secs(u64::from(s)));
     }
 
     /// Drops the connection (if any) and schedules the next attempt with backoff and jitter.
@@ -198,8 +205,9 @@ impl Side {
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
 
+    /// The keep-alive in force: ours, or the broker's Server Keep Alive (v5) when it set one.
     fn keep_alive(&self) -> Duration {
-        self.broker.keep_alive
+        self.server_keep_alive.unwrap_or(self.broker.keep_alive)
     }
 
     /// Makes room for a read (while connected) and returns how much there is.

@@ -30,6 +30,20 @@ pub struct MosquittoOpts {
     pub extra: String,
 }
 
+impl MosquittoOpts {
+    /// A source whose queue for offline sessions is deep enough for the test's whole backlog
+    /// (`max_queued_messages 1000000`). Only for tests about the bridge's own handling of cuts,
+    /// kills and outages while a fast stream keeps coming: with mosquitto's default of 1,000,
+    /// the source itself drops the excess while the bridge is away ("Outgoing messages are being
+    /// dropped"), which no bridge without a spool can prevent (issue #15).
+    pub fn deep_queue() -> Self {
+        MosquittoOpts {
+            max_queued_messages: Some(1_000_000),
+            ..Default::default()
+        }
+    }
+}
+
 /// A running (or stopped, see [`Mosquitto::stop`]) broker. Dropping it kills the process.
 pub struct Mosquitto {
     port: u16,
