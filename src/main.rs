@@ -82,7 +82,16 @@ fn main() -> ExitCode {
         Command::Check { config, topic } => match mqbridge::config::load_plan(&config) {
             Ok(plan) => {
                 match topic {
-                    Some(t) => print!("{}", mqbridge::check::dry_run(&plan, &t)),
+                    Some(t) => {
+                        if let Err(e) = mqbridge::topic::TopicName::parse(&t) {
+                            eprintln!(
+                                "error: --topic \"{t}\" is not a topic name ({e}); give a topic \
+                                 as a publisher would send it (no + or #)"
+                            );
+                            return ExitCode::from(2);
+                        }
+                        print!("{}", mqbridge::check::dry_run(&plan, &t))
+                    }
                     None => print!("{}", mqbridge::check::render_plan(&plan)),
                 }
                 ExitCode::SUCCESS

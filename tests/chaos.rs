@@ -168,8 +168,11 @@ async fn twenty_random_faults_during_50k_qos1_messages_lose_nothing() {
     // default queue of 1,000 the source itself would drop the excess (#15: the spool). This test
     // is about what the bridge does, so the source's queue holds the whole backlog.
     let src = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
+    // The test's own subscriber on the target is persistent and reconnects after each target
+    // restart: while it is away the target queues for it, beyond mosquitto's default of 1,000.
     let mut dst = Mosquitto::start_with(MosquittoOpts {
         persistence: true,
+        max_queued_messages: Some(1_000_000),
         ..Default::default()
     })
     .await;
@@ -335,7 +338,9 @@ async fn qos2_with_cuts(src_proto: Proto, dst_proto: Proto, messages: u32) {
     // default queue of 1,000 the source itself would drop the excess (#15: the spool). This test
     // is about what the bridge does, so the source's queue holds the whole backlog.
     let src = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
-    let dst = Mosquitto::start().await;
+    // The recovered backlog reaches the test's subscriber on the target as one burst, faster
+    // than it reads; mosquitto queues at most 1,000 for a subscriber that falls behind.
+    let dst = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
     let src_proxy = Proxy::start(src.port()).await;
     let dst_proxy = Proxy::start(dst.port()).await;
     let dump = std::env::var("MQBRIDGE_CHAOS_DUMP").ok();

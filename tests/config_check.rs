@@ -493,3 +493,16 @@ fn binary_dry_run_prints_the_rewritten_topic() {
         "{stdout}"
     );
 }
+
+/// Issue #16: `check --topic` with a wildcard said "not a topic name" and exited 0.
+#[test]
+fn binary_dry_run_of_a_wildcard_is_an_error() {
+    let example = config_dir().join("two-mosquitto.toml");
+    for topic in ["sensors/+/temp", "sensors/#"] {
+        let out = mqbridge(&["check", "-c", arg(&example), "--topic", topic]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{topic}: {stderr}");
+        assert!(stderr.contains("is not a topic name"), "{stderr}");
+        assert!(stderr.contains("no + or #"), "{stderr}");
+    }
+}

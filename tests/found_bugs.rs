@@ -207,7 +207,9 @@ async fn qos2_across_bridge_kills_is_at_least_once() {
     // default queue of 1,000 the source itself would drop the excess (#15: the spool). This test
     // is about what the bridge does, so the source's queue holds the whole backlog.
     let src = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
-    let dst = Mosquitto::start().await;
+    // The recovered backlog reaches the test's subscriber on the target as one burst, faster
+    // than it reads; mosquitto queues at most 1,000 for a subscriber that falls behind.
+    let dst = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
     let collector = Collector::start(dst.port(), Proto::V5, "in/#", 2).await;
     let mut cfg = RouteConfig::new(src.port(), Proto::V5, dst.port(), Proto::V5);
     cfg.qos = 2;

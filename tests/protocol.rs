@@ -462,3 +462,39 @@ async fn retained_while_running_stays_retained_v311_with_try_private() {
             .is_some_and(|s| s.success())
     );
 }
+
+/// Issue #16: drop warnings are rate-limited (one line a second), and the next line says how
+/// many were not logged one by one; before, they just vanished from the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_drop_lines_say_how_many_were_suppressed() {
+    let src = Mosquitto::start().await;
+    let acl = write_temp("acl", "topic readwrite in/#\npattern read #\n");
+    let dst = Mosquitto::start_with(MosquittoOpts {
+        extra: format!("acl_file {}\n", acl.display()),
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = RouteConfig::new(src.port(), Proto::V5, dst.port(), Proto::V5);
+    cfg.qos = 1;
+    cfg.topics = r#"["secret/#"]"#;
+    let bridge = start_ready(&cfg.toml(), 1).await;
+    publish_numbered(src.port(), Proto::V5, |_| "secret/x".into(), 1, 0, 10, "d").await;
+    assert!(
+        wait_until(Duration::from_secs(10), || bridge
+            .log()
+            .contains("not authorized (0x87)"))
+        .await,
+        "{}",
+        bridge.log()
+    );
+    // The rate limit is a wall-clock second: the next drop after it is logged with the count.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    publish_one(src.port(), Proto::V5, "secret/y", 1, false, "late").await;
+    assert!(
+        bridge
+            .wait_log("(9 more since the last such line", Duration::from_secs(10))
+            .await,
+        "{}",
+        bridge.log()
+    );
+}

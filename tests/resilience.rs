@@ -23,7 +23,9 @@ async fn bridge_killed_mid_stream_loses_nothing() {
     // default queue of 1,000 the source itself would drop the excess (#15: the spool). This test
     // is about what the bridge does, so the source's queue holds the whole backlog.
     let src = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
-    let dst = Mosquitto::start().await;
+    // The recovered backlog reaches the test's subscriber on the target as one burst, faster
+    // than it reads; mosquitto queues at most 1,000 for a subscriber that falls behind.
+    let dst = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
     let mut cfg = RouteConfig::new(src.port(), Proto::V5, dst.port(), Proto::V311);
     cfg.pool_size = 2;
     cfg.qos = 1;
@@ -90,8 +92,11 @@ async fn target_down_for_3s_loses_nothing() {
     // default queue of 1,000 the source itself would drop the excess (#15: the spool). This test
     // is about what the bridge does, so the source's queue holds the whole backlog.
     let src = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
+    // The test's own subscriber on the target is persistent and reconnects after each target
+    // restart: while it is away the target queues for it, beyond mosquitto's default of 1,000.
     let mut dst = Mosquitto::start_with(MosquittoOpts {
         persistence: true,
+        max_queued_messages: Some(1_000_000),
         ..Default::default()
     })
     .await;
@@ -166,7 +171,9 @@ async fn slow_target_never_exceeds_the_window_and_memory_stays_bounded() {
     // default queue of 1,000 the source itself would drop the excess (#15: the spool). This test
     // is about what the bridge does, so the source's queue holds the whole backlog.
     let src = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
-    let mut dst = Mosquitto::start().await;
+    // The recovered backlog reaches the test's subscriber on the target as one burst, faster
+    // than it reads; mosquitto queues at most 1,000 for a subscriber that falls behind.
+    let mut dst = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
     let mut cfg = RouteConfig::new(src.port(), Proto::V5, dst.port(), Proto::V311);
     cfg.qos = 1;
     cfg.broker_extra = "max_inflight = 20";

@@ -107,8 +107,13 @@ async fn target_ten_times_slower_for_minutes_keeps_rss_flat_and_bounded() {
          connections throttled to {per_connection} B/s each × {POOL} (a tenth)"
     );
 
-    let src = Mosquitto::start().await;
-    let dst = Mosquitto::start().await;
+    // Ten times slower for minutes: the backlog waits in the source, far beyond mosquitto's
+    // default queue of 1,000 (which would drop it; #15's spool is for that). This test is about
+    // the bridge's window and memory, so the source holds it all.
+    let src = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
+    // The recovered backlog reaches the test's subscriber on the target as one burst, faster
+    // than it reads; mosquitto queues at most 1,000 for a subscriber that falls behind.
+    let dst = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
     let dst_proxy = Proxy::start(dst.port()).await;
     // Only the bridge's publishes are slowed; the target's acks come back at once.
     dst_proxy.throttle_one_way(true, Some(per_connection));

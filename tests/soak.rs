@@ -38,8 +38,12 @@ async fn soak_steady_load_with_periodic_faults_keeps_resources_flat() {
     );
     let mut rng = StdRng::seed_from_u64(seed);
 
-    let src = Mosquitto::start().await;
+    // Kills, cuts and restarts under a steady stream: the backlog of each fault must fit the
+    // source's queue, and the test's persistent subscriber's on the target (see
+    // `MosquittoOpts::deep_queue`).
+    let src = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
     let mut dst = Mosquitto::start_with(MosquittoOpts {
+        max_queued_messages: Some(1_000_000),
         persistence: true,
         ..Default::default()
     })

@@ -29,6 +29,17 @@ async fn pairs_whose_target_is_down_do_not_spin() {
     let share = cpu_share(bridge.pid().unwrap(), SPAN).await;
     assert!(bridge.is_running(), "{}", bridge.log());
     eprintln!("4 pairs, target down: {:.2} % of a core", share * 100.0);
+    // Issue #16: the log states the delay actually waited (backoff with jitter), not the
+    // backoff: the first retry of each pair is 50–100 ms.
+    let log = bridge.log();
+    let first = log
+        .lines()
+        .find_map(|l| {
+            let d = l.split("retrying in ").nth(1)?.split_whitespace().next()?;
+            d.strip_suffix("ms")?.parse::<u64>().ok()
+        })
+        .unwrap_or_else(|| panic!("no delay in whole milliseconds:\n{log}"));
+    assert!((50..=100).contains(&first), "{first} ms\n{log}");
     assert!(
         share < 0.03,
         "4 pairs waiting for their target used {:.1} % of a core",

@@ -246,9 +246,19 @@ impl Codec {
         v3::encode_ack(0x70, pkid, buf);
     }
 
-    pub fn subscribe(&self, pkid: u16, filters: &[String], qos: Qos, buf: &mut BytesMut) {
+    /// SUBSCRIBE. `retained_copies`: v5 only, whether the broker sends retained messages for a
+    /// new subscription (Retain Handling 1) or never (2); 3.x brokers send them on every
+    /// SUBSCRIBE.
+    pub fn subscribe(
+        &self,
+        pkid: u16,
+        filters: &[String],
+        qos: Qos,
+        retained_copies: bool,
+        buf: &mut BytesMut,
+    ) {
         match self.protocol {
-            Protocol::V5 => v5::encode_subscribe(pkid, filters, qos, buf),
+            Protocol::V5 => v5::encode_subscribe(pkid, filters, qos, retained_copies, buf),
             _ => v3::encode_subscribe(pkid, filters, qos, buf),
         }
     }

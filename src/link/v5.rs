@@ -232,7 +232,13 @@ pub(super) fn encode_unsubscribe(pkid: u16, filters: &[String], buf: &mut BytesM
     let _ = unsub.write(buf);
 }
 
-pub(super) fn encode_subscribe(pkid: u16, filters: &[String], q: Qos, buf: &mut BytesMut) {
+pub(super) fn encode_subscribe(
+    pkid: u16,
+    filters: &[String],
+    q: Qos,
+    retained_copies: bool,
+    buf: &mut BytesMut,
+) {
     let sub = v5::Subscribe {
         pkid,
         filters: filters
@@ -244,7 +250,13 @@ pub(super) fn encode_subscribe(pkid: u16, filters: &[String], q: Qos, buf: &mut 
                 nolocal: false,
                 // Retain As Published: forward the retain flag as the publisher set it.
                 preserve_retain: true,
-                retain_forward_rule: v5::RetainForwardRule::OnEverySubscribe,
+                // A retained message is forwarded once per route, not once per pair nor again
+                // on every reconnect (SPEC 4.5): pair 0 asks for it on a new subscription only.
+                retain_forward_rule: if retained_copies {
+                    v5::RetainForwardRule::OnNewSubscribe
+                } else {
+                    v5::RetainForwardRule::Never
+                },
             })
             .collect(),
         properties: None,

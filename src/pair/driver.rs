@@ -186,13 +186,18 @@ impl Side {
 
     /// Drops the connection (if any) and schedules the next attempt with backoff and jitter.
     fn lost(&mut self, why: &dyn std::fmt::Display) {
-        if self.is_up() {
-            warn!(broker = %self.broker.name, side = self.role, client_id = %self.client_id, "connection lost: {why}; reconnecting");
-        } else {
-            warn!(broker = %self.broker.name, side = self.role, url = %self.broker.url, "cannot connect: {why}; retrying in {:?}", self.backoff);
-        }
-        if self.is_up() && (self.healthy || self.up_since.elapsed() >= HEALTHY_AFTER) {
+        let was_up = self.is_up();
+        if was_up && (self.healthy || self.up_since.elapsed() >= HEALTHY_AFTER) {
             self.backoff = BACKOFF_MIN;
+        }
+        // The delay actually waited: the backoff with its jitter.
+        let jitter = rand::rng().random_range(0.5..1.0);
+        let delay = self.backoff.mul_f64(jitter);
+        let shown = Duration::from_millis(delay.as_millis() as u64);
+        if was_up {
+            warn!(broker = %self.broker.name, side = self.role, client_id = %self.client_id, "connection lost: {why}; reconnecting in {shown:?}");
+        } else {
+            warn!(broker = %self.broker.name, side = self.role, url = %self.broker.url, "cannot connect: {why}; retrying in {shown:?}");
         }
         self.wake = link::WakeThreshold::none();
         self.reader = None;
@@ -200,8 +205,7 @@ impl Side {
         self.connecting = None;
         self.rbuf = BytesMut::new();
         self.wbuf.clear();
-        let jitter = rand::rng().random_range(0.5..1.0);
-        self.retry_at = Instant::now() + self.backoff.mul_f64(jitter);
+        self.retry_at = Instant::now() + delay;
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
 
@@ -266,6 +270,8 @@ struct Pair {
     /// The window the source connection advertised (v5), to notice a change of the target's.
     advertised: Option<u16>,
     last_drop_log: Option<Instant>,
+    /// Drops not logged one by one since the last drop line (at most one a second).
+    drops_unlogged: u64,
     /// The source connection resumed an existing session (which may hold older subscriptions).
     resumed_session: bool,
     /// The source's read buffer ends in an incomplete packet.
@@ -566,6 +572,7 @@ async fn run_connected(
         source_pkid: 999,
         advertised: None,
         last_drop_log: None,
+        drops_unlogged: 0,
         resumed_session: false,
         source_partial: false,
         target_progress: false,
@@ -936,9 +943,13 @@ impl Pair {
         for (i, chunk) in subs.chunks(per_packet).enumerate() {
             // Ids for SUBSCRIBE live in their own range, apart from nothing we publish here.
             let pkid = 1 + i as u16;
-            self.source
-                .codec
-                .subscribe(pkid, chunk, route.qos, &mut self.source.wbuf);
+            self.source.codec.subscribe(
+                pkid,
+                chunk,
+                route.qos,
+                self.spec.index == 0,
+                &mut self.source.wbuf,
+            );
             self.suback_pending.push(pkid);
         }
         self.spec.stats.subscribed.store(false, Relaxed);
@@ -1153,7 +1164,7 @@ impl Pair {
             share_probe::Transmit::Subscribe { pkid, filter } => {
                 self.source
                     .codec
-                    .subscribe(pkid, &[filter], Qos::AtMostOnce, buf)
+                    .subscribe(pkid, &[filter], Qos::AtMostOnce, false, buf)
             }
             share_probe::Transmit::Publish { topic } => {
                 let m = Message {
@@ -1203,6 +1214,20 @@ impl Pair {
                 self.last_drop_log = Some(Instant::now());
                 warn!(route = %route.name, topic = %p.topic, "a message matching none of the route's topics arrived through the resumed session's older subscriptions; not forwarded (set session_expiry = \"0s\" once, or unsubscribe the old filter, to clear them)");
             }
+            if p.qos != Qos::AtMostOnce {
+                self.window.source_discard(p.pkid, p.qos, p.dup);
+            }
+            return;
+        }
+        if p.retain
+            && self.source.broker.protocol != Protocol::V5
+            && !self.source.broker.try_private
+            && (self.spec.index != 0 || self.resumed_session)
+        {
+            // On 3.x a live message arrives with RETAIN 0 (MQTT-3.3.1-9), so RETAIN 1 is the
+            // copy a SUBSCRIBE brings (MQTT-3.3.1-8): pair 0's first subscription forwards it,
+            // every other pair and every re-SUBSCRIBE of a kept session would repeat it.
+            PairStats::add(&self.spec.stats.retained_copies, 1);
             if p.qos != Qos::AtMostOnce {
                 self.window.source_discard(p.pkid, p.qos, p.dup);
             }
@@ -1354,7 +1379,14 @@ impl Pair {
             .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
         {
             self.last_drop_log = Some(now);
-            warn!(route = %self.spec.route.name, topic, reason = reason.as_str(), "undeliverable message: {why}");
+            let suppressed = std::mem::take(&mut self.drops_unlogged);
+            if suppressed > 0 {
+                warn!(route = %self.spec.route.name, topic, reason = reason.as_str(), "undeliverable message: {why} ({suppressed} more since the last such line, not logged one by one; mqbridge_messages_dropped_total counts each)");
+            } else {
+                warn!(route = %self.spec.route.name, topic, reason = reason.as_str(), "undeliverable message: {why}");
+            }
+        } else {
+            self.drops_unlogged += 1;
         }
         let Some(dl) = self.spec.route.dead_letter.clone() else {
             return;

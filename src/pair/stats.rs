@@ -47,6 +47,9 @@ pub struct PairStats {
     pub last_progress_ms: AtomicU64,
     /// Arrived with this bridge's own loop marker (or matched the echo digest): not forwarded.
     pub dropped_loop: AtomicU64,
+    /// A retained message's copy sent because this pair (re)subscribed, which another pair (or
+    /// an earlier subscription) already forwarded: not forwarded again.
+    pub retained_copies: AtomicU64,
     /// Source receive to target ack (PUBACK, or PUBREC at QoS 2) of forwarded QoS ≥ 1 messages.
     pub forward_latency: LatencyHistogram,
 }
@@ -78,7 +81,7 @@ impl PairStats {
 
     /// Messages not delivered, by the `reason` label of `mqbridge_messages_dropped_total`.
     /// Every reason is listed even at zero, so dashboards see the series from the start.
-    pub fn drops(&self) -> [(&'static str, u64); 8] {
+    pub fn drops(&self) -> [(&'static str, u64); 9] {
         let g = Self::get;
         [
             ("refused", g(&self.dropped_refused)),
@@ -89,6 +92,7 @@ impl PairStats {
             ("target_down_qos0", g(&self.dropped_qos0_target_down)),
             ("stale_subscription", g(&self.stale_subscription)),
             ("target_disconnects", g(&self.dropped_target_disconnects)),
+            ("retained_copy", g(&self.retained_copies)),
         ]
     }
 
