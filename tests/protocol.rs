@@ -498,3 +498,77 @@ async fn rate_limited_drop_lines_say_how_many_were_suppressed() {
         bridge.log()
     );
 }
+
+/// Issue #14, hole 16: a SUBACK granting less than the route's `qos` was taken silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suback_granting_less_than_the_routes_qos_is_a_warning_and_a_metric() {
+    let src = Mosquitto::start_with(MosquittoOpts {
+        extra: "max_qos 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let dst = Mosquitto::start().await;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut cfg = RouteConfig::new(src.port(), Proto::V311, dst.port(), Proto::V311);
+    cfg.qos = 2;
+    cfg.tail = format!("\n[admin]\nlisten = \"{admin}\"\n");
+    let bridge = start_ready(&cfg.toml(), 1).await;
+    assert!(
+        bridge
+            .wait_log(
+                "granted QoS 1 where routes.r.qos asks for 2",
+                Duration::from_secs(10)
+            )
+            .await,
+        "{}",
+        bridge.log()
+    );
+    let (_, body) = http_get(&admin, "/metrics").await.expect("metrics");
+    assert_eq!(
+        metric(
+            &body,
+            "mqbridge_subscriptions_downgraded_total{route=\"r\"}"
+        ),
+        1.0,
+        "{body}"
+    );
+}
+
+/// Issue #14, hole 16: a source that takes the connection but never answers SUBSCRIBE left the
+/// pair waiting for ever; it is timed out like a CONNACK and the connection renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suback_that_never_comes_is_timed_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await; // CONNECT
+                let _ = s.write_all(&[0x20, 0x02, 0x00, 0x00]).await; // CONNACK, accepted
+                // Alive (PINGRESP for PINGREQ), but never a SUBACK.
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    for _ in buf[..n].windows(2).filter(|w| w == &[0xC0, 0x00]) {
+                        let _ = s.write_all(&[0xD0, 0x00]).await;
+                    }
+                }
+            });
+        }
+    });
+    let dst = Mosquitto::start().await;
+    let mut cfg = RouteConfig::new(port, Proto::V311, dst.port(), Proto::V311);
+    cfg.src_extra = "share_probe = false".into();
+    let bridge = Bridge::start(&cfg.toml());
+    assert!(
+        bridge
+            .wait_log("no SUBACK within 10s", Duration::from_secs(20))
+            .await,
+        "{}",
+        bridge.log()
+    );
+    silent.abort();
+}

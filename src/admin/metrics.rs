@@ -64,6 +64,8 @@ struct RouteSample<'a> {
     properties_dropped: u64,
     dead_lettered: u64,
     paced: u64,
+    retried: u64,
+    subscriptions_downgraded: u64,
     in_flight: u64,
     window: u64,
     source_up: u64,
@@ -103,6 +105,8 @@ impl<'a> RouteSample<'a> {
             s.properties_dropped += g(&p.properties_dropped);
             s.dead_lettered += g(&p.dead_lettered);
             s.paced += g(&p.paced);
+            s.retried += g(&p.retried);
+            s.subscriptions_downgraded += g(&p.subscriptions_downgraded);
             s.in_flight += g(&p.in_flight);
             s.window += g(&p.window);
             s.source_up += up(&p.source_up);
@@ -179,6 +183,20 @@ impl Collector for BridgeCollector {
             "Times a pair held a message back to stay within the target's per-connection quotas (max_publish_rate, bandwidth_limit); growing steadily: the route's offered load exceeds what its pairs may carry.",
             Counter,
             by_route(|s| s.paced),
+        )?;
+        family(
+            &mut enc,
+            "mqbridge_publishes_retried",
+            "Publishes sent to the target again because it answered \"not now\" (0x97 quota exceeded, 0x91 packet identifier in use); nothing is lost, but the target is at its limit.",
+            Counter,
+            by_route(|s| s.retried),
+        )?;
+        family(
+            &mut enc,
+            "mqbridge_subscriptions_downgraded",
+            "SUBACKs from the source that granted a lower QoS than the route's qos: messages arrive at that QoS at most.",
+            Counter,
+            by_route(|s| s.subscriptions_downgraded),
         )?;
         family(
             &mut enc,

@@ -86,6 +86,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// to the maximum while they keep coming, back to the minimum after an accepted one.
 const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// As long as a CONNACK may take.
+const SUBACK_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A connection that lasted this long was healthy: the next reconnect starts from `BACKOFF_MIN`.
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
@@ -293,6 +295,8 @@ struct Pair {
     target_said_why: bool,
     /// Renewing the source connection to mirror a changed target window.
     renew_source: Renew,
+    /// The route's SUBACKs must have come by then (as a CONNACK must).
+    suback_deadline: Option<Instant>,
     /// An index no longer in the pool, cleaning up (`Mode::Retire`): quieter logs.
     retiring: bool,
     /// The shared-subscription self-test of a 3.x source (`None`: not wanted).
@@ -535,6 +539,7 @@ async fn run_connected(
         received: PairStats::get(&spec.stats.received),
         forwarded: PairStats::get(&spec.stats.forwarded),
         redeliveries: PairStats::get(&spec.stats.redeliveries),
+        retried: PairStats::get(&spec.stats.retried),
         ..Counters::default()
     };
     let mut pair = Pair {
@@ -548,6 +553,7 @@ async fn run_connected(
         retry_backoff: RETRY_BACKOFF_MIN,
         target_said_why: false,
         renew_source: Renew::No,
+        suback_deadline: None,
         retiring: mode == Mode::Retire,
         probe: (mode == Mode::Serve
             && route.share != Share::None
@@ -952,6 +958,7 @@ impl Pair {
             );
             self.suback_pending.push(pkid);
         }
+        self.suback_deadline = Some(Instant::now() + SUBACK_TIMEOUT);
         self.spec.stats.subscribed.store(false, Relaxed);
     }
 
@@ -1137,8 +1144,16 @@ impl Pair {
             warn!(route = %route.name, broker = %self.source.broker.name, code = bad, subscriptions = ?route.subscriptions(), "the source broker refused a subscription (shared subscriptions or ACLs?); retrying by reconnecting");
             return self.side_lost(Role::Source, &"subscription refused");
         }
+        let asked = self.spec.route.qos as u8;
+        if let Some(granted) = codes.iter().copied().filter(|c| *c < asked).min() {
+            PairStats::add(&self.spec.stats.subscriptions_downgraded, 1);
+            warn!(route = %route.name, pair = self.spec.index, broker = %self.source.broker.name, granted, asked, "the source broker granted QoS {granted} where routes.{}.qos asks for {asked}: messages arrive at QoS {granted} at most (a broker limit such as mosquitto's max_qos)", route.name);
+        }
         let was_pending = !self.suback_pending.is_empty();
         self.suback_pending.retain(|p| *p != pkid);
+        if self.suback_pending.is_empty() {
+            self.suback_deadline = None;
+        }
         self.source.healthy = true;
         if was_pending && self.suback_pending.is_empty() {
             match self.probe.as_mut() {
@@ -1568,6 +1583,7 @@ impl Pair {
         PairStats::set(&s.received, b.received + c.received);
         PairStats::set(&s.forwarded, b.forwarded + c.forwarded);
         PairStats::set(&s.redeliveries, b.redeliveries + c.redeliveries);
+        PairStats::set(&s.retried, b.retried + c.retried);
         let in_flight = self.window.in_flight() as u64;
         PairStats::set(&s.in_flight, in_flight);
         PairStats::raise(&s.in_flight_max, in_flight);
@@ -1675,6 +1691,9 @@ impl Pair {
         if let Some(r) = self.retry_at {
             t = t.min(r);
         }
+        if let Some(d) = self.suback_deadline {
+            t = t.min(d);
+        }
         if let Some(d) = drain_deadline {
             t = t.min(d);
         }
@@ -1707,6 +1726,13 @@ impl Pair {
         let now = std::time::Instant::now();
         let t = self.probe.as_mut().and_then(|p| p.handle_timeout(now));
         self.probe_transmit(t);
+        if self.suback_deadline.is_some_and(|d| Instant::now() >= d) {
+            self.suback_deadline = None;
+            if self.source.is_up() && !self.suback_pending.is_empty() {
+                error!(route = %self.spec.route.name, pair = self.spec.index, broker = %self.source.broker.name, "no SUBACK within {SUBACK_TIMEOUT:?}: the source broker took the connection but not the subscription; reconnecting");
+                self.side_lost(Role::Source, &"no SUBACK");
+            }
+        }
         if self.retry_at.is_some_and(|r| Instant::now() >= r) {
             self.retry_at = None;
             self.window.resume();

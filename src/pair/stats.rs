@@ -50,6 +50,10 @@ pub struct PairStats {
     /// A retained message's copy sent because this pair (re)subscribed, which another pair (or
     /// an earlier subscription) already forwarded: not forwarded again.
     pub retained_copies: AtomicU64,
+    /// Publishes sent again after the target said "not now" (0x97, 0x91).
+    pub retried: AtomicU64,
+    /// SUBACKs that granted less than the route's `qos`.
+    pub subscriptions_downgraded: AtomicU64,
     /// Source receive to target ack (PUBACK, or PUBREC at QoS 2) of forwarded QoS ≥ 1 messages.
     pub forward_latency: LatencyHistogram,
 }
@@ -205,9 +209,11 @@ mod tests {
                 "loop",
                 "target_down_qos0",
                 "stale_subscription",
-                "target_disconnects"
+                "target_disconnects",
+                "retained_copy"
             ]
         );
-        assert_eq!(s.dropped_total(), 7);
+        PairStats::add(&s.retained_copies, 8);
+        assert_eq!(s.dropped_total(), 15);
     }
 }
