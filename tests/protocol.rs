@@ -370,17 +370,22 @@ async fn target_limits_are_mirrored_and_oversize_is_dead_lettered() {
     assert!(bridge.log().contains("too_large"));
 }
 
+/// A target whose ACL lets anyone publish under `in/` only: anything else gets 0x87 (v5).
+async fn acl_target() -> Mosquitto {
+    let acl = write_temp("acl", "topic readwrite in/#\npattern read #\n");
+    Mosquitto::start_with(MosquittoOpts {
+        extra: format!("acl_file {}\n", acl.display()),
+        ..Default::default()
+    })
+    .await
+}
+
 /// A target that refuses a publish (mosquitto's ACL answers a v5 client with 0x87): the message
 /// is dead-lettered once, not retried, and the next messages still flow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_publish_is_dead_lettered_not_retried() {
     let src = Mosquitto::start().await;
-    let acl = write_temp("acl", "topic readwrite in/#\npattern read #\n");
-    let dst = Mosquitto::start_with(MosquittoOpts {
-        extra: format!("acl_file {}\n", acl.display()),
-        ..Default::default()
-    })
-    .await;
+    let dst = acl_target().await;
     let mut cfg = RouteConfig::new(src.port(), Proto::V5, dst.port(), Proto::V5);
     cfg.qos = 1;
     cfg.topics = r#"["in/#", "secret/#"]"#;
@@ -468,12 +473,7 @@ async fn retained_while_running_stays_retained_v311_with_try_private() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limited_drop_lines_say_how_many_were_suppressed() {
     let src = Mosquitto::start().await;
-    let acl = write_temp("acl", "topic readwrite in/#\npattern read #\n");
-    let dst = Mosquitto::start_with(MosquittoOpts {
-        extra: format!("acl_file {}\n", acl.display()),
-        ..Default::default()
-    })
-    .await;
+    let dst = acl_target().await;
     let mut cfg = RouteConfig::new(src.port(), Proto::V5, dst.port(), Proto::V5);
     cfg.qos = 1;
     cfg.topics = r#"["secret/#"]"#;
