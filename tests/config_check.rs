@@ -292,6 +292,23 @@ fn env_overrides_reach_mixed_case_names() {
     assert_eq!(plan.brokers.len(), 2, "no new broker was made up");
 }
 
+/// Issue #16: a variable naming a broker the file does not have made up a new, unused broker
+/// (check exited 0), or failed on a missing `url` without naming the variable.
+#[test]
+fn an_env_variable_naming_an_unknown_broker_says_so() {
+    for var in [
+        "MQBRIDGE__BROKERS__CLOUDD__PASSWORD",
+        "MQBRIDGE__BROKERS__NOPE__URL",
+    ] {
+        let err = load_env(MINIMAL, &[(var, "mqtt://127.0.0.1:1")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with(var), "{err}");
+        assert!(err.contains("which the config file does not have"), "{err}");
+        assert!(err.contains("cloud"), "lists the brokers it has: {err}");
+    }
+}
+
 #[test]
 fn env_errors_say_which_variable() {
     let err = load_env(MINIMAL, &[("MQBRIDGE__ROUTES__0__POOL_SIZE", "lots")])

@@ -316,6 +316,18 @@ fn resolve_overrides(
                     .cloned()
                     .unwrap_or_else(|| level.to_ascii_lowercase());
                 let child = table.and_then(|t| t.get(&key));
+                if path == "brokers"
+                    && child.is_none()
+                    && let Some(t) = table
+                {
+                    // A typo would otherwise add a broker no route uses, silently.
+                    let known: Vec<&str> = t.keys().map(String::as_str).collect();
+                    return Err(error(format!(
+                        "names broker {level:?}, which the config file does not have (it has: \
+                         {}); a variable can change a broker's keys, not add a broker",
+                        known.join(", ")
+                    )));
+                }
                 if !path.is_empty() {
                     path.push('.');
                 }
