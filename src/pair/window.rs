@@ -157,7 +157,13 @@ pub struct Window {
     /// QoS 2 exchanges the source completed (PUBREL seen), by id, until a PUBLISH without DUP
     /// reuses the id. mosquitto 2.0 may resend such a PUBLISH with DUP after a connection died at
     /// CONNECT (against MQTT-4.3.3); the same id and message is then answered, not forwarded.
-    released: IdMap<u64>,
+    released: IdMap<(u64, u64)>,
+    /// Source connections established so far; `released` entries carry the one they were
+    /// released on, and are good for the resends at the start of the next one only.
+    source_conns: u64,
+    /// From a source connection's start to its first PUBLISH without DUP: the broker is still
+    /// resending what it had in flight.
+    resend_phase: bool,
     source_up: bool,
     target_up: bool,
     /// After a transient refusal, until [`Window::resume`]: nothing new is written.
@@ -183,6 +189,8 @@ impl Window {
             carried: IdSet::default(),
             qos2_digests: IdMap::default(),
             released: IdMap::default(),
+            source_conns: 0,
+            resend_phase: false,
             source_up: false,
             target_up: false,
             paused: false,
@@ -239,6 +247,11 @@ impl Window {
     /// forgot every packet id we owe an ack for: those acks are dropped, the messages still go.
     pub fn source_connected(&mut self, session_present: bool) {
         self.source_up = true;
+        self.source_conns += 1;
+        self.resend_phase = true;
+        // Only what the previous connection released can be resent now (issue #14, hole 3).
+        let now = self.source_conns;
+        self.released.retain(|_, (_, conn)| *conn + 1 >= now);
         if !session_present {
             self.epoch += 1;
             self.pending.clear();
@@ -281,6 +294,12 @@ impl Window {
             }
             (_, Some(id)) => id,
         };
+        if !dup && self.resend_phase {
+            // The broker moved past its resends: what earlier connections released is done.
+            self.resend_phase = false;
+            let now = self.source_conns;
+            self.released.retain(|_, (_, conn)| *conn == now);
+        }
         if self.pending.contains_key(&pkid) {
             // Redelivery of a message we still hold: its ack follows the target's.
             self.counters.redeliveries += 1;
@@ -304,7 +323,7 @@ impl Window {
         let digest = (source_qos == Qos::ExactlyOnce).then(|| digest(&message));
         if let Some(d) = digest {
             match self.released.remove(&pkid) {
-                Some(done) if dup && done == d => {
+                Some((done, _)) if dup && self.resend_phase && done == d => {
                     // Already forwarded once under this id: answer as a QoS 2 receiver does.
                     self.counters.redeliveries += 1;
                     self.qos2_digests.insert(pkid, d);
@@ -363,7 +382,7 @@ impl Window {
     pub fn source_pubrel(&mut self, pkid: u16) {
         self.awaiting_rel.remove(&pkid);
         if let Some(d) = self.qos2_digests.remove(&pkid) {
-            self.released.insert(pkid, d);
+            self.released.insert(pkid, (d, self.source_conns));
         }
         self.push_source(SourceAck::PubComp(pkid));
     }
@@ -1129,6 +1148,72 @@ mod tests {
             Some(Action::AckSource(SourceAck::PubAck(3)))
         );
         assert_eq!(w.counters().refused, 1);
+    }
+
+    /// The QoS 2 exchange of `pkid` with `message` goes all the way through (PUBCOMP to the source).
+    fn complete_qos2(w: &mut Window, pkid: u16, message: Message) {
+        w.source_publish(Some(pkid), Qos::ExactlyOnce, false, message);
+        let Some(Action::SendPublish { pkid: t, .. }) = w.poll_action() else {
+            panic!("forwarded")
+        };
+        w.target_pubrec(t, 0);
+        w.target_pubcomp(t);
+        w.source_pubrel(pkid);
+        while w.poll_action().is_some() {}
+    }
+
+    fn forwarded(w: &mut Window) -> bool {
+        std::iter::from_fn(|| w.poll_action()).any(|a| matches!(a, Action::SendPublish { .. }))
+    }
+
+    /// Issue #14, hole 3: the digest of a released QoS 2 message (kept for mosquitto's resend
+    /// of it at a reconnect) swallowed a new message that reused the id with the same topic and
+    /// payload (a repeated "online") when that one came with DUP. It is good only for the resends
+    /// at the start of the next connection.
+    #[test]
+    fn a_released_digest_is_forgotten_once_the_broker_moved_past_its_resends() {
+        let online = || msg(1, Qos::ExactlyOnce);
+        // Past the resends on the next connection: a new message with DUP is forwarded.
+        let mut w = Window::new(8);
+        w.target_connected(true, 8);
+        w.source_connected(true);
+        complete_qos2(&mut w, 7, online());
+        w.source_disconnected();
+        w.source_connected(true);
+        w.source_publish(Some(3), Qos::ExactlyOnce, false, msg(2, Qos::ExactlyOnce));
+        while w.poll_action().is_some() {}
+        w.source_publish(Some(7), Qos::ExactlyOnce, true, online());
+        assert!(
+            forwarded(&mut w),
+            "a new message, not a resend of the released one"
+        );
+
+        // Two connections later: forwarded too.
+        let mut w = Window::new(8);
+        w.target_connected(true, 8);
+        w.source_connected(true);
+        complete_qos2(&mut w, 7, online());
+        for _ in 0..2 {
+            w.source_disconnected();
+            w.source_connected(true);
+        }
+        w.source_publish(Some(7), Qos::ExactlyOnce, true, online());
+        assert!(forwarded(&mut w));
+
+        // Right at the start of the next connection it is still mosquitto's resend: answered.
+        let mut w = Window::new(8);
+        w.target_connected(true, 8);
+        w.source_connected(true);
+        complete_qos2(&mut w, 7, online());
+        w.source_disconnected();
+        w.source_connected(true);
+        w.source_publish(Some(7), Qos::ExactlyOnce, true, online());
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::AckSource(SourceAck::PubRec(7))),
+            "answered, not forwarded"
+        );
+        assert_eq!(w.poll_action(), None);
     }
 
     /// Issue #14, hole 5: 0x97 (quota exceeded) means "not now". It was dead-lettered and acked
