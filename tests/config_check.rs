@@ -523,3 +523,19 @@ fn binary_dry_run_of_a_wildcard_is_an_error() {
         assert!(stderr.contains("no + or #"), "{stderr}");
     }
 }
+
+/// Issue #16: a route from a broker to itself with no rewrite republishes every message onto
+/// the topic it came from (subscribers get each twice); refused, naming the key.
+#[test]
+fn a_route_back_into_its_own_source_without_a_rewrite_is_refused() {
+    let err = error(&MINIMAL.replace(r#"to = "cloud""#, r#"to = "edge""#));
+    assert!(
+        err.starts_with("routes[0].to: \"edge\" is also the route's source"),
+        "{err}"
+    );
+    assert!(err.contains("[[routes.rewrite]]"), "{err}");
+    // With a rewrite that moves it elsewhere it is a valid route.
+    let moved = MINIMAL.replace(r#"to = "cloud""#, r#"to = "edge""#)
+        + "\n[[routes.rewrite]]\nmatch = \"a/+/#\"\nto = \"b/{1}/{2}\"\n";
+    load(&moved).unwrap();
+}

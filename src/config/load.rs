@@ -1058,6 +1058,19 @@ fn route_plan(
         })
         .transpose()?;
 
+    if from.name == to.name && rules.is_empty() {
+        return Err(invalid(
+            at("to"),
+            format!(
+                "\"{}\" is also the route's source, and without a rewrite every message would be \
+                 published back onto the topic it came from: subscribers would get it twice and \
+                 the route's own subscription would take it again; add a [[routes.rewrite]] rule \
+                 that moves it elsewhere, or name another broker",
+                to.name
+            ),
+        ));
+    }
+
     Ok(RoutePlan {
         name,
         from,
