@@ -359,7 +359,8 @@ fn write_loops(out: &mut String, plan: &Plan) -> fmt::Result {
             )?;
         }
         write_overlap(out, a, b, &f.there)?;
-        if let Some(back) = &f.back {
+        // A route into its own source: "back" is the same overlap again.
+        if let Some(back) = f.back.as_ref().filter(|_| !std::ptr::eq(a, b)) {
             write_overlap(out, b, a, back)?;
         }
         for (broker, cut) in f.cuts(&plan.bridge) {

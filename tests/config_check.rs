@@ -539,3 +539,22 @@ fn a_route_back_into_its_own_source_without_a_rewrite_is_refused() {
         + "\n[[routes.rewrite]]\nmatch = \"a/+/#\"\nto = \"b/{1}/{2}\"\n";
     load(&moved).unwrap();
 }
+
+/// Issue #16: the loop analysis printed a route into its own source's overlap twice.
+#[test]
+fn binary_loop_analysis_prints_each_finding_once() {
+    let file = TempConfig::toml(
+        &(MINIMAL.replace(r#"to = "cloud""#, r#"to = "edge""#)
+            + "\n[[routes.rewrite]]\nmatch = \"a/+/#\"\nto = \"a/moved/{2}\"\n"),
+    );
+    let out = mqbridge(&["check", "-c", arg(file.path())]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let loops = stdout.split("loop analysis").nth(1).unwrap_or_default();
+    assert!(loops.contains("up (edge → itself)"), "{stdout}");
+    let lines: Vec<&str> = loops
+        .lines()
+        .filter(|l| l.contains(" publishes "))
+        .collect();
+    assert_eq!(lines.len(), 1, "{loops}");
+}
