@@ -499,30 +499,28 @@ async fn end_sessions(spec: &PairSpec) {
 }
 
 async fn end_session(spec: &PairSpec, broker: &BrokerPlan, client_id: &str) {
-    {
-        if broker.session_expiry.is_zero() {
-            return;
+    if broker.session_expiry.is_zero() {
+        return;
+    }
+    let mut params = ConnectParams::for_broker(broker, client_id.to_string());
+    params.clean_start = true;
+    params.session_expiry_secs = 0;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut c = link::connect(broker, &params).await?;
+        let mut buf = BytesMut::new();
+        c.codec.disconnect(&mut buf);
+        c.writer.write_all(&buf).await?;
+        let _ = c.writer.shutdown().await;
+        Ok::<_, LinkError>(())
+    })
+    .await;
+    match ended {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            warn!(route = %spec.route.name, broker = %broker.name, %client_id, "cannot end the retired index's session: {e}")
         }
-        let mut params = ConnectParams::for_broker(broker, client_id.to_string());
-        params.clean_start = true;
-        params.session_expiry_secs = 0;
-        let ended = tokio::time::timeout(Duration::from_secs(10), async {
-            let mut c = link::connect(broker, &params).await?;
-            let mut buf = BytesMut::new();
-            c.codec.disconnect(&mut buf);
-            c.writer.write_all(&buf).await?;
-            let _ = c.writer.shutdown().await;
-            Ok::<_, LinkError>(())
-        })
-        .await;
-        match ended {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                warn!(route = %spec.route.name, broker = %broker.name, %client_id, "cannot end the retired index's session: {e}")
-            }
-            Err(_) => {
-                warn!(route = %spec.route.name, broker = %broker.name, %client_id, "cannot end the retired index's session: timed out")
-            }
+        Err(_) => {
+            warn!(route = %spec.route.name, broker = %broker.name, %client_id, "cannot end the retired index's session: timed out")
         }
     }
 }

@@ -1150,6 +1150,14 @@ mod tests {
         assert_eq!(w.counters().refused, 1);
     }
 
+    /// A window of `size` with both sides up (sessions present or not).
+    fn connected(size: usize, target_session: bool, source_session: bool) -> Window {
+        let mut w = Window::new(size);
+        w.target_connected(target_session, size);
+        w.source_connected(source_session);
+        w
+    }
+
     /// The QoS 2 exchange of `pkid` with `message` goes all the way through (PUBCOMP to the source).
     fn complete_qos2(w: &mut Window, pkid: u16, message: Message) {
         w.source_publish(Some(pkid), Qos::ExactlyOnce, false, message);
@@ -1174,9 +1182,7 @@ mod tests {
     fn a_released_digest_is_forgotten_once_the_broker_moved_past_its_resends() {
         let online = || msg(1, Qos::ExactlyOnce);
         // Past the resends on the next connection: a new message with DUP is forwarded.
-        let mut w = Window::new(8);
-        w.target_connected(true, 8);
-        w.source_connected(true);
+        let mut w = connected(8, true, true);
         complete_qos2(&mut w, 7, online());
         w.source_disconnected();
         w.source_connected(true);
@@ -1189,9 +1195,7 @@ mod tests {
         );
 
         // Two connections later: forwarded too.
-        let mut w = Window::new(8);
-        w.target_connected(true, 8);
-        w.source_connected(true);
+        let mut w = connected(8, true, true);
         complete_qos2(&mut w, 7, online());
         for _ in 0..2 {
             w.source_disconnected();
@@ -1201,9 +1205,7 @@ mod tests {
         assert!(forwarded(&mut w));
 
         // Right at the start of the next connection it is still mosquitto's resend: answered.
-        let mut w = Window::new(8);
-        w.target_connected(true, 8);
-        w.source_connected(true);
+        let mut w = connected(8, true, true);
         complete_qos2(&mut w, 7, online());
         w.source_disconnected();
         w.source_connected(true);
@@ -1221,9 +1223,7 @@ mod tests {
     /// of what arrived after it, and the source is acked only when the target takes it.
     #[test]
     fn quota_exceeded_publishes_again_after_a_pause_in_arrival_order() {
-        let mut w = Window::new(2);
-        w.target_connected(false, 2);
-        w.source_connected(false);
+        let mut w = connected(2, false, false);
         for (src, id) in [(3, 1), (4, 2), (5, 3)] {
             w.source_publish(
                 Some(src),
@@ -1278,9 +1278,7 @@ mod tests {
 
     #[test]
     fn packet_id_in_use_releases_the_id_and_publishes_again() {
-        let mut w = Window::new(4);
-        w.target_connected(true, 4);
-        w.source_connected(false);
+        let mut w = connected(4, true, false);
         w.source_publish(Some(9), Qos::ExactlyOnce, false, msg(1, Qos::ExactlyOnce));
         w.poll_action();
         w.target_pubrec(1, 0x91);
@@ -1299,9 +1297,7 @@ mod tests {
 
     #[test]
     fn a_reconnect_ends_the_pause() {
-        let mut w = Window::new(4);
-        w.target_connected(false, 4);
-        w.source_connected(false);
+        let mut w = connected(4, false, false);
         w.source_publish(Some(3), Qos::AtLeastOnce, false, msg(1, Qos::AtLeastOnce));
         w.poll_action();
         w.target_puback(1, 0x97);
