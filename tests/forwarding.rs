@@ -9,7 +9,10 @@ use support::*;
 /// 3 publishers × 1000 messages at `qos` through a pool of 3 pairs with a rewrite rule.
 async fn three_publishers(src_proto: Proto, dst_proto: Proto, qos: u8) {
     let src = Mosquitto::start().await;
-    let dst = Mosquitto::start().await;
+    // Three publishers at full speed: the test's own subscriber on the target takes the burst
+    // slower than it comes (QoS 2, 20 in flight), and mosquitto's default queue of 1,000 for a
+    // subscriber that falls behind dropped 286 in one CI run; the bridge lost nothing.
+    let dst = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
     let mut cfg = RouteConfig::new(src.port(), src_proto, dst.port(), dst_proto);
     cfg.topics = r#"["factory/+/telemetry/#"]"#;
     cfg.pool_size = 3;
@@ -130,7 +133,10 @@ async fn qos0_v311_to_v311_at_a_moderate_rate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_threads_sets_the_threads_the_pairs_run_on() {
     let src = Mosquitto::start().await;
-    let dst = Mosquitto::start().await;
+    // Three publishers at full speed: the test's own subscriber on the target takes the burst
+    // slower than it comes (QoS 2, 20 in flight), and mosquitto's default queue of 1,000 for a
+    // subscriber that falls behind dropped 286 in one CI run; the bridge lost nothing.
+    let dst = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
     let mut cfg = RouteConfig::new(src.port(), Proto::V311, dst.port(), Proto::V311);
     cfg.pool_size = 3;
     let collector = Collector::start(dst.port(), Proto::V5, "#", 1).await;
