@@ -1,6 +1,7 @@
 //! mqbridge: a broker-to-broker MQTT bridge appliance.
 //!
-//! The core (`topic`, `pair::window`, `message`) is sans-IO: plain data in, data out.
+//! The core (`topic`, `pair::machine` with `pair::window`, `loops`, `message`) is sans-IO: plain
+//! data in, data out, time passed in.
 //! The edges (`link`, `pair::driver`, `route`, `run`) own sockets, timers and tasks.
 
 pub mod admin;

@@ -9,15 +9,12 @@ use std::{
 
 use tokio::{sync::watch, task::JoinHandle};
 
-pub use crate::pair::driver::LoopGuard;
+pub use crate::pair::LoopGuard;
 
 use crate::{
     config::{Plan, RoutePlan, Side, client_id},
     loops::{EchoDigest, analysis},
-    pair::{
-        driver::{self, PairSpec},
-        stats::PairStats,
-    },
+    pair::{PairSpec, driver, retire, stats::PairStats},
 };
 
 /// A running route: its pairs' stats and tasks.
@@ -127,7 +124,7 @@ async fn sweep(
             target_client_id: client_id(&bridge, &route, index, Side::Target),
             ..first.clone()
         };
-        if driver::retire(spec, shutdown.clone()).await != Some(true) {
+        if retire::retire(spec, shutdown.clone()).await != Some(true) {
             return;
         }
     }

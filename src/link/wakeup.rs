@@ -1,5 +1,5 @@
 //! Fewer wake-ups under load: a TCP socket's receive low-water mark (`SO_RCVLOWAT`). While a
-//! pair lingers (see `pair::driver`), the mark is raised so that the kernel does not wake the
+//! pair lingers (see `pair::linger`, asked for by `pair::machine`), the mark is raised so that the kernel does not wake the
 //! process for every packet a broker writes (mosquitto writes one packet per syscall); when the
 //! pair is ready to read again the mark drops back to one byte, and Linux signals the socket
 //! readable at once if anything arrived meanwhile (`tcp_set_rcvlowat` calls `tcp_data_ready`).

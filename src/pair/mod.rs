@@ -1,9 +1,16 @@
 //! A pair: one source connection and one target connection that live and die together.
-//! `window` is the sans-IO heart (ack chaining and flow control); `driver` runs it over sockets.
+//! `machine` is the pair's whole protocol state, sans-IO, with `window` (ack chaining and flow
+//! control), `linger`, `pacing` and `share_probe` as its parts; `driver` runs it over sockets;
+//! `retire` cleans up pool indexes no longer run.
 
 pub mod driver;
 pub mod linger;
+pub mod machine;
 pub mod pacing;
+pub mod retire;
 pub mod share_probe;
+pub mod spec;
 pub mod stats;
 pub mod window;
+
+pub use spec::{LoopGuard, PairSpec};

@@ -1,0 +1,38 @@
+//! What a pair is given to run: its route, its index in the pool, its client ids, where its
+//! counters go, and what it does against loops.
+
+use std::{sync::Arc, time::Duration};
+
+use super::stats::PairStats;
+use crate::{config::RoutePlan, loops::EchoDigest};
+
+/// Everything one pair needs to run.
+#[derive(Clone)]
+pub struct PairSpec {
+    pub route: Arc<RoutePlan>,
+    pub index: usize,
+    pub source_client_id: String,
+    pub target_client_id: String,
+    pub stats: Arc<PairStats>,
+    pub drain_timeout: Duration,
+    /// Process start, the zero of `PairStats::last_progress_ms`.
+    pub epoch: std::time::Instant,
+    pub loops: LoopGuard,
+}
+
+/// What a pair does against loops (SPEC 4.6).
+#[derive(Debug, Clone)]
+pub struct LoopGuard {
+    /// Our `mqbridge-via` marker.
+    pub bridge_name: String,
+    /// The source and target brokers as `mqbridge-from` names them: `host:port`, the same in
+    /// every bridge's config that reaches the broker by the same address.
+    pub source_id: String,
+    pub target_id: String,
+    /// The process's echo digest, when this route records or checks (3.x endpoints).
+    pub digest: Option<Arc<std::sync::Mutex<EchoDigest>>>,
+    /// Remember what we forward into the (3.x) target.
+    pub record_echoes: bool,
+    /// Drop what comes from the (3.x) source as an echo of something we forwarded there.
+    pub check_echoes: bool,
+}
