@@ -125,15 +125,19 @@ impl H {
 
     /// Answers the pending connect of `role` with a CONNACK.
     fn up(&mut self, role: Role, session_present: bool) {
+        let connack = ConnAckInfo {
+            session_present,
+            ..ConnAckInfo::default()
+        };
+        self.up_with(role, connack)
+    }
+
+    fn up_with(&mut self, role: Role, connack: ConnAckInfo) {
         self.asked(role)
             .expect("the machine asked for this connection");
         let protocol = match role {
             Role::Source => self.protocols.0,
             Role::Target => self.protocols.1,
-        };
-        let connack = ConnAckInfo {
-            session_present,
-            ..ConnAckInfo::default()
         };
         let codec = Codec::new(protocol, link::DEFAULT_MAX_INCOMING);
         self.m
@@ -393,8 +397,10 @@ enum Step {
     TargetAcks(usize),
     /// The source broker reads what the machine wrote to it (acks, SUBSCRIBE, pings).
     SourceReads,
-    /// A connection breaks; what was on its way in either direction is lost.
-    Drop(Role),
+    /// A connection breaks; what was on its way in either direction is lost. With `true` the
+    /// broker also lost the session (restarted without persistence); a target comes back with
+    /// the given window (Receive Maximum), larger or smaller.
+    Drop(Role, bool, u16),
     /// Time passes until the machine's next deadline.
     Sleep,
 }
@@ -405,8 +411,8 @@ fn step() -> impl Strategy<Value = Step> {
         3 => Just(Step::TargetReads),
         3 => (1usize..6).prop_map(Step::TargetAcks),
         3 => Just(Step::SourceReads),
-        1 => Just(Step::Drop(Role::Source)),
-        1 => Just(Step::Drop(Role::Target)),
+        2 => (prop::bool::weighted(0.3), 1u16..8).prop_map(|(s, w)| Step::Drop(Role::Source, s, w)),
+        2 => (prop::bool::weighted(0.3), 1u16..8).prop_map(|(s, w)| Step::Drop(Role::Target, s, w)),
         1 => Just(Step::Sleep),
     ]
 }
@@ -428,7 +434,11 @@ struct Model {
     target_owes: VecDeque<u16>,
     target_up: bool,
     target_session: bool,
+    /// The window the target grants on its next connection.
+    target_window: u16,
     acked: HashSet<u32>,
+    /// Messages the source broker lost with its session (not the bridge's to deliver).
+    lost_by_source: HashSet<u32>,
     total: u32,
 }
 
@@ -448,7 +458,9 @@ impl Model {
             target_owes: VecDeque::new(),
             target_up: false,
             target_session: false,
+            target_window: 4,
             acked: HashSet::new(),
+            lost_by_source: HashSet::new(),
             total: messages,
         };
         m.settle_events();
@@ -466,7 +478,12 @@ impl Model {
             };
             match role {
                 Role::Target => {
-                    self.h.up(Role::Target, self.target_session);
+                    let connack = ConnAckInfo {
+                        session_present: self.target_session,
+                        receive_maximum: Some(self.target_window),
+                        ..ConnAckInfo::default()
+                    };
+                    self.h.up_with(Role::Target, connack);
                     self.target_up = true;
                     self.target_session = true;
                 }
@@ -568,15 +585,27 @@ impl Model {
                     }
                 }
             }
-            Step::Drop(role) => {
+            Step::Drop(role, lose_session, window) => {
                 let up = match role {
                     Role::Source => self.source_up,
                     Role::Target => self.target_up,
                 };
                 if up {
+                    // Bytes in flight towards the broker are lost with the connection.
                     self.h.lose(role);
                     self.broken(role);
-                    // Bytes in flight towards the broker are lost with the connection.
+                }
+                match role {
+                    Role::Source if lose_session => {
+                        self.source_session = false;
+                        let gone = std::mem::take(&mut self.source_inflight);
+                        self.lost_by_source.extend(gone.into_values());
+                    }
+                    Role::Source => {}
+                    Role::Target => {
+                        self.target_session &= !lose_session;
+                        self.target_window = window;
+                    }
                 }
             }
             Step::Sleep => {
@@ -590,7 +619,9 @@ impl Model {
     /// Healthy links from here on: everything must arrive, and be acknowledged.
     fn settle(&mut self) {
         for _ in 0..10_000 {
-            if self.acked.len() as u32 == self.total {
+            let done = (0..self.total)
+                .all(|id| self.acked.contains(&id) || self.lost_by_source.contains(&id));
+            if done {
                 return;
             }
             for s in [
@@ -619,9 +650,10 @@ impl Model {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
-    /// Through any interleaving of deliveries, acks and broken connections on either side (with
-    /// persistent sessions), every message reaches the target, and none is acknowledged to the
-    /// source before the target took it.
+    /// Through any interleaving of deliveries, acks and broken connections on either side, with
+    /// sessions kept or lost and the target's window growing or shrinking on each reconnect:
+    /// every message the source broker still holds reaches the target, and none is acknowledged
+    /// to the source before the target took it (nor under a packet id the session no longer has).
     #[test]
     fn no_message_is_lost_through_any_interleaving_of_both_brokers(
         steps in prop::collection::vec(step(), 0..200),
@@ -631,6 +663,11 @@ proptest! {
             model.apply(s);
         }
         model.settle();
-        prop_assert_eq!(model.received.len(), 30);
+        for id in 0..30 {
+            prop_assert!(
+                model.received.contains(&id) || model.lost_by_source.contains(&id),
+                "message {} lost by the bridge", id
+            );
+        }
     }
 }
