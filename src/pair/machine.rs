@@ -62,6 +62,9 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// oldest of them is taken for the cause (a broker that closes the connection on a message it
 /// cannot take, e.g. one over a 3.x broker's packet size limit, which 3.x cannot announce).
 pub const POISON_AFTER: u32 = 5;
+/// A close counts against the message only this soon after a PUBLISH was written: a broker that
+/// chokes on a packet closes as it reads it, not a minute later (a proxy's idle timeout).
+const POISON_CLOSE_WITHIN: Duration = Duration::from_secs(5);
 /// A parking pair leaves once nothing arrived for this long.
 pub const PARK_QUIET: Duration = Duration::from_millis(500);
 const UNSUBSCRIBE_PKID: u16 = 900;
@@ -341,8 +344,8 @@ pub struct Machine {
     /// pause after the next one.
     retry_at: Option<Instant>,
     retry_backoff: Duration,
-    /// The target ended the last connection with a DISCONNECT that gave a reason.
-    target_said_why: bool,
+    /// When a PUBLISH was last written to the target (the poison heuristic's clock).
+    last_publish_write: Option<Instant>,
     /// Renewing the source connection to mirror a changed target window.
     renew_source: Renew,
     /// The route's SUBACKs must have come by then (as a CONNACK must).
@@ -391,7 +394,7 @@ impl Machine {
             source_session: None,
             retry_at: None,
             retry_backoff: RETRY_BACKOFF_MIN,
-            target_said_why: false,
+            last_publish_write: None,
             renew_source: Renew::No,
             suback_deadline: None,
             retiring: mode == Mode::Retire,
@@ -581,8 +584,16 @@ impl Machine {
         }
     }
 
-    /// `role`'s connection (or the attempt to make one) failed.
+    /// `role`'s connection (or the attempt to make one) failed, or the broker closed it.
     pub fn lost(&mut self, now: Instant, role: Role, why: &dyn std::fmt::Display) {
+        self.close(now, role, why, true)
+    }
+
+    /// Ends `role`'s connection. `peer_closed`: the broker (or the network) ended it without a
+    /// word, the only close that may count against the message last written (the poison
+    /// heuristic); our own decisions (keep-alive, protocol errors) and a DISCONNECT with a
+    /// reason never do.
+    fn close(&mut self, now: Instant, role: Role, why: &dyn std::fmt::Display, peer_closed: bool) {
         match role {
             Role::Source => {
                 self.window.source_disconnected();
@@ -595,9 +606,16 @@ impl Machine {
                 self.window.target_disconnected();
                 self.spec.stats.target_up.store(false, Relaxed);
                 self.qos0_buffered = 0;
-                if std::mem::take(&mut self.target_said_why) {
+                let right_after_a_write = self
+                    .last_publish_write
+                    .is_some_and(|t| now.saturating_duration_since(t) <= POISON_CLOSE_WITHIN);
+                if !peer_closed {
                     // Neither evidence against the message nor for it.
-                } else if was_up && !self.target_progress && self.window.on_wire() > 0 {
+                } else if was_up
+                    && !self.target_progress
+                    && self.window.on_wire() > 0
+                    && right_after_a_write
+                {
                     self.target_fail_streak += 1;
                 } else if was_up {
                     self.target_fail_streak = 0;
@@ -1020,7 +1038,7 @@ impl Machine {
             let packet = match self.target.codec.decode(&mut self.target.rbuf) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
-                Err(e) => return self.lost(now, Role::Target, &e),
+                Err(e) => return self.close(now, Role::Target, &e, false),
             };
             match packet {
                 Inbound::PubAck { pkid, reason } => {
@@ -1051,16 +1069,15 @@ impl Machine {
                 Inbound::Disconnect { reason } => {
                     // A broker that says why (server busy, session taken over, …) did not
                     // choke on our message: that is no evidence for the poison heuristic.
-                    self.target_said_why = true;
                     let why = format!(
                         "the broker sent DISCONNECT: {} ({reason:#04x})",
                         link::reason_name(reason)
                     );
-                    return self.lost(now, Role::Target, &why);
+                    return self.close(now, Role::Target, &why, false);
                 }
                 Inbound::ConnAck(_) | Inbound::Unexpected(_) => {
                     let why = format!("unexpected packet {packet:?}");
-                    return self.lost(now, Role::Target, &why);
+                    return self.close(now, Role::Target, &why, false);
                 }
             }
             self.apply_actions(now);
@@ -1451,7 +1468,12 @@ impl Machine {
                     let Some(m) = self.window.held(pkid) else {
                         continue;
                     };
-                    let expiry = m.remaining_expiry(now);
+                    let mut expiry = m.remaining_expiry(now);
+                    if dup && expiry == Some(0) {
+                        // The resumed target session holds this exchange (MQTT-4.4.0-1): it
+                        // must be completed; only a message never sent to it may expire.
+                        expiry = Some(1);
+                    }
                     if expiry == Some(0) {
                         let (topic, payload, props) =
                             (m.topic.clone(), m.payload.clone(), m.properties.clone());
@@ -1472,6 +1494,7 @@ impl Machine {
                     self.target
                         .codec
                         .publish(pkid, dup, m, expiry, &mut self.target.wbuf);
+                    self.last_publish_write = Some(now);
                     if dup {
                         // A resend keeps its first time: the outage counts in its latency.
                         self.sent_at.entry(pkid).or_insert(now);
@@ -1637,7 +1660,7 @@ impl Machine {
                     // We are not reading this socket on purpose; its PINGRESP waits unread.
                     side.ping_sent = None;
                 } else if now.duration_since(sent) > ka {
-                    self.lost(now, role, &format!("no PINGRESP within {ka:?}"));
+                    self.close(now, role, &format!("no PINGRESP within {ka:?}"), false);
                     continue;
                 }
             }

@@ -413,6 +413,9 @@ impl Window {
                 }
                 Stage::Queued | Stage::Published => {
                     slot.stage = Stage::Queued;
+                    // A new target session never saw it: a first PUBLISH again (no DUP), which
+                    // may expire; one the resumed session holds is resent whatever its expiry.
+                    slot.sent &= session_present;
                     self.queued.push_back(pkid);
                 }
             }

@@ -671,3 +671,202 @@ proptest! {
         }
     }
 }
+
+// ---- Message Expiry while held (#14 holes 7 and 20) ------------------------------------------
+
+impl H {
+    /// The v5 source broker publishes `qos` with a Message Expiry Interval of `expiry` seconds.
+    fn publish_v5(&mut self, pkid: u16, qos: Qos, expiry: u32) {
+        let m = Message {
+            topic: "t/x".into(),
+            payload: bytes::Bytes::from_static(b"m"),
+            qos,
+            retain: false,
+            properties: Some(Box::new(crate::message::Properties {
+                message_expiry_interval: Some(expiry),
+                ..Default::default()
+            })),
+            expires_at: None,
+        };
+        let mut bytes = BytesMut::new();
+        Codec::new(Protocol::V5, link::DEFAULT_MAX_INCOMING)
+            .publish(pkid, false, &m, None, &mut bytes);
+        let n = bytes.len();
+        self.m.recv_buf(Role::Source).extend_from_slice(&bytes);
+        self.m.handle_read(self.now, Role::Source, n, n + 1);
+        self.pass();
+    }
+
+    /// The PUBLISHes the machine wrote to a v5 target: (packet id, dup, expiry left).
+    fn target_publishes_v5(&mut self) -> Vec<(u16, bool, Option<u32>)> {
+        let mut bytes = BytesMut::from(self.m.transmit(Role::Target));
+        let n = bytes.len();
+        self.m.written(self.now, Role::Target, n);
+        self.pass();
+        let codec = Codec::new(Protocol::V5, link::DEFAULT_MAX_INCOMING);
+        let mut out = Vec::new();
+        while let Some(p) = codec.decode(&mut bytes).unwrap() {
+            if let Inbound::Publish(p) = p {
+                let expiry = p.properties.and_then(|pp| pp.message_expiry_interval);
+                out.push((p.pkid, p.dup, expiry));
+            }
+        }
+        out
+    }
+
+    /// Takes what the machine wrote to `role` as written, unread.
+    fn discard_out(&mut self, role: Role) {
+        let n = self.m.transmit(role).len();
+        self.m.written(self.now, role, n);
+        self.pass();
+    }
+
+    /// The v5 SUBACK for the route's SUBSCRIBE (packet id 1).
+    fn suback_v5(&mut self) {
+        let bytes = [0x90, 4, 0, 1, 0, 2];
+        self.m.recv_buf(Role::Source).extend_from_slice(&bytes);
+        self.m
+            .handle_read(self.now, Role::Source, bytes.len(), bytes.len() + 1);
+        self.pass();
+        assert!(self.stats.subscribed.load(Relaxed));
+    }
+
+    /// The target breaks, `held` passes, and it comes back with its session.
+    fn target_away_for(&mut self, held: Duration) {
+        self.lose(Role::Target);
+        let back = self.now + held;
+        while self.now < back || self.connects.is_empty() {
+            self.now = (self.now + Duration::from_millis(500)).min(back.max(self.now));
+            self.m.handle_timeout(self.now);
+            self.pass();
+            if self.now >= back && self.connects.is_empty() {
+                self.sleep();
+            }
+        }
+        self.up(Role::Target, true);
+    }
+}
+
+fn ready_v5() -> H {
+    let mut h = H::new("protocol = \"5\"", "protocol = \"5\"");
+    h.pass();
+    h.up(Role::Target, false);
+    h.up(Role::Source, false);
+    h.discard_out(Role::Source);
+    h.suback_v5();
+    h
+}
+
+#[test]
+fn message_expiry_counts_down_while_held_including_resends() {
+    let mut h = ready_v5();
+    h.publish_v5(7, Qos::AtLeastOnce, 60);
+    let first = h.target_publishes_v5();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].2, Some(60));
+    h.target_away_for(Duration::from_secs(16));
+    let resent = h.target_publishes_v5();
+    assert_eq!(resent.len(), 1, "{resent:?}");
+    let (_, dup, expiry) = resent[0];
+    assert!(dup);
+    // 16 s and the reconnect's backoff (at most a second here) have passed.
+    let left = expiry.unwrap();
+    assert!(
+        (43..=44).contains(&left),
+        "60 s held 16 s arrived with {left} s left"
+    );
+}
+
+#[test]
+fn a_qos2_publish_the_resumed_target_holds_is_resent_even_once_expired() {
+    let mut h = ready_v5();
+    h.publish_v5(7, Qos::ExactlyOnce, 5);
+    let first = h.target_publishes_v5();
+    assert_eq!(first.len(), 1);
+    // Away for longer than the message had left: the target's session holds the exchange
+    // (MQTT-4.4.0-1), so the resend must go, not be dropped as expired.
+    h.target_away_for(Duration::from_secs(20));
+    let resent = h.target_publishes_v5();
+    assert_eq!(
+        resent.len(),
+        1,
+        "the held QoS 2 exchange was dropped on resend"
+    );
+    assert_eq!((resent[0].0, resent[0].1), (first[0].0, true));
+    assert_eq!(PairStats::get(&h.stats.dropped_expired), 0);
+}
+
+// ---- The poison heuristic (#14 hole 6) --------------------------------------------------------
+
+impl H {
+    /// Waits for the machine's reconnect of the target and answers it with the session kept.
+    fn target_back(&mut self) {
+        while self.connects.is_empty() {
+            self.sleep();
+        }
+        self.up(Role::Target, true);
+    }
+}
+
+#[test]
+fn a_stalled_target_cut_by_keep_alive_is_no_evidence_against_the_message() {
+    let mut h = H::ready("keep_alive = \"60s\"", "keep_alive = \"10s\"");
+    h.publish(1, QoS::AtLeastOnce, "innocent");
+    for _ in 0..(POISON_AFTER + 2) {
+        let resent = h.out(Role::Target);
+        assert!(
+            resent.iter().any(|p| matches!(p, v4::Packet::Publish(_))),
+            "the message was given up on (dropped: {})",
+            PairStats::get(&h.stats.dropped_target_disconnects)
+        );
+        // The target stalls: no PUBACK, no PINGRESP, until our keep-alive gives up on it.
+        h.closed.clear();
+        while h.closed.is_empty() {
+            h.sleep();
+            h.out(Role::Target);
+        }
+        h.target_back();
+    }
+    assert_eq!(PairStats::get(&h.stats.dropped_target_disconnects), 0);
+    assert_eq!(h.m.in_flight(), 1, "still held, still resent");
+}
+
+#[test]
+fn a_target_that_closes_right_after_the_message_is_written_makes_it_poison() {
+    let mut h = H::ready("", "");
+    h.publish(1, QoS::AtLeastOnce, "poison");
+    for _ in 0..POISON_AFTER {
+        assert!(
+            h.out(Role::Target)
+                .iter()
+                .any(|p| matches!(p, v4::Packet::Publish(_)))
+        );
+        h.now += Duration::from_millis(20);
+        h.lose(Role::Target); // the broker closed the connection on it
+        h.target_back();
+    }
+    assert_eq!(PairStats::get(&h.stats.dropped_target_disconnects), 1);
+    assert_eq!(
+        h.out(Role::Source),
+        vec![v4::Packet::PubAck(v4::PubAck::new(1))],
+        "given up on, and acknowledged"
+    );
+}
+
+#[test]
+fn a_target_that_closes_long_after_the_write_is_no_evidence() {
+    let mut h = H::ready("keep_alive = \"600s\"", "keep_alive = \"600s\"");
+    h.publish(1, QoS::AtLeastOnce, "innocent");
+    for _ in 0..(POISON_AFTER + 2) {
+        let resent = h.out(Role::Target);
+        assert!(
+            resent.iter().any(|p| matches!(p, v4::Packet::Publish(_))),
+            "the message was given up on (dropped: {})",
+            PairStats::get(&h.stats.dropped_target_disconnects)
+        );
+        h.now += Duration::from_secs(60); // e.g. a proxy's idle timeout
+        h.lose(Role::Target);
+        h.target_back();
+    }
+    assert_eq!(PairStats::get(&h.stats.dropped_target_disconnects), 0);
+}
