@@ -52,3 +52,50 @@ async fn a_retained_message_is_forwarded_once_v311() {
 async fn a_retained_message_is_forwarded_once_v5() {
     one_copy_over_three_starts(Proto::V5).await;
 }
+
+/// Issue #14, hole 10: a v5 target without retained messages (CONNACK Retain Available 0;
+/// mosquitto's `retain_available false`) disconnects a client that publishes with RETAIN 1.
+/// Before the fix the bridge forwarded the retained message as it was, was cut off, reconnected
+/// five times and then dropped it. Now it goes as a live message, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_without_retained_messages_gets_them_as_live_messages() {
+    let src = Mosquitto::start().await;
+    let dst = Mosquitto::start_with(MosquittoOpts {
+        extra: "retain_available false\n".into(),
+        ..Default::default()
+    })
+    .await;
+    publish_one(src.port(), Proto::V5, "in/state", 1, true, "online").await;
+    let live = Collector::start(dst.port(), Proto::V5, "in/#", 1).await;
+    let mut cfg = RouteConfig::new(src.port(), Proto::V5, dst.port(), Proto::V5);
+    cfg.qos = 1;
+    let admin = format!("127.0.0.1:{}", free_port());
+    cfg.tail = format!("[admin]\nlisten = \"{admin}\"\n");
+    let mut bridge = start_ready(&cfg.toml(), 1).await;
+    publish_one(src.port(), Proto::V5, "in/live", 1, true, "retained too").await;
+    assert!(
+        live.wait_for_count(2, Duration::from_secs(10)).await,
+        "{}",
+        bridge.log()
+    );
+    let rx = live.received();
+    assert!(rx.iter().any(|m| m.payload_str() == "online"));
+    assert!(rx.iter().any(|m| m.payload_str() == "retained too"));
+    let body = http_get(&admin, "/metrics").await.expect("/metrics").1;
+    assert_eq!(
+        metric(&body, "mqbridge_retain_cleared_total"),
+        2.0,
+        "{body}"
+    );
+    assert_eq!(
+        metric(&body, "mqbridge_messages_dropped_total"),
+        0.0,
+        "{body}"
+    );
+    assert!(
+        !bridge.log().contains("connection lost"),
+        "{}",
+        bridge.log()
+    );
+    bridge.stop_cleanly().await;
+}

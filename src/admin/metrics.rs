@@ -62,6 +62,7 @@ struct RouteSample<'a> {
     redeliveries: u64,
     qos_downgraded: u64,
     properties_dropped: u64,
+    retain_cleared: u64,
     dead_lettered: u64,
     paced: u64,
     retried: u64,
@@ -103,6 +104,7 @@ impl<'a> RouteSample<'a> {
             s.redeliveries += g(&p.redeliveries);
             s.qos_downgraded += g(&p.qos_downgraded);
             s.properties_dropped += g(&p.properties_dropped);
+            s.retain_cleared += g(&p.retain_cleared);
             s.dead_lettered += g(&p.dead_lettered);
             s.paced += g(&p.paced);
             s.retried += g(&p.retried);
@@ -268,6 +270,13 @@ impl Collector for BridgeCollector {
             "MQTT 5 messages whose properties could not be carried to the target.",
             Counter,
             by_route(|s| s.properties_dropped),
+        )?;
+        family(
+            &mut enc,
+            "mqbridge_retain_cleared",
+            "Messages forwarded without their retain flag because the target has no retained messages (MQTT 5 Retain Available = 0).",
+            Counter,
+            by_route(|s| s.retain_cleared),
         )?;
         family(
             &mut enc,

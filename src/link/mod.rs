@@ -76,6 +76,8 @@ pub struct ConnAckInfo {
     pub topic_alias_maximum: Option<u16>,
     /// v5: Shared Subscription Available (absent = 1, available).
     pub shared_subscription_available: Option<u8>,
+    /// v5: Retain Available (absent = 1): 0 means a PUBLISH with RETAIN 1 is a protocol error.
+    pub retain_available: Option<u8>,
     /// v5: Server Keep Alive, which replaces the one we asked for (MQTT-3.2.2-21).
     pub server_keep_alive: Option<u16>,
     pub reason: Option<String>,

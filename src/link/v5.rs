@@ -138,6 +138,7 @@ pub(super) fn decode(buf: &mut BytesMut, max: u32) -> Result<Option<Inbound>, Li
                     .as_ref()
                     .and_then(|p| p.shared_subscription_available),
                 server_keep_alive: p.as_ref().and_then(|p| p.server_keep_alive),
+                retain_available: p.as_ref().and_then(|p| p.retain_available),
                 reason: p.as_ref().and_then(|p| p.reason_string.clone()),
             })
         }

@@ -24,7 +24,7 @@ use super::{
     pacing::Pacer,
     share_probe::{self, ShareProbe},
     stats::PairStats,
-    window::{Action, Counters, SourceAck, Window},
+    window::{Action, Counters, SourceAck, Unsent, Window},
 };
 use crate::{
     config::{BrokerPlan, PropertiesMode, Protocol, Qos, RetainMode, Share},
@@ -314,6 +314,8 @@ pub struct Machine {
     target_max_qos: Qos,
     /// The target's Maximum Packet Size, mirrored to the source on v5.
     target_max_packet: Option<u32>,
+    /// The target keeps retained messages (v5 CONNACK Retain Available, 1 when absent).
+    target_retain: bool,
     /// SUBSCRIBE packet ids still waiting for their SUBACK.
     suback_pending: Vec<u16>,
     /// QoS 0 messages encoded into the target's write buffer and not written yet.
@@ -425,6 +427,7 @@ impl Machine {
             ),
             target_max_qos: Qos::ExactlyOnce,
             target_max_packet: None,
+            target_retain: true,
             suback_pending: Vec::new(),
             qos0_buffered: 0,
             draining,
@@ -860,6 +863,7 @@ impl Machine {
             .and_then(Qos::from_u8)
             .unwrap_or(Qos::ExactlyOnce);
         self.target_max_packet = info.maximum_packet_size;
+        self.target_retain = info.retain_available != Some(0);
         if self.target.connects > 0 {
             PairStats::add(&self.spec.stats.target_reconnects, 1);
         }
@@ -1328,7 +1332,7 @@ impl Machine {
             .as_ref()
             .and_then(|pp| pp.message_expiry_interval)
             .map(|secs| now + Duration::from_secs(u64::from(secs)));
-        let message = Message {
+        let mut message = Message {
             topic,
             payload: p.payload.clone(),
             qos,
@@ -1336,6 +1340,12 @@ impl Machine {
             properties,
             expires_at,
         };
+        if message.retain && !self.target_retain {
+            // RETAIN 1 to a broker without retained messages is a protocol error (it would
+            // disconnect us with 0x9A, again and again): forward it as a live message.
+            message.retain = false;
+            PairStats::add(&self.spec.stats.retain_cleared, 1);
+        }
         if let Some(max) = self.target_max_packet
             && message.encoded_size_bound() > max as usize
         {
@@ -1465,6 +1475,9 @@ impl Machine {
         while let Some(action) = self.window.poll_action() {
             match action {
                 Action::SendPublish { pkid, dup } => {
+                    if !dup && !self.fit_to_target(now, pkid) {
+                        continue;
+                    }
                     let Some(m) = self.window.held(pkid) else {
                         continue;
                     };
@@ -1502,29 +1515,7 @@ impl Machine {
                         self.sent_at.insert(pkid, now);
                     }
                 }
-                Action::SendQos0(m) => {
-                    let expiry = m.remaining_expiry(now);
-                    if expiry == Some(0) {
-                        self.drop_message(
-                            now,
-                            &m.topic,
-                            &m.payload,
-                            m.properties.as_deref(),
-                            DropReason::Expired,
-                            "its Message Expiry Interval ran out",
-                        );
-                    } else if self.target.is_up() {
-                        PairStats::add(&self.spec.stats.bytes_forwarded, m.payload.len() as u64);
-                        let size = m.encoded_size_bound();
-                        self.target_pacer.spend(now, 1, size);
-                        self.target
-                            .codec
-                            .publish(0, false, &m, expiry, &mut self.target.wbuf);
-                        self.qos0_buffered += 1;
-                    } else {
-                        PairStats::add(&self.spec.stats.dropped_qos0_target_down, 1);
-                    }
-                }
+                Action::SendQos0(m) => self.send_qos0(now, m),
                 Action::SendPubRel(pkid) => self.target.codec.pubrel(pkid, &mut self.target.wbuf),
                 Action::AckSource(ack) => {
                     let codec = self.source.codec;
@@ -1564,6 +1555,75 @@ impl Machine {
                 }
             }
         }
+    }
+
+    /// Writes a QoS 0 message to the target (dropped, counted, while the target is down).
+    fn send_qos0(&mut self, now: Instant, m: Message) {
+        let expiry = m.remaining_expiry(now);
+        if expiry == Some(0) {
+            self.drop_message(
+                now,
+                &m.topic,
+                &m.payload,
+                m.properties.as_deref(),
+                DropReason::Expired,
+                "its Message Expiry Interval ran out",
+            );
+        } else if self.target.is_up() {
+            PairStats::add(&self.spec.stats.bytes_forwarded, m.payload.len() as u64);
+            let size = m.encoded_size_bound();
+            self.target_pacer.spend(now, 1, size);
+            self.target
+                .codec
+                .publish(0, false, &m, expiry, &mut self.target.wbuf);
+            self.qos0_buffered += 1;
+        } else {
+            PairStats::add(&self.spec.stats.dropped_qos0_target_down, 1);
+        }
+    }
+
+    /// Fits a held message, before its first write to this target session, to what the target's
+    /// current connection allows: it may have come back with Retain Available 0, a lower Maximum
+    /// QoS or a smaller Maximum Packet Size than when the message was taken in. Returns whether
+    /// it is still to be written as a QoS ≥ 1 PUBLISH (otherwise it was settled here).
+    fn fit_to_target(&mut self, now: Instant, pkid: u16) -> bool {
+        let (retain_ok, max_qos, max_packet) = (
+            self.target_retain,
+            self.target_max_qos,
+            self.target_max_packet,
+        );
+        let Some(m) = self.window.held_mut(pkid) else {
+            return false;
+        };
+        if m.retain && !retain_ok {
+            m.retain = false;
+            PairStats::add(&self.spec.stats.retain_cleared, 1);
+        }
+        if let Some(max) = max_packet
+            && m.encoded_size_bound() > max as usize
+        {
+            let why = format!(
+                "{} bytes is over the target's Maximum Packet Size of {max}",
+                m.encoded_size_bound()
+            );
+            let m = m.clone();
+            self.window.settle_unsent(pkid, Unsent::TooLarge);
+            let props = m.properties.as_deref();
+            self.drop_message(now, &m.topic, &m.payload, props, DropReason::TooLarge, &why);
+            return false;
+        }
+        if m.qos > max_qos {
+            PairStats::add(&self.spec.stats.qos_downgraded, 1);
+            if max_qos == Qos::AtMostOnce {
+                let mut m = m.clone();
+                m.qos = Qos::AtMostOnce;
+                self.window.settle_unsent(pkid, Unsent::SentAtQos0);
+                self.send_qos0(now, m);
+                return false;
+            }
+            m.qos = max_qos;
+        }
+        true
     }
 
     /// Whether the target's quotas allow one more publish now; logs (at most every 30 s) when a

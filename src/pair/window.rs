@@ -132,6 +132,14 @@ pub struct Counters {
     pub retried: u64,
 }
 
+/// How a held message ended without a target ack (`Window::settle_unsent`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsent {
+    Expired,
+    SentAtQos0,
+    TooLarge,
+}
+
 /// The window and ack-chaining state of one pair.
 #[derive(Debug)]
 pub struct Window {
@@ -234,6 +242,16 @@ impl Window {
     /// The held message for a `SendPublish` action.
     pub fn held(&self, pkid: u16) -> Option<&Message> {
         self.slots.get(&pkid).map(|s| &s.message)
+    }
+
+    /// The held message of a `SendPublish` about to be written, to fit it to what the target's
+    /// current connection allows (retain, a Maximum QoS of 1). The caller changes it only for a
+    /// first write to this target session (no DUP): a resend must repeat what the session holds.
+    pub fn held_mut(&mut self, pkid: u16) -> Option<&mut Message> {
+        self.slots
+            .get_mut(&pkid)
+            .filter(|s| s.stage == Stage::Published)
+            .map(|s| &mut s.message)
     }
 
     /// Next action for the driver, in order.
@@ -481,9 +499,16 @@ impl Window {
         self.send_queued();
     }
 
-    /// The driver found the message of a `SendPublish` expired: it is not written. Its place in
+    /// The machine found the message of a `SendPublish` expired: it is not written. Its place in
     /// the window is freed and the source acknowledged (an expired message is done, not lost).
     pub fn expired(&mut self, pkid: u16) {
+        self.settle_unsent(pkid, Unsent::Expired);
+    }
+
+    /// The message of a `SendPublish` is done without a target ack: expired, written at QoS 0
+    /// (the target's Maximum QoS fell to 0), or too large for the target's current Maximum
+    /// Packet Size (refused). Its place is freed and the source acknowledged.
+    pub fn settle_unsent(&mut self, pkid: u16, how: Unsent) {
         let Some(slot) = self.slots.get(&pkid) else {
             return;
         };
@@ -492,7 +517,11 @@ impl Window {
         }
         let slot = self.slots.remove(&pkid).expect("checked above");
         self.on_wire -= 1;
-        self.counters.expired += 1;
+        match how {
+            Unsent::Expired => self.counters.expired += 1,
+            Unsent::SentAtQos0 => self.counters.forwarded += 1,
+            Unsent::TooLarge => self.counters.refused += 1,
+        }
         if let Some(source) = slot.source {
             self.pending.remove(&source.pkid);
             self.ack_source(source);

@@ -870,3 +870,105 @@ fn a_target_that_closes_long_after_the_write_is_no_evidence() {
     }
     assert_eq!(PairStats::get(&h.stats.dropped_target_disconnects), 0);
 }
+
+// ---- What the target's CONNACK allows, applied to held messages (#14 hole 10) ----------------
+
+impl H {
+    /// The PUBLISHes the machine wrote to a v5 target, decoded.
+    fn target_publishes(&mut self) -> Vec<InboundPublish> {
+        let mut bytes = BytesMut::from(self.m.transmit(Role::Target));
+        let n = bytes.len();
+        self.m.written(self.now, Role::Target, n);
+        self.pass();
+        let codec = Codec::new(Protocol::V5, link::DEFAULT_MAX_INCOMING);
+        let mut out = Vec::new();
+        while let Some(p) = codec.decode(&mut bytes).unwrap() {
+            if let Inbound::Publish(p) = p {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    /// The v5 target comes back (new session) with `connack`'s limits.
+    fn target_back_with(&mut self, connack: ConnAckInfo) {
+        self.lose(Role::Target);
+        while self.connects.is_empty() {
+            self.sleep();
+        }
+        self.up_with(Role::Target, connack);
+    }
+}
+
+#[test]
+fn a_target_without_retained_messages_gets_the_message_without_retain() {
+    let mut h = H::new("", "protocol = \"5\"");
+    h.pass();
+    let connack = ConnAckInfo {
+        retain_available: Some(0),
+        ..ConnAckInfo::default()
+    };
+    h.up_with(Role::Target, connack);
+    h.up(Role::Source, false);
+    let pkid = match h.out(Role::Source).as_slice() {
+        [v4::Packet::Subscribe(s)] => s.pkid,
+        other => panic!("{other:?}"),
+    };
+    h.feed(
+        Role::Source,
+        v4::Packet::SubAck(v4::SubAck::new(
+            pkid,
+            vec![v4::SubscribeReasonCode::Success(QoS::AtLeastOnce)],
+        )),
+    );
+    let mut p = v4::Publish::new("t/x", QoS::AtLeastOnce, b"state".to_vec());
+    p.pkid = 3;
+    p.retain = true; // pair 0's first subscription: the retained copy it forwards
+    h.feed(Role::Source, v4::Packet::Publish(p));
+    let sent = h.target_publishes();
+    assert_eq!(sent.len(), 1);
+    assert!(
+        !sent[0].retain,
+        "RETAIN 1 to a broker without retained messages"
+    );
+    assert_eq!(PairStats::get(&h.stats.retain_cleared), 1);
+}
+
+#[test]
+fn a_target_back_with_a_lower_maximum_qos_gets_held_messages_at_that_qos() {
+    let mut h = ready_v5();
+    h.publish_v5(4, Qos::ExactlyOnce, 600);
+    assert_eq!(h.target_publishes()[0].qos, Qos::ExactlyOnce);
+    h.target_back_with(ConnAckInfo {
+        maximum_qos: Some(1),
+        ..ConnAckInfo::default()
+    });
+    let resent = h.target_publishes();
+    assert_eq!(resent.len(), 1);
+    assert_eq!((resent[0].qos, resent[0].dup), (Qos::AtLeastOnce, false));
+    // Its PUBACK completes it: the QoS 2 source gets its PUBREC.
+    let ack = [0x40, 2, 0, resent[0].pkid as u8];
+    h.m.recv_buf(Role::Target).extend_from_slice(&ack);
+    h.m.handle_read(h.now, Role::Target, 4, 5);
+    h.pass();
+    let mut out = BytesMut::from(h.m.transmit(Role::Source));
+    let codec = Codec::new(Protocol::V5, link::DEFAULT_MAX_INCOMING);
+    assert_eq!(
+        codec.decode(&mut out).unwrap(),
+        Some(Inbound::PubRec { pkid: 4, reason: 0 })
+    );
+}
+
+#[test]
+fn a_target_back_with_a_smaller_maximum_packet_size_refuses_a_held_message_that_no_longer_fits() {
+    let mut h = ready_v5();
+    h.publish_v5(4, Qos::AtLeastOnce, 600);
+    assert_eq!(h.target_publishes().len(), 1);
+    h.target_back_with(ConnAckInfo {
+        maximum_packet_size: Some(20),
+        ..ConnAckInfo::default()
+    });
+    assert!(h.target_publishes().is_empty());
+    assert_eq!(PairStats::get(&h.stats.dropped_too_large), 1);
+    assert_eq!(h.m.in_flight(), 0, "settled and acknowledged to the source");
+}
