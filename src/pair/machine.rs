@@ -851,10 +851,18 @@ impl Machine {
     fn target_established(
         &mut self,
         now: Instant,
-        info: ConnAckInfo,
+        mut info: ConnAckInfo,
         codec: Codec,
         rbuf: BytesMut,
     ) {
+        let target = &self.target.broker;
+        if target.protocol == Protocol::V31 && !target.session_expiry.is_zero() {
+            // MQTT 3.1 has no session present flag: we asked for a persistent session, so the
+            // broker holds it (unless it lost it, which it cannot tell us). Taking it for gone
+            // would forget QoS 2 exchanges past PUBREC without their PUBREL (#14 hole 2); if it
+            // is gone, a PUBREL is answered PUBCOMP and a DUP resend taken as new.
+            info.session_present = true;
+        }
         self.target_progress = false;
         let broker_window = info.receive_maximum.unwrap_or(u16::MAX);
         let window = usize::from(broker_window.min(self.target.broker.max_inflight));
@@ -947,10 +955,22 @@ impl Machine {
     fn source_established(
         &mut self,
         now: Instant,
-        info: ConnAckInfo,
+        mut info: ConnAckInfo,
         codec: Codec,
         rbuf: BytesMut,
     ) {
+        let source = &self.source.broker;
+        if source.protocol == Protocol::V31
+            && !source.session_expiry.is_zero()
+            && self.source.connects > 0
+        {
+            // MQTT 3.1 cannot say: a reconnect asked for the session we had, so take it as kept
+            // (what we owe it is acknowledged, its DUP resends recognised). The window notices a
+            // lost one by a new PUBLISH reusing an id we still owe (#14 hole 2). A first
+            // connection is taken as new: nothing is owed yet, and a subscribe-time retained
+            // copy is forwarded by pair 0.
+            info.session_present = true;
+        }
         if self.source.connects > 0 {
             PairStats::add(&self.spec.stats.source_reconnects, 1);
         }

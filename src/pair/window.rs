@@ -130,6 +130,8 @@ pub struct Counters {
     pub expired: u64,
     /// Messages published again after a transient refusal (0x97, 0x91).
     pub retried: u64,
+    /// Source sessions found lost by a new PUBLISH reusing an id we owe an ack for.
+    pub source_sessions_lost: u64,
 }
 
 /// How a held message ended without a target ack (`Window::settle_unsent`).
@@ -271,15 +273,7 @@ impl Window {
         let now = self.source_conns;
         self.released.retain(|_, (_, conn)| *conn + 1 >= now);
         if !session_present {
-            self.epoch += 1;
-            self.pending.clear();
-            self.awaiting_rel.clear();
-            self.owed.clear();
-            self.qos2_digests.clear();
-            self.released.clear();
-            for slot in self.slots.values_mut() {
-                slot.source = None;
-            }
+            self.source_session_lost();
         }
         self.carried = self
             .pending
@@ -287,6 +281,21 @@ impl Window {
             .chain(self.owed.iter())
             .copied()
             .collect();
+    }
+
+    /// The source broker no longer has the session our acks belong to: every ack we owe it is
+    /// void (its ids may name new messages now); the messages themselves still go.
+    fn source_session_lost(&mut self) {
+        self.epoch += 1;
+        self.pending.clear();
+        self.awaiting_rel.clear();
+        self.owed.clear();
+        self.carried.clear();
+        self.qos2_digests.clear();
+        self.released.clear();
+        for slot in self.slots.values_mut() {
+            slot.source = None;
+        }
     }
 
     pub fn source_disconnected(&mut self) {
@@ -317,6 +326,13 @@ impl Window {
             self.resend_phase = false;
             let now = self.source_conns;
             self.released.retain(|_, (_, conn)| *conn == now);
+        }
+        if self.pending.contains_key(&pkid) && !dup {
+            // A new message under an id whose ack we still owe: a broker that kept the session
+            // would resend that one with DUP (MQTT-3.3.1-1) and never reuse the id before our
+            // ack, so the session is gone (MQTT 3.1 cannot say so in its CONNACK; #14 hole 2).
+            self.counters.source_sessions_lost += 1;
+            self.source_session_lost();
         }
         if self.pending.contains_key(&pkid) {
             // Redelivery of a message we still hold: its ack follows the target's.
@@ -1388,5 +1404,42 @@ mod tests {
         w.target_puback(1, 0);
         assert_eq!(w.poll_action(), None, "no ack for a forgotten packet id");
         assert_eq!(w.counters().forwarded, 1);
+    }
+
+    /// MQTT 3.1 cannot report a lost session, so a reconnect is taken as resumed; a new PUBLISH
+    /// (no DUP) under an id we still owe an ack for shows the broker forgot it (#14 hole 2):
+    /// the new message is forwarded, and the old ack never goes out under its id.
+    #[test]
+    fn a_new_publish_reusing_an_owed_id_means_the_source_session_was_lost() {
+        let mut w = Window::new(4);
+        w.target_connected(false, 4);
+        w.source_connected(false);
+        w.source_publish(Some(9), Qos::AtLeastOnce, false, msg(1, Qos::AtLeastOnce));
+        assert!(matches!(
+            w.poll_action(),
+            Some(Action::SendPublish { pkid: 1, .. })
+        ));
+        w.source_disconnected();
+        w.source_connected(true); // a 3.1 reconnect: taken as kept
+        w.source_publish(Some(9), Qos::AtLeastOnce, false, msg(2, Qos::AtLeastOnce));
+        assert_eq!(w.counters().source_sessions_lost, 1);
+        assert!(
+            matches!(w.poll_action(), Some(Action::SendPublish { pkid: 2, .. })),
+            "the new message is forwarded, not taken for a redelivery"
+        );
+        w.target_puback(1, 0);
+        assert_eq!(w.poll_action(), None, "the old message's ack is void");
+        w.target_puback(2, 0);
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::AckSource(SourceAck::PubAck(9))),
+            "the new message's ack goes out"
+        );
+        // A DUP resend under an owed id is a redelivery, as before.
+        w.source_publish(Some(5), Qos::AtLeastOnce, false, msg(3, Qos::AtLeastOnce));
+        w.poll_action();
+        w.source_publish(Some(5), Qos::AtLeastOnce, true, msg(3, Qos::AtLeastOnce));
+        assert_eq!(w.counters().source_sessions_lost, 1);
+        assert_eq!(w.poll_action(), None);
     }
 }
