@@ -162,6 +162,11 @@ pub struct Window {
     /// them with DUP right away; one whose ack we already sent on this connection crossed it, and
     /// must be neither forwarded nor acked again (the broker may reuse the id once it has the ack).
     carried: IdSet,
+    /// The current source connection's PUBLISHes (QoS ≥ 1) in arrival order, each with its
+    /// PUBACK or PUBREC once due: acks leave only from the front, so the source gets them in the
+    /// order it sent the messages, refusals and discards included (MQTT-4.6.0-2/3). Every entry
+    /// is a packet id the broker has in flight, so there are never more than 65,535.
+    ack_order: VecDeque<(u16, Option<SourceAck>)>,
     /// QoS 2 source ids taken and not yet released (PUBREL): a digest of their message.
     qos2_digests: IdMap<u64>,
     /// QoS 2 exchanges the source completed (PUBREL seen), by id, until a PUBLISH without DUP
@@ -197,6 +202,7 @@ impl Window {
             awaiting_rel: IdSet::default(),
             owed: IdSet::default(),
             carried: IdSet::default(),
+            ack_order: VecDeque::new(),
             qos2_digests: IdMap::default(),
             released: IdMap::default(),
             source_conns: 0,
@@ -266,6 +272,13 @@ impl Window {
     /// The source connection is up (CONNACK received). Without a resumed session the broker
     /// forgot every packet id we owe an ack for: those acks are dropped, the messages still go.
     pub fn source_connected(&mut self, session_present: bool) {
+        // Acks due on the last connection and not said yet: a QoS 1 one is owed (said when the
+        // broker resends); a QoS 2 one is said again when the broker resends (`awaiting_rel`).
+        for (_, ack) in std::mem::take(&mut self.ack_order) {
+            if let Some(SourceAck::PubAck(id)) = ack {
+                self.owed.insert(id);
+            }
+        }
         self.source_up = true;
         self.source_conns += 1;
         self.resend_phase = true;
@@ -291,6 +304,7 @@ impl Window {
         self.awaiting_rel.clear();
         self.owed.clear();
         self.carried.clear();
+        self.ack_order.clear();
         self.qos2_digests.clear();
         self.released.clear();
         for slot in self.slots.values_mut() {
@@ -335,15 +349,23 @@ impl Window {
             self.source_session_lost();
         }
         if self.pending.contains_key(&pkid) {
-            // Redelivery of a message we still hold: its ack follows the target's.
+            // Redelivery of a message we still hold: its ack follows the target's, in its place
+            // among what this connection delivered.
             self.counters.redeliveries += 1;
+            if !self
+                .ack_order
+                .iter()
+                .any(|(id, due)| *id == pkid && due.is_none())
+            {
+                self.ack_order.push_back((pkid, None));
+            }
             return;
         }
         if self.awaiting_rel.contains(&pkid) {
             if dup {
                 // Our PUBREC was lost; say it again, do not forward again (exactly once).
                 self.counters.redeliveries += 1;
-                self.push_source(SourceAck::PubRec(pkid));
+                self.answer_in_order(SourceAck::PubRec(pkid));
                 return;
             }
             // A new message reusing the id means the broker finished the old one.
@@ -351,7 +373,7 @@ impl Window {
         }
         if self.owed.remove(&pkid) && dup {
             self.counters.redeliveries += 1;
-            self.push_source(SourceAck::PubAck(pkid));
+            self.answer_in_order(SourceAck::PubAck(pkid));
             return;
         }
         let digest = (source_qos == Qos::ExactlyOnce).then(|| digest(&message));
@@ -362,7 +384,7 @@ impl Window {
                     self.counters.redeliveries += 1;
                     self.qos2_digests.insert(pkid, d);
                     self.awaiting_rel.insert(pkid);
-                    self.push_source(SourceAck::PubRec(pkid));
+                    self.answer_in_order(SourceAck::PubRec(pkid));
                     return;
                 }
                 _ => {}
@@ -375,6 +397,7 @@ impl Window {
             return;
         }
         self.counters.received += 1;
+        self.ack_order.push_back((pkid, None));
         let source = SourceRef {
             pkid,
             qos: source_qos,
@@ -405,6 +428,7 @@ impl Window {
             return;
         }
         self.owed.remove(&pkid);
+        self.ack_order.push_back((pkid, None));
         self.ack_source(SourceRef {
             pkid,
             qos: source_qos,
@@ -415,6 +439,11 @@ impl Window {
     /// PUBREL from the source for a QoS 2 message we sent PUBREC for.
     pub fn source_pubrel(&mut self, pkid: u16) {
         self.awaiting_rel.remove(&pkid);
+        // A PUBREC still waiting its turn is moot: the broker had one (this PUBREL answers it),
+        // and once the exchange completes it may reuse the id for a new message, which a late
+        // PUBREC would acknowledge unseen.
+        self.ack_order
+            .retain(|(_, due)| *due != Some(SourceAck::PubRec(pkid)));
         if let Some(d) = self.qos2_digests.remove(&pkid) {
             self.released.insert(pkid, (d, self.source_conns));
         }
@@ -669,16 +698,45 @@ impl Window {
         if source.epoch != self.epoch {
             return; // that session is gone; its broker will not expect this ack
         }
-        match source.qos {
-            Qos::AtMostOnce => {}
-            Qos::AtLeastOnce if self.source_up => self.push_source(SourceAck::PubAck(source.pkid)),
+        let ack = match source.qos {
+            Qos::AtMostOnce => return,
+            Qos::AtLeastOnce if self.source_up => SourceAck::PubAck(source.pkid),
             Qos::AtLeastOnce => {
                 self.owed.insert(source.pkid);
+                return;
             }
             Qos::ExactlyOnce => {
                 self.awaiting_rel.insert(source.pkid);
-                self.push_source(SourceAck::PubRec(source.pkid));
+                SourceAck::PubRec(source.pkid)
             }
+        };
+        self.ack_in_order(source.pkid, ack);
+    }
+
+    /// Says `ack` for source id `pkid` once every PUBLISH that arrived before it is acked. An
+    /// id not in the current connection's order (its resend has not come yet) is acked at once.
+    fn ack_in_order(&mut self, pkid: u16, ack: SourceAck) {
+        match self
+            .ack_order
+            .iter_mut()
+            .find(|(id, due)| *id == pkid && due.is_none())
+        {
+            Some((_, due)) => *due = Some(ack),
+            None => return self.push_source(ack),
+        }
+        self.flush_acks();
+    }
+
+    /// Answers a PUBLISH that just arrived (a resend of something done) behind what came before.
+    fn answer_in_order(&mut self, ack: SourceAck) {
+        self.ack_order.push_back((0, Some(ack)));
+        self.flush_acks();
+    }
+
+    fn flush_acks(&mut self) {
+        while let Some((_, Some(_))) = self.ack_order.front() {
+            let (_, ack) = self.ack_order.pop_front().expect("checked");
+            self.push_source(ack.expect("checked"));
         }
     }
 
@@ -1137,11 +1195,21 @@ mod tests {
         );
         assert_eq!(w.poll_action(), None, "no ack before the target's");
         w.target_puback(2, 0);
+        assert!(w.can_accept());
+        assert_eq!(
+            w.poll_action(),
+            None,
+            "2's ack waits for 1's (arrival order)"
+        );
+        w.target_puback(1, 0);
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::AckSource(SourceAck::PubAck(1)))
+        );
         assert_eq!(
             w.poll_action(),
             Some(Action::AckSource(SourceAck::PubAck(2)))
         );
-        assert!(w.can_accept());
     }
 
     #[test]
@@ -1304,9 +1372,9 @@ mod tests {
         w.target_puback(2, 0);
         assert_eq!(
             w.poll_action(),
-            Some(Action::AckSource(SourceAck::PubAck(4)))
+            None,
+            "paused, nothing written; 4's ack waits for 3's"
         );
-        assert_eq!(w.poll_action(), None, "paused: nothing written");
         w.resume();
         let Some(Action::SendPublish { pkid, dup }) = w.poll_action() else {
             panic!("the refused message is published again first")
@@ -1319,6 +1387,10 @@ mod tests {
         assert_eq!(
             w.poll_action(),
             Some(Action::AckSource(SourceAck::PubAck(3)))
+        );
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::AckSource(SourceAck::PubAck(4)))
         );
         let c = w.counters();
         assert_eq!((c.refused, c.retried), (0, 1));
@@ -1441,5 +1513,37 @@ mod tests {
         w.source_publish(Some(5), Qos::AtLeastOnce, true, msg(3, Qos::AtLeastOnce));
         assert_eq!(w.counters().source_sessions_lost, 1);
         assert_eq!(w.poll_action(), None);
+    }
+
+    /// Acks to the source leave in the order its PUBLISHes arrived (MQTT-4.6.0-2/3), whatever
+    /// order the target acks in, and a message not forwarded waits for those before it (#14
+    /// hole 14). Before, each ack went out as soon as it was due.
+    #[test]
+    fn source_acks_leave_in_arrival_order() {
+        let mut w = Window::new(8);
+        w.target_connected(false, 8);
+        w.source_connected(false);
+        w.source_publish(Some(10), Qos::ExactlyOnce, false, msg(1, Qos::ExactlyOnce));
+        w.source_publish(Some(11), Qos::AtLeastOnce, false, msg(2, Qos::AtLeastOnce));
+        w.source_discard(12, Qos::AtLeastOnce, false); // e.g. an invalid topic: not forwarded
+        while w.poll_action().is_some() {}
+        // The target takes the QoS 1 message first, then the QoS 2 one.
+        w.target_puback(2, 0);
+        assert_eq!(w.poll_action(), None, "11 waits for 10, 12 for 11");
+        w.target_pubrec(1, 0);
+        let acks: Vec<_> = std::iter::from_fn(|| w.poll_action())
+            .filter_map(|a| match a {
+                Action::AckSource(ack) => Some(ack),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            acks,
+            [
+                SourceAck::PubRec(10),
+                SourceAck::PubAck(11),
+                SourceAck::PubAck(12)
+            ]
+        );
     }
 }
