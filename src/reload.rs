@@ -135,6 +135,7 @@ fn broker_parts(parts: &mut Parts, broker: &BrokerPlan) {
         max_inflight,
         bandwidth_limit,
         max_publish_rate,
+        max_packet_size,
         max_filters_per_subscribe,
         try_private,
         share_probe,
@@ -151,6 +152,7 @@ fn broker_parts(parts: &mut Parts, broker: &BrokerPlan) {
     parts.public(key("max_inflight"), max_inflight);
     parts.public(key("bandwidth_limit"), bandwidth_limit);
     parts.public(key("max_publish_rate"), max_publish_rate);
+    parts.public(key("max_packet_size"), max_packet_size);
     parts.public(key("max_filters_per_subscribe"), max_filters_per_subscribe);
     parts.public(key("try_private"), try_private);
     parts.public(key("share_probe"), share_probe);
@@ -274,7 +276,7 @@ pub fn read_new_plan(path: &Path, running: &Plan) -> Result<(Plan, Vec<&'static 
             "bridge.loop_digest_window (running value): {why}"
         )));
     }
-    link::prepare(plan.brokers.values().map(|b| b.as_ref()))
+    link::reload_tls(plan.brokers.values().map(|b| b.as_ref()))
         .map_err(|e| Rejected::Unusable(e.to_string()))?;
     Ok((plan, restart_only))
 }
@@ -412,9 +414,17 @@ impl Routes {
     }
 
     /// Reads `path` again and applies it. A file that does not validate changes nothing; its
-    /// error is logged as `check` would print it.
-    pub fn reload(&mut self, path: &Path) -> Result<Applied, Rejected> {
-        let (plan, restart_only) = read_new_plan(path, &self.plan)?;
+    /// error is logged as `check` would print it. The file, and every TLS certificate and key
+    /// it names (read anew: rotated in place, they take effect), are read on a blocking thread,
+    /// off the runtime the pairs run on.
+    pub async fn reload(&mut self, path: &Path) -> Result<Applied, Rejected> {
+        let (path, running) = (path.to_owned(), self.plan.clone());
+        let (plan, restart_only) =
+            tokio::task::spawn_blocking(move || read_new_plan(&path, &running))
+                .await
+                .map_err(|e| {
+                    Rejected::Unusable(format!("reading the configuration failed: {e}"))
+                })??;
         for key in restart_only {
             warn!(
                 key,

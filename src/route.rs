@@ -266,21 +266,61 @@ impl RunningRoute {
         self.stop.send_replace(true);
     }
 
-    /// Waits for every pair to finish (after [`RunningRoute::stop`]), at most `limit`.
+    /// Waits for every pair to finish (after [`RunningRoute::stop`]), at most `limit`; then
+    /// aborts those still running and waits until they are gone, so that no pair of this pool
+    /// still holds a connection when a new pool starts with the same client ids (a live old
+    /// connection and a new one would take each other's sessions in turn).
     pub async fn join(&mut self, limit: Duration) {
-        let tasks = std::mem::take(&mut self.tasks);
-        let _ = tokio::time::timeout(limit, async {
-            for t in tasks {
-                let _ = t.await;
-            }
-        })
-        .await;
+        join_or_abort(std::mem::take(&mut self.tasks), limit).await;
+    }
+}
+
+/// Awaits `tasks` for at most `limit` in all, then aborts the rest and awaits their end.
+async fn join_or_abort(tasks: Vec<JoinHandle<()>>, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut tasks = tasks.into_iter();
+    let mut late = Vec::new();
+    while let Some(mut t) = tasks.next() {
+        if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+            late.push(t);
+            late.extend(tasks.by_ref());
+        }
+    }
+    for t in &late {
+        t.abort();
+    }
+    for t in late {
+        let _ = t.await; // a finished handle is never polled twice: only unfinished ones are here
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue #14, hole 18: a pair task that outlives the drain limit is aborted and gone before
+    /// `join` returns (before, `join` only stopped waiting for it, and it kept its connections).
+    #[tokio::test]
+    async fn join_aborts_what_outlives_the_limit_and_waits_for_its_end() {
+        struct Alive(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Alive {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let guard = Alive(alive.clone());
+        let stuck = tokio::spawn(async move {
+            let _guard = guard;
+            std::future::pending::<()>().await
+        });
+        let quick = tokio::spawn(async {});
+        join_or_abort(vec![quick, stuck], Duration::from_millis(50)).await;
+        assert!(
+            !alive.load(std::sync::atomic::Ordering::SeqCst),
+            "the stuck task is gone once join returns"
+        );
+    }
 
     fn run(sizer: &mut PoolSizer, samples: &[(u64, u64)]) -> Vec<usize> {
         samples

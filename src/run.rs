@@ -122,7 +122,7 @@ async fn serve(
             () = Reloads::next(&mut reloads) => {
                 let Some(path) = reloads.as_ref().map(|r| r.path.clone()) else { continue };
                 info!(config = %path.display(), "SIGHUP: reloading the configuration");
-                match routes.reload(&path) {
+                match routes.reload(&path).await {
                     Ok(applied) => info!(
                         added = ?applied.added,
                         removed = ?applied.removed,

@@ -572,3 +572,64 @@ async fn a_suback_that_never_comes_is_timed_out() {
     );
     silent.abort();
 }
+
+/// Issue #14, hole 8: a PUBLISH from a 3.1.1 source larger than `max_packet_size` (3.x cannot
+/// announce a limit). Before, the decoder refused the frame, the source connection was renewed,
+/// the broker redelivered the same message, and the pair looped with nothing behind it moving.
+/// Now the frame is skipped unread as it streams in (never buffered whole), acknowledged,
+/// counted as too_large and dead-lettered without its payload; the next messages flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_publish_from_a_v311_source_is_skipped_counted_and_dead_lettered() {
+    let src = Mosquitto::start().await;
+    let dst = Mosquitto::start().await;
+    let mut cfg = RouteConfig::new(src.port(), Proto::V311, dst.port(), Proto::V5);
+    cfg.qos = 1;
+    cfg.src_extra = "max_packet_size = \"64KiB\"\n".into();
+    cfg.route_extra = "dead_letter = \"dlq/r\"".into();
+    let collector = Collector::start(dst.port(), Proto::V5, "in/#", 1).await;
+    let dlq = Collector::start(src.port(), Proto::V5, "dlq/#", 1).await;
+    let mut bridge = start_ready(&cfg.toml(), 1).await;
+
+    let mut p = Publisher::connect(src.port(), Proto::V311).await;
+    p.publish("in/small", 1, false, "a").await;
+    p.publish("in/big", 1, false, vec![b'x'; 1024 * 1024]).await;
+    p.publish("in/small", 1, false, "b").await;
+    assert!(p.wait_acked(Duration::from_secs(10)).await);
+    assert!(
+        collector.wait_for_count(2, Duration::from_secs(10)).await,
+        "{} of 2 small messages arrived:\n{}",
+        collector.count(),
+        bridge.log()
+    );
+    assert!(
+        dlq.wait_for_count(1, Duration::from_secs(10)).await,
+        "{}",
+        bridge.log()
+    );
+    // A 3.1.1 source carries no user properties: the log names the topic and the reason.
+    let dead = &dlq.received()[0];
+    assert!(dead.payload.is_empty(), "dead-lettered without its payload");
+    let log = bridge.log();
+    assert!(
+        log.contains("topic=\"in/big\"") && log.contains("reason=\"too_large\""),
+        "{log}"
+    );
+    let small: Vec<_> = collector
+        .received()
+        .iter()
+        .map(|r| r.payload_str())
+        .collect();
+    assert_eq!(small, vec!["a", "b"]);
+    assert!(
+        bridge.log().contains("brokers.src.max_packet_size"),
+        "{}",
+        bridge.log()
+    );
+    assert!(
+        !bridge.log().contains("connection lost"),
+        "{}",
+        bridge.log()
+    );
+    p.disconnect().await;
+    bridge.stop_cleanly().await;
+}

@@ -352,3 +352,37 @@ async fn an_unusable_key_file_stops_the_start_naming_broker_and_file() {
         "{log}"
     );
 }
+
+/// Issue #14, hole 18: certificates rotated at the same path are read again on SIGHUP. Before,
+/// TLS configurations were built once per broker and path and kept for the life of the process,
+/// so a CA (or client certificate) replaced in place was never seen: here the bridge trusts the
+/// wrong CA, the right one is written over it at the same path, and a SIGHUP must let it connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_file_replaced_in_place_is_read_again_on_sighup() {
+    let certs = dev_certs();
+    let other = dev_certs();
+    let rotated = TestDir::new("rotated");
+    let ca = file(&rotated, "ca.pem");
+    std::fs::copy(file(&other, "ca.pem"), &ca).unwrap();
+    let src = Mosquitto::start().await;
+    let (dst, tls_port) = tls_mosquitto(&certs, None).await;
+    let mut cfg = RouteConfig::new(src.port(), Proto::V5, dst.port(), Proto::V5);
+    cfg.dst_url = Some(format!("mqtts://127.0.0.1:{tls_port}"));
+    cfg.dst_extra = tls_table("dst", &ca, Some(&certs));
+    let collector = Collector::start(dst.port(), Proto::V5, "in/#", 1).await;
+    let mut bridge = Bridge::start(&cfg.toml());
+    let refused = wait_until(Duration::from_secs(15), || {
+        !failed_attempts(&bridge.log(), "UnknownIssuer").is_empty()
+    })
+    .await;
+    assert!(refused, "{}", bridge.log());
+
+    // Rotation as deployments do it: the new file takes the old one's place in one rename.
+    let tmp = file(&rotated, "ca.pem.new");
+    std::fs::copy(file(&certs, "ca.pem"), &tmp).unwrap();
+    std::fs::rename(&tmp, &ca).unwrap();
+    bridge.hangup();
+    wait_ready(&bridge, 1, 1).await;
+    forward_and_check(&src, &collector, 50).await;
+    assert!(bridge.is_running(), "{}", bridge.log());
+}

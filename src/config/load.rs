@@ -716,6 +716,20 @@ fn broker_plan(
                 .map_err(|_| invalid(at("max_publish_rate"), format!("{n} is too large")))
         })
         .transpose()?;
+    // MQTT's own limit is 268,435,455 bytes of remaining length; below a few hundred bytes
+    // not even a CONNACK with properties would fit.
+    let max_packet_size = match broker.max_packet_size {
+        None => crate::link::DEFAULT_MAX_INCOMING,
+        Some(n) => u32::try_from(n)
+            .ok()
+            .filter(|n| (512..=268_435_460).contains(n))
+            .ok_or_else(|| {
+                invalid(
+                    at("max_packet_size"),
+                    format!("{n} bytes is not in 512 B..=256 MiB; remove the key for 16 MiB"),
+                )
+            })?,
+    };
     let max_filters_per_subscribe = usize::try_from(broker.max_filters_per_subscribe)
         .ok()
         .filter(|&n| n > 0)
@@ -754,6 +768,7 @@ fn broker_plan(
         max_inflight,
         bandwidth_limit,
         max_publish_rate,
+        max_packet_size,
         max_filters_per_subscribe,
         try_private: broker.try_private,
         share_probe: broker.share_probe,

@@ -101,6 +101,8 @@ pub struct BrokerPlan {
     pub bandwidth_limit: Option<u64>,
     /// PUBLISH packets per second each connection may send to this broker.
     pub max_publish_rate: Option<u32>,
+    /// The largest packet taken from this broker (told to v5 brokers; skipped on 3.x).
+    pub max_packet_size: u32,
     /// SUBSCRIBE packets carry at most this many filters.
     pub max_filters_per_subscribe: usize,
     /// MQTT 3.x: CONNECT as a bridge (protocol level | 0x80), mosquitto's `try_private`.

@@ -172,6 +172,12 @@ pub struct Broker {
     /// `"512KiB/s"` (BifroMQ's default). Absent: no limit.
     #[serde(default, deserialize_with = "parse::opt_byte_rate")]
     pub bandwidth_limit: Option<u64>,
+    /// The largest packet taken from this broker, e.g. `"16MiB"` (the default) or `"1MB"`. A v5
+    /// broker is told (CONNECT Maximum Packet Size) and discards larger messages itself; a 3.x
+    /// broker cannot be told, so a larger PUBLISH is skipped unread, acknowledged and counted
+    /// as `too_large` (dead-lettered without its payload).
+    #[serde(default, deserialize_with = "parse::opt_byte_size")]
+    pub max_packet_size: Option<u64>,
     /// PUBLISH packets per second each connection may send to this broker, e.g. `200`
     /// (BifroMQ's default). Absent: no limit.
     #[serde(default, deserialize_with = "parse::opt_uint")]
@@ -581,6 +587,23 @@ mod parse {
                         r#"{s} is not a byte rate; write it like "512KiB/s" or "1MB/s""#
                     ))
                 })
+            })
+            .transpose()
+    }
+
+    /// `"16MiB"`, `"1MB"` or a plain number of bytes.
+    pub fn opt_byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        maybe_scalar(d)?
+            .map(|s| {
+                s.text
+                    .trim()
+                    .parse::<ByteSize>()
+                    .map(|b| b.as_u64())
+                    .map_err(|_| {
+                        D::Error::custom(format!(
+                            r#"{s} is not a size in bytes; write it like "16MiB" or "1MB""#
+                        ))
+                    })
             })
             .transpose()
     }

@@ -10,7 +10,7 @@ mod v3;
 mod v5;
 mod wakeup;
 
-pub use transport::{Reader, Writer, prepare};
+pub use transport::{Reader, Writer, prepare, reload_tls};
 pub use wakeup::WakeThreshold;
 
 use std::{io, time::Duration};
@@ -128,6 +128,14 @@ pub enum Inbound {
     },
     /// A packet a client never expects from a broker (e.g. CONNECT): a protocol violation.
     Unexpected(String),
+    /// A PUBLISH larger than we take (`max_packet_size`): its fixed header, topic and packet id
+    /// were read (the payload of `publish` is empty); the next `skip` bytes of the stream are
+    /// the rest of it, to be discarded unread. `size` is the whole packet's.
+    TooLarge {
+        publish: InboundPublish,
+        size: usize,
+        skip: usize,
+    },
 }
 
 /// What we put in our CONNECT.
@@ -196,7 +204,15 @@ impl Codec {
         // rumqttc says "insufficient bytes" both for a frame not all there yet and for a complete
         // frame whose inner lengths overrun it (after splitting that frame off the buffer). Only
         // the first means "wait for more"; the second is a malformed packet.
-        let complete = frame_len(buf).is_some_and(|n| buf.len() >= n);
+        let frame = frame_len(buf);
+        if let Some(size) = frame
+            && size > self.max_incoming as usize
+            && buf[0] >> 4 == 3
+            && (buf[0] >> 1) & 3 != 3
+        {
+            return Ok(too_large_publish(buf, size));
+        }
+        let complete = frame.is_some_and(|n| buf.len() >= n);
         let decoded = match self.protocol {
             Protocol::V5 => v5::decode(buf, self.max_incoming),
             _ => v3::decode(buf, self.max_incoming as usize),
@@ -322,7 +338,7 @@ const CONNACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// `LinkError::Refused`.
 pub async fn connect(broker: &BrokerPlan, params: &ConnectParams) -> Result<Connection, LinkError> {
     let (mut reader, mut writer, wake_threshold) = transport::open(broker).await?;
-    let codec = Codec::new(broker.protocol, DEFAULT_MAX_INCOMING);
+    let codec = Codec::new(broker.protocol, broker.max_packet_size);
     let mut wbuf = BytesMut::new();
     codec.connect(params, &mut wbuf);
     writer.write_all(&wbuf).await?;
@@ -421,6 +437,44 @@ fn refusal(protocol: Protocol, c: &ConnAckInfo) -> String {
 
 /// The length of the frame at the start of `buf` (fixed header included), once its Remaining
 /// Length is all there; `None` before that or when the Remaining Length is malformed.
+/// The head of a PUBLISH of `size` bytes that is over our limit: topic and packet id, once they
+/// are in `buf` (`None` until then). Takes what `buf` holds of the packet.
+fn too_large_publish(buf: &mut BytesMut, size: usize) -> Option<Inbound> {
+    let flags = buf[0] & 0x0f;
+    let qos = Qos::from_u8((flags >> 1) & 3)?;
+    let header = buf[1..].iter().take(4).position(|b| b & 0x80 == 0)? + 2;
+    let topic_len = usize::from(u16::from_be_bytes([
+        *buf.get(header)?,
+        *buf.get(header + 1)?,
+    ]));
+    let topic_end = header + 2 + topic_len;
+    let id_len = if qos == Qos::AtMostOnce { 0 } else { 2 };
+    if buf.len() < topic_end + id_len {
+        return None;
+    }
+    let topic = String::from_utf8_lossy(&buf[header + 2..topic_end]).into_owned();
+    let pkid = if id_len == 2 {
+        u16::from_be_bytes([buf[topic_end], buf[topic_end + 1]])
+    } else {
+        0
+    };
+    let taken = buf.len().min(size);
+    let _ = buf.split_to(taken);
+    Some(Inbound::TooLarge {
+        publish: InboundPublish {
+            pkid,
+            qos,
+            dup: flags & 0x08 != 0,
+            retain: flags & 0x01 != 0,
+            topic,
+            payload: Bytes::new(),
+            properties: None,
+        },
+        size,
+        skip: size - taken,
+    })
+}
+
 fn frame_len(buf: &[u8]) -> Option<usize> {
     let mut remaining = 0usize;
     for (i, byte) in buf.iter().skip(1).take(4).enumerate() {

@@ -111,6 +111,34 @@ pub fn prepare<'a>(brokers: impl IntoIterator<Item = &'a BrokerPlan>) -> Result<
     Ok(())
 }
 
+/// Builds every broker's TLS configuration again from its files (a SIGHUP: certificates and keys
+/// rotated at the same paths are read anew) and, only if all of them build, puts them in place
+/// of the old ones: every connection made from then on, by kept routes too, uses them.
+pub fn reload_tls<'a>(brokers: impl IntoIterator<Item = &'a BrokerPlan>) -> Result<(), LinkError> {
+    let mut fresh = Vec::new();
+    for broker in brokers {
+        if let Some(tls) = &broker.tls {
+            fresh.push((
+                config_key(broker, tls),
+                Arc::new(build_tls_config(&broker.name, tls)?),
+            ));
+        }
+    }
+    let mut configs = CONFIGS.lock().unwrap_or_else(|e| e.into_inner());
+    configs.extend(fresh);
+    Ok(())
+}
+
+fn config_key(broker: &BrokerPlan, tls: &TlsPlan) -> ConfigKey {
+    ConfigKey {
+        broker: broker.name.clone(),
+        ca_file: tls.ca_file.clone(),
+        cert_file: tls.cert_file.clone(),
+        key_file: tls.key_file.clone(),
+        insecure_skip_verify: tls.insecure_skip_verify,
+    }
+}
+
 /// `host:port`, with brackets around an IPv6 address.
 fn display_addr(host: &str, port: u16) -> String {
     if host.contains(':') {
@@ -215,13 +243,7 @@ fn tls_config(broker: &BrokerPlan) -> Result<Option<Arc<ClientConfig>>, LinkErro
     let Some(tls) = &broker.tls else {
         return Ok(None);
     };
-    let key = ConfigKey {
-        broker: broker.name.clone(),
-        ca_file: tls.ca_file.clone(),
-        cert_file: tls.cert_file.clone(),
-        key_file: tls.key_file.clone(),
-        insecure_skip_verify: tls.insecure_skip_verify,
-    };
+    let key = config_key(broker, tls);
     // Held while building, so that pairs connecting at once build (and warn) only once.
     let mut configs = CONFIGS.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(config) = configs.get(&key) {

@@ -198,7 +198,7 @@ impl Side {
     fn new(role: Role, broker: Arc<BrokerPlan>, client_id: String, now: Instant) -> Self {
         Side {
             role,
-            codec: Codec::new(broker.protocol, link::DEFAULT_MAX_INCOMING),
+            codec: Codec::new(broker.protocol, broker.max_packet_size),
             broker,
             client_id,
             link: Link::Down,
@@ -333,6 +333,8 @@ pub struct Machine {
     resumed_session: bool,
     /// The source's read buffer ends in an incomplete packet.
     source_partial: bool,
+    /// Bytes of an oversize PUBLISH still to discard from the source stream.
+    source_skip: usize,
     /// The current target connection has acknowledged something.
     target_progress: bool,
     /// Target connections in a row that ended without an ack while our messages were out.
@@ -438,6 +440,7 @@ impl Machine {
             drops_unlogged: 0,
             resumed_session: false,
             source_partial: false,
+            source_skip: 0,
             target_progress: false,
             target_fail_streak: 0,
             sent_at: Default::default(),
@@ -603,6 +606,7 @@ impl Machine {
                 self.spec.stats.source_up.store(false, Relaxed);
                 self.spec.stats.subscribed.store(false, Relaxed);
                 self.source_partial = false;
+                self.source_skip = 0;
             }
             Role::Target => {
                 let was_up = self.target.is_up();
@@ -833,7 +837,7 @@ impl Machine {
                 // Not the target's Maximum Packet Size: a v5 broker silently discards what is
                 // over the client's limit, and an oversize message must be dead-lettered and
                 // counted here instead (SPEC 4.7). Ours only guards our memory.
-                params.maximum_packet_size = Some(link::DEFAULT_MAX_INCOMING);
+                params.maximum_packet_size = Some(source.broker.max_packet_size);
                 self.advertised = Some(window);
             }
             source.link = Link::Connecting;
@@ -1099,7 +1103,7 @@ impl Machine {
                     );
                     return self.close(now, Role::Target, &why, false);
                 }
-                Inbound::ConnAck(_) | Inbound::Unexpected(_) => {
+                Inbound::ConnAck(_) | Inbound::Unexpected(_) | Inbound::TooLarge { .. } => {
                     let why = format!("unexpected packet {packet:?}");
                     return self.close(now, Role::Target, &why, false);
                 }
@@ -1132,6 +1136,16 @@ impl Machine {
             && self.target.wbuf.len() < TARGET_WBUF_HIGH
             && self.target_paced_ready(now)
         {
+            if self.source_skip > 0 {
+                // The rest of a PUBLISH over `max_packet_size`, discarded as it arrives.
+                let n = self.source_skip.min(self.source.rbuf.len());
+                let _ = self.source.rbuf.split_to(n);
+                self.source_skip -= n;
+                if self.source_skip > 0 {
+                    self.source_partial = true;
+                    break;
+                }
+            }
             let packet = match self.source.codec.decode(&mut self.source.rbuf) {
                 Ok(Some(p)) => {
                     self.source_partial = false;
@@ -1149,6 +1163,21 @@ impl Machine {
                 Inbound::Publish(p) => {
                     self.source_batch += 1;
                     self.source_publish(now, p)
+                }
+                Inbound::TooLarge {
+                    publish,
+                    size,
+                    skip,
+                } => {
+                    // A 3.x source cannot be told our limit; reading on past the packet keeps
+                    // the pair going (before: a reconnect loop over it, #14 hole 8).
+                    self.source_skip = skip;
+                    let max = self.source.broker.max_packet_size;
+                    let why = format!(
+                        "{size} bytes is over brokers.{}.max_packet_size ({max} bytes); skipped unread, dead-lettered without its payload",
+                        self.source.broker.name
+                    );
+                    self.undeliverable(now, publish, DropReason::TooLarge, &why);
                 }
                 Inbound::PubRel { pkid } => self.window.source_pubrel(pkid),
                 Inbound::SubAck { pkid, codes } => self.suback(now, pkid, &codes),
