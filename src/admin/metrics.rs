@@ -64,6 +64,7 @@ struct RouteSample<'a> {
     properties_dropped: u64,
     retain_cleared: u64,
     dead_lettered: u64,
+    dead_letters_unsendable: u64,
     paced: u64,
     retried: u64,
     subscriptions_downgraded: u64,
@@ -105,6 +106,7 @@ impl<'a> RouteSample<'a> {
             s.qos_downgraded += g(&p.qos_downgraded);
             s.properties_dropped += g(&p.properties_dropped);
             s.retain_cleared += g(&p.retain_cleared);
+            s.dead_letters_unsendable += g(&p.dead_letters_unsendable);
             s.dead_lettered += g(&p.dead_lettered);
             s.paced += g(&p.paced);
             s.retried += g(&p.retried);
@@ -270,6 +272,13 @@ impl Collector for BridgeCollector {
             "MQTT 5 messages whose properties could not be carried to the target.",
             Counter,
             by_route(|s| s.properties_dropped),
+        )?;
+        family(
+            &mut enc,
+            "mqbridge_dead_letters_unsendable",
+            "Dead letters not sent because they are over the source broker's Maximum Packet Size.",
+            Counter,
+            by_route(|s| s.dead_letters_unsendable),
         )?;
         family(
             &mut enc,

@@ -20,7 +20,9 @@ use bytes::BytesMut;
 use tracing::{debug, error, info, warn};
 
 use super::{
-    PairSpec, linger,
+    PairSpec,
+    dead_letter::{self, DeadLetter, DeadLetters},
+    linger,
     pacing::Pacer,
     share_probe::{self, ShareProbe},
     stats::PairStats,
@@ -322,8 +324,10 @@ pub struct Machine {
     qos0_buffered: usize,
     draining: bool,
     drain_deadline: Option<Instant>,
-    /// Last packet id used for our own PUBLISH on the source (dead letters).
-    source_pkid: u16,
+    /// Dead letters' own window on the source connection, and the ids to send again after a
+    /// reconnect.
+    dead_letters: DeadLetters,
+    dead_letter_resends: Vec<u16>,
     /// The window the source connection advertised (v5), to notice a change of the target's.
     advertised: Option<u16>,
     last_drop_log: Option<Instant>,
@@ -434,7 +438,8 @@ impl Machine {
             qos0_buffered: 0,
             draining,
             drain_deadline: None,
-            source_pkid: 999,
+            dead_letters: DeadLetters::default(),
+            dead_letter_resends: Vec::new(),
             advertised: None,
             last_drop_log: None,
             drops_unlogged: 0,
@@ -503,6 +508,7 @@ impl Machine {
                 let read = self.source.is_up()
                     && self.renew_source == Renew::No
                     && self.window.can_accept()
+                    && self.dead_letters.has_room()
                     && !self.draining
                     && lingering.is_none()
                     && (self.source.rbuf.len() < SOURCE_RBUF_HIGH || self.source_partial)
@@ -607,6 +613,7 @@ impl Machine {
                 self.spec.stats.subscribed.store(false, Relaxed);
                 self.source_partial = false;
                 self.source_skip = 0;
+                self.dead_letters.disconnected();
             }
             Role::Target => {
                 let was_up = self.target.is_up();
@@ -985,6 +992,13 @@ impl Machine {
             info!(route = %self.spec.route.name, pair = self.spec.index, broker = %self.source.broker.name, client_id = %self.source.client_id, session_present = info.session_present, "source connected");
         }
         self.window.source_connected(info.session_present);
+        self.dead_letters.connected(
+            info.receive_maximum,
+            info.maximum_qos.and_then(Qos::from_u8),
+            info.maximum_packet_size,
+        );
+        self.dead_letter_resends = self.dead_letters.resends();
+        self.send_dead_letters();
         self.spec.stats.source_up.store(true, Relaxed);
         // A resumed session keeps whatever it subscribed before, perhaps under an older config
         // whose filters we no longer know (MQTT cannot list them): check what arrives.
@@ -1132,6 +1146,7 @@ impl Machine {
         while self.source.is_up()
             && !self.draining
             && self.window.can_accept()
+            && self.dead_letters.has_room()
             && self.qos0_buffered < self.spec.route.queue_capacity
             && self.target.wbuf.len() < TARGET_WBUF_HIGH
             && self.target_paced_ready(now)
@@ -1187,10 +1202,12 @@ impl Machine {
                     }
                 }
                 Inbound::UnsubAck { .. } => {} // the share probe's
-                Inbound::PingResp
-                | Inbound::PubAck { .. }
-                | Inbound::PubRec { .. }
-                | Inbound::PubComp { .. } => {}
+                Inbound::PubAck { pkid, .. } => {
+                    if self.dead_letters.puback(pkid) {
+                        self.send_dead_letters();
+                    }
+                }
+                Inbound::PingResp | Inbound::PubRec { .. } | Inbound::PubComp { .. } => {}
                 Inbound::PingReq => self.source.codec.pingresp(&mut self.source.wbuf),
                 Inbound::Disconnect { reason } => {
                     let why = format!(
@@ -1443,18 +1460,20 @@ impl Machine {
     /// A source message that will not reach the target: logged, counted, dead-lettered when the
     /// route has a `dead_letter` topic, and only then acknowledged to the source.
     fn undeliverable(&mut self, now: Instant, p: InboundPublish, reason: DropReason, why: &str) {
-        self.drop_message(
-            now,
-            &p.topic,
-            &p.payload,
-            p.properties.as_deref(),
-            reason,
-            why,
-        );
-        self.discard(&p);
+        let original = (p.qos != Qos::AtMostOnce).then_some(p.pkid);
+        let props = p.properties.as_deref();
+        let held = self.drop_message_of(now, &p.topic, &p.payload, props, reason, why, original);
+        if held {
+            // Its ack waits until the dead letter is written (`send_dead_letters`).
+            self.window.source_discard_held(p.pkid, p.qos, p.dup);
+            self.send_dead_letters();
+        } else {
+            self.discard(&p);
+        }
     }
 
-    /// Logs (rate-limited), counts and dead-letters one dropped message.
+    /// Logs (rate-limited), counts and dead-letters one dropped message whose source ack (if
+    /// any) was already decided.
     fn drop_message(
         &mut self,
         now: Instant,
@@ -1464,6 +1483,24 @@ impl Machine {
         reason: DropReason,
         why: &str,
     ) {
+        self.drop_message_of(now, topic, payload, props, reason, why, None);
+        self.send_dead_letters();
+    }
+
+    /// Logs (rate-limited), counts and queues the dead letter of one dropped message. With
+    /// `original` (its source packet id), returns whether that message's ack must wait for the
+    /// dead letter to be written.
+    #[allow(clippy::too_many_arguments)]
+    fn drop_message_of(
+        &mut self,
+        now: Instant,
+        topic: &str,
+        payload: &bytes::Bytes,
+        props: Option<&crate::message::Properties>,
+        reason: DropReason,
+        why: &str,
+        original: Option<u16>,
+    ) -> bool {
         let stats = &self.spec.stats;
         PairStats::add(reason.counter(stats), 1);
         if self
@@ -1481,11 +1518,8 @@ impl Machine {
             self.drops_unlogged += 1;
         }
         let Some(dl) = self.spec.route.dead_letter.clone() else {
-            return;
+            return false;
         };
-        if !self.source.is_up() {
-            return;
-        }
         let mut user = props.map(|p| p.user_properties.clone()).unwrap_or_default();
         user.push(("mqbridge-original-topic".into(), topic.to_string()));
         user.push(("mqbridge-reason".into(), reason.as_str().into()));
@@ -1500,23 +1534,42 @@ impl Machine {
             })),
             expires_at: None,
         };
-        // Written before the source ack, on the same connection: the broker has the dead letter
-        // before it learns the original is done. Its PUBACK is only read to free the id.
-        let pkid = self.next_source_pkid();
-        self.source
-            .codec
-            .publish(pkid, false, &message, None, &mut self.source.wbuf);
-        PairStats::add(&self.spec.stats.dead_lettered, 1);
+        match self.dead_letters.push(DeadLetter { message, original }) {
+            Ok(()) => original.is_some(),
+            Err((dead_letter::Unsendable::TooLarge, letter)) => {
+                PairStats::add(&self.spec.stats.dead_letters_unsendable, 1);
+                warn!(route = %self.spec.route.name, topic, size = letter.message.encoded_size_bound(), "the dead letter is over the source broker's Maximum Packet Size: not sent (counted in mqbridge_dead_letters_unsendable_total)");
+                false
+            }
+        }
     }
 
-    /// Packet ids for our own PUBLISHes on the source (dead letters), clear of SUBSCRIBE's ids.
-    fn next_source_pkid(&mut self) -> u16 {
-        self.source_pkid = if self.source_pkid >= u16::MAX - 1 {
-            1000
-        } else {
-            self.source_pkid.max(999) + 1
-        };
-        self.source_pkid
+    /// Writes dead letters while their window on the source has room: resends after a
+    /// reconnect first, then in order. Each written one releases its original's source ack,
+    /// which is written after it on the same connection: the broker has the dead letter before
+    /// it learns the original is done.
+    fn send_dead_letters(&mut self) {
+        if !self.source.is_up() {
+            return;
+        }
+        while let Some(t) = self
+            .dead_letters
+            .poll_transmit(&mut self.dead_letter_resends)
+        {
+            self.source.codec.publish(
+                t.pkid,
+                t.dup,
+                &t.letter.message,
+                None,
+                &mut self.source.wbuf,
+            );
+            if !t.dup {
+                PairStats::add(&self.spec.stats.dead_lettered, 1);
+            }
+            if let Some(original) = t.letter.original {
+                self.window.release_held(original);
+            }
+        }
     }
 
     /// Encodes what the window asked for into the write buffers.
@@ -1733,7 +1786,11 @@ impl Machine {
     }
 
     fn drained(&self) -> bool {
-        self.window.in_flight() == 0 && self.target.wbuf.is_empty() && self.source.wbuf.is_empty()
+        self.window.in_flight() == 0
+            && self.dead_letters.in_flight() == 0
+            && self.dead_letters.queued() == 0
+            && self.target.wbuf.is_empty()
+            && self.source.wbuf.is_empty()
     }
 
     /// The next keep-alive deadline of either side: a PINGREQ due, or a PINGRESP overdue.

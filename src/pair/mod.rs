@@ -3,6 +3,7 @@
 //! control), `linger`, `pacing` and `share_probe` as its parts; `driver` runs it over sockets;
 //! `retire` cleans up pool indexes no longer run.
 
+pub mod dead_letter;
 pub mod driver;
 pub mod linger;
 pub mod machine;

@@ -52,6 +52,8 @@ pub struct PairStats {
     pub retained_copies: AtomicU64,
     /// Publishes sent again after the target said "not now" (0x97, 0x91).
     pub retried: AtomicU64,
+    /// Dead letters over the source broker's Maximum Packet Size: not sent.
+    pub dead_letters_unsendable: AtomicU64,
     /// Forwarded without RETAIN because the target has no retained messages (Retain Available 0).
     pub retain_cleared: AtomicU64,
     /// SUBACKs that granted less than the route's `qos`.

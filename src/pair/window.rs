@@ -167,6 +167,8 @@ pub struct Window {
     /// order it sent the messages, refusals and discards included (MQTT-4.6.0-2/3). Every entry
     /// is a packet id the broker has in flight, so there are never more than 65,535.
     ack_order: VecDeque<(u16, Option<SourceAck>)>,
+    /// Source messages not forwarded whose ack waits until their dead letter is written.
+    held: IdMap<SourceRef>,
     /// QoS 2 source ids taken and not yet released (PUBREL): a digest of their message.
     qos2_digests: IdMap<u64>,
     /// QoS 2 exchanges the source completed (PUBREL seen), by id, until a PUBLISH without DUP
@@ -203,6 +205,7 @@ impl Window {
             owed: IdSet::default(),
             carried: IdSet::default(),
             ack_order: VecDeque::new(),
+            held: IdMap::default(),
             qos2_digests: IdMap::default(),
             released: IdMap::default(),
             source_conns: 0,
@@ -305,6 +308,7 @@ impl Window {
         self.owed.clear();
         self.carried.clear();
         self.ack_order.clear();
+        self.held.clear();
         self.qos2_digests.clear();
         self.released.clear();
         for slot in self.slots.values_mut() {
@@ -340,6 +344,18 @@ impl Window {
             self.resend_phase = false;
             let now = self.source_conns;
             self.released.retain(|_, (_, conn)| *conn == now);
+        }
+        if self.held.contains_key(&pkid) {
+            // Redelivery of a message whose dead letter is still to be written: its ack follows.
+            self.counters.redeliveries += 1;
+            if !self
+                .ack_order
+                .iter()
+                .any(|(id, due)| *id == pkid && due.is_none())
+            {
+                self.ack_order.push_back((pkid, None));
+            }
+            return;
         }
         if self.pending.contains_key(&pkid) && !dup {
             // A new message under an id whose ack we still owe: a broker that kept the session
@@ -434,6 +450,37 @@ impl Window {
             qos: source_qos,
             epoch: self.epoch,
         });
+    }
+
+    /// As [`Window::source_discard`], but the ack waits for [`Window::release_held`]: the
+    /// message's dead letter must be written first.
+    pub fn source_discard_held(&mut self, pkid: u16, source_qos: Qos, dup: bool) {
+        if source_qos == Qos::AtMostOnce || self.pending.contains_key(&pkid) {
+            return self.source_discard(pkid, source_qos, dup);
+        }
+        if self.held.contains_key(&pkid) {
+            self.counters.redeliveries += 1;
+            return;
+        }
+        self.counters.received += 1;
+        self.owed.remove(&pkid);
+        self.ack_order.push_back((pkid, None));
+        let epoch = self.epoch;
+        self.held.insert(
+            pkid,
+            SourceRef {
+                pkid,
+                qos: source_qos,
+                epoch,
+            },
+        );
+    }
+
+    /// The dead letter of a held message was written: its source ack may go.
+    pub fn release_held(&mut self, pkid: u16) {
+        if let Some(source) = self.held.remove(&pkid) {
+            self.ack_source(source);
+        }
     }
 
     /// PUBREL from the source for a QoS 2 message we sent PUBREC for.

@@ -15,6 +15,10 @@ const MAX: usize = 1 << 20;
 
 /// Brokers `a` (source) and `b` (target), 3.1.1 unless `source` / `target` say otherwise.
 fn plan(source: &str, target: &str) -> Plan {
+    plan_with_route(source, target, "")
+}
+
+fn plan_with_route(source: &str, target: &str, route: &str) -> Plan {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let v311 = |extra: &str| {
@@ -45,6 +49,7 @@ name = "r"
 from = "a"
 to = "b"
 topics = ["t/#"]
+{route}
 "#
     );
     let path = std::env::temp_dir().join(format!(
@@ -72,7 +77,11 @@ struct H {
 
 impl H {
     fn new(source: &str, target: &str) -> H {
-        let plan = plan(source, target);
+        Self::with_route(source, target, "")
+    }
+
+    fn with_route(source: &str, target: &str, route: &str) -> H {
+        let plan = plan_with_route(source, target, route);
         let route = Arc::new(plan.routes[0].clone());
         let stats = Arc::new(PairStats::default());
         let now = Instant::now();
@@ -985,4 +994,81 @@ fn a_target_back_with_a_smaller_maximum_packet_size_refuses_a_held_message_that_
     assert!(h.target_publishes().is_empty());
     assert_eq!(PairStats::get(&h.stats.dropped_too_large), 1);
     assert_eq!(h.m.in_flight(), 0, "settled and acknowledged to the source");
+}
+
+// ---- Dead letters' own window (#14 hole 15) ---------------------------------------------------
+
+#[test]
+fn dead_letters_keep_to_the_sources_receive_maximum_and_each_goes_before_its_originals_ack() {
+    let mut h = H::with_route("protocol = \"5\"", "", "dead_letter = \"dlq\"");
+    h.pass();
+    h.up(Role::Target, false);
+    let connack = ConnAckInfo {
+        receive_maximum: Some(2),
+        ..ConnAckInfo::default()
+    };
+    h.up_with(Role::Source, connack);
+    h.discard_out(Role::Source);
+    h.suback_v5();
+    // Four messages whose topic no broker takes (a broken source sent a wildcard).
+    let codec = Codec::new(Protocol::V5, link::DEFAULT_MAX_INCOMING);
+    for pkid in 1..=4u16 {
+        let m = Message {
+            topic: "t/+".into(),
+            payload: bytes::Bytes::from_static(b"bad"),
+            qos: Qos::AtLeastOnce,
+            retain: false,
+            properties: None,
+            expires_at: None,
+        };
+        let mut bytes = BytesMut::new();
+        codec.publish(pkid, false, &m, None, &mut bytes);
+        let n = bytes.len();
+        h.m.recv_buf(Role::Source).extend_from_slice(&bytes);
+        h.m.handle_read(h.now, Role::Source, n, n + 1);
+        h.pass();
+    }
+    let source_out = |h: &mut H| {
+        let mut bytes = BytesMut::from(h.m.transmit(Role::Source));
+        let n = bytes.len();
+        h.m.written(h.now, Role::Source, n);
+        h.pass();
+        let mut out = Vec::new();
+        while let Some(p) = codec.decode(&mut bytes).unwrap() {
+            out.push(match p {
+                Inbound::Publish(p) => format!("DL {}", p.pkid),
+                Inbound::PubAck { pkid, .. } => format!("ack {pkid}"),
+                other => format!("{other:?}"),
+            });
+        }
+        out
+    };
+    let first = source_out(&mut h);
+    assert_eq!(
+        first,
+        ["DL 1000", "ack 1", "DL 1001", "ack 2"],
+        "two dead letters (Receive Maximum 2), each before its original's ack; 3 and 4 wait"
+    );
+    assert_eq!(PairStats::get(&h.stats.dead_lettered), 2);
+    // The broker acknowledges the first dead letter: the third goes, then its original's ack.
+    let ack = [0x40, 2, 0x03, 0xE8]; // PUBACK 1000
+    h.m.recv_buf(Role::Source).extend_from_slice(&ack);
+    h.m.handle_read(h.now, Role::Source, 4, 5);
+    h.pass();
+    assert_eq!(source_out(&mut h), ["DL 1002", "ack 3"]);
+    // A reconnect sends again what was not acknowledged, with DUP, before anything new.
+    h.lose(Role::Source);
+    while h.connects.is_empty() {
+        h.sleep();
+    }
+    h.up_with(
+        Role::Source,
+        ConnAckInfo {
+            session_present: true,
+            receive_maximum: Some(2),
+            ..ConnAckInfo::default()
+        },
+    );
+    let again = source_out(&mut h);
+    assert_eq!(&again[..2], ["DL 1001", "DL 1002"], "{again:?}");
 }
