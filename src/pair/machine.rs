@@ -48,6 +48,9 @@ const SOURCE_RBUF_HIGH: usize = 256 * 1024;
 const ACK_BATCH_BYTES: i32 = 4 * linger::ACK_BATCH as i32;
 /// Room made in a read buffer before each read, so that one read takes in a whole burst.
 const READ_CHUNK: usize = 64 * 1024;
+/// While an oversize PUBLISH is skipped, a read this large shows the source alive (a PINGRESP
+/// hidden in the skipped bytes cannot).
+const SKIP_ALIVE_BYTES: usize = 1024;
 /// The smallest read of a source whose bytes are paced (`bandwidth_limit`).
 const MIN_PACED_READ: usize = 4096;
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -337,8 +340,10 @@ pub struct Machine {
     resumed_session: bool,
     /// The source's read buffer ends in an incomplete packet.
     source_partial: bool,
-    /// Bytes of an oversize PUBLISH still to discard from the source stream.
+    /// Bytes of an oversize PUBLISH still to discard from the source stream, and the PUBLISH
+    /// (its head) with why it is dropped, settled once all of it went by.
     source_skip: usize,
+    skipped: Option<(InboundPublish, String)>,
     /// The current target connection has acknowledged something.
     target_progress: bool,
     /// Target connections in a row that ended without an ack while our messages were out.
@@ -446,6 +451,7 @@ impl Machine {
             resumed_session: false,
             source_partial: false,
             source_skip: 0,
+            skipped: None,
             target_progress: false,
             target_fail_streak: 0,
             sent_at: Default::default(),
@@ -550,8 +556,14 @@ impl Machine {
         if n == 0 {
             return self.lost(now, role, &link::LinkError::Closed);
         }
+        // Inside an oversize PUBLISH a PINGRESP cannot be told from payload: only a real stream
+        // of its bytes counts as life (a broker that announced 256 MiB and then sends nothing
+        // but PINGRESPs is dead to us after the keep-alive).
+        let skipping = role == Role::Source && self.source_skip > 0;
         let side = self.side(role);
-        side.ping_sent = None;
+        if !skipping || n >= SKIP_ALIVE_BYTES {
+            side.ping_sent = None;
+        }
         side.more_to_read = n >= room;
         if role == Role::Source {
             self.last_source_read = now;
@@ -613,6 +625,7 @@ impl Machine {
                 self.spec.stats.subscribed.store(false, Relaxed);
                 self.source_partial = false;
                 self.source_skip = 0;
+                self.skipped = None;
                 self.dead_letters.disconnected();
             }
             Role::Target => {
@@ -1160,6 +1173,12 @@ impl Machine {
                     self.source_partial = true;
                     break;
                 }
+                // All of it went by: only now is it done with (acknowledged, dead-lettered). A
+                // connection lost before leaves it to the broker to send again.
+                if let Some((publish, why)) = self.skipped.take() {
+                    self.undeliverable(now, publish, DropReason::TooLarge, &why);
+                    self.apply_actions(now);
+                }
             }
             let packet = match self.source.codec.decode(&mut self.source.rbuf) {
                 Ok(Some(p)) => {
@@ -1186,13 +1205,19 @@ impl Machine {
                 } => {
                     // A 3.x source cannot be told our limit; reading on past the packet keeps
                     // the pair going (before: a reconnect loop over it, #14 hole 8).
-                    self.source_skip = skip;
                     let max = self.source.broker.max_packet_size;
                     let why = format!(
                         "{size} bytes is over brokers.{}.max_packet_size ({max} bytes); skipped unread, dead-lettered without its payload",
                         self.source.broker.name
                     );
-                    self.undeliverable(now, publish, DropReason::TooLarge, &why);
+                    if skip == 0 {
+                        self.undeliverable(now, publish, DropReason::TooLarge, &why);
+                    } else {
+                        self.source_skip = skip;
+                        self.skipped = Some((publish, why));
+                        self.source_partial = true;
+                        break;
+                    }
                 }
                 Inbound::PubRel { pkid } => self.window.source_pubrel(pkid),
                 Inbound::SubAck { pkid, codes } => self.suback(now, pkid, &codes),

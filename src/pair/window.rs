@@ -347,15 +347,7 @@ impl Window {
         }
         if self.held.contains_key(&pkid) {
             // Redelivery of a message whose dead letter is still to be written: its ack follows.
-            self.counters.redeliveries += 1;
-            if !self
-                .ack_order
-                .iter()
-                .any(|(id, due)| *id == pkid && due.is_none())
-            {
-                self.ack_order.push_back((pkid, None));
-            }
-            return;
+            return self.redelivered_in_place(pkid);
         }
         if self.pending.contains_key(&pkid) && !dup {
             // A new message under an id whose ack we still owe: a broker that kept the session
@@ -365,17 +357,8 @@ impl Window {
             self.source_session_lost();
         }
         if self.pending.contains_key(&pkid) {
-            // Redelivery of a message we still hold: its ack follows the target's, in its place
-            // among what this connection delivered.
-            self.counters.redeliveries += 1;
-            if !self
-                .ack_order
-                .iter()
-                .any(|(id, due)| *id == pkid && due.is_none())
-            {
-                self.ack_order.push_back((pkid, None));
-            }
-            return;
+            // Redelivery of a message we still hold: its ack follows the target's.
+            return self.redelivered_in_place(pkid);
         }
         if self.awaiting_rel.contains(&pkid) {
             if dup {
@@ -758,6 +741,19 @@ impl Window {
             }
         };
         self.ack_in_order(source.pkid, ack);
+    }
+
+    /// A redelivery of a message whose ack is still to come: it takes its place among what
+    /// this connection delivered, once.
+    fn redelivered_in_place(&mut self, pkid: u16) {
+        self.counters.redeliveries += 1;
+        let placed = self
+            .ack_order
+            .iter()
+            .any(|(id, due)| *id == pkid && due.is_none());
+        if !placed {
+            self.ack_order.push_back((pkid, None));
+        }
     }
 
     /// Says `ack` for source id `pkid` once every PUBLISH that arrived before it is acked. An

@@ -13,11 +13,8 @@ use crate::{
 
 const MAX: usize = 1 << 20;
 
-/// Brokers `a` (source) and `b` (target), 3.1.1 unless `source` / `target` say otherwise.
-fn plan(source: &str, target: &str) -> Plan {
-    plan_with_route(source, target, "")
-}
-
+/// Brokers `a` (source) and `b` (target), 3.1.1 unless `source` / `target` say otherwise, and
+/// route `r` from `a` to `b` with `route`'s extra keys.
 fn plan_with_route(source: &str, target: &str, route: &str) -> Plan {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static NEXT: AtomicUsize = AtomicUsize::new(0);
