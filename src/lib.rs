@@ -15,5 +15,6 @@ pub mod message;
 pub mod pair;
 pub mod reload;
 pub mod route;
+pub mod route_set;
 pub mod run;
 pub mod topic;

@@ -12,7 +12,7 @@ use std::{
 use tokio::signal::unix::{Signal, SignalKind};
 use tracing::{error, info};
 
-use crate::{admin, config::Plan, link, loops::EchoDigest, reload::Routes};
+use crate::{admin, config::Plan, link, loops::EchoDigest, route_set::Routes};
 
 /// The runtime `run` is driven on: `bridge.worker_threads` = 1 (the default) is a
 /// single-threaded runtime, more a multi-threaded one with that many workers. Pairs that share
