@@ -138,6 +138,114 @@ impl<'a> RouteSample<'a> {
 type RouteLabel<'a> = [(&'static str, &'a str); 1];
 type PairLabels<'a> = [(&'static str, &'a str); 2];
 
+/// The metrics that are one number per route, summed over its pairs: name, HELP, TYPE and the
+/// value. (Families with more labels, and the latency histogram, are written out below.)
+type RouteFamily = (
+    &'static str,
+    &'static str,
+    MetricType,
+    fn(&RouteSample) -> u64,
+);
+
+const ROUTE_FAMILIES: &[RouteFamily] = &[
+    (
+        "mqbridge_messages_received",
+        "Messages taken from the source (redeliveries of held messages not counted).",
+        MetricType::Counter,
+        |s| s.received,
+    ),
+    (
+        "mqbridge_messages_forwarded",
+        "Messages the target took (QoS 0 when written, QoS 1/2 on its acknowledgement).",
+        MetricType::Counter,
+        |s| s.forwarded,
+    ),
+    (
+        "mqbridge_bytes_forwarded",
+        "Payload bytes written to the target.",
+        MetricType::Counter,
+        |s| s.bytes_forwarded,
+    ),
+    (
+        "mqbridge_paced",
+        "Times a pair held a message back to stay within the target's per-connection quotas (max_publish_rate, bandwidth_limit); growing steadily: the route's offered load exceeds what its pairs may carry.",
+        MetricType::Counter,
+        |s| s.paced,
+    ),
+    (
+        "mqbridge_publishes_retried",
+        "Publishes sent to the target again because it answered \"not now\" (0x97 quota exceeded, 0x91 packet identifier in use); nothing is lost, but the target is at its limit.",
+        MetricType::Counter,
+        |s| s.retried,
+    ),
+    (
+        "mqbridge_subscriptions_downgraded",
+        "SUBACKs from the source that granted a lower QoS than the route's qos: messages arrive at that QoS at most.",
+        MetricType::Counter,
+        |s| s.subscriptions_downgraded,
+    ),
+    (
+        "mqbridge_inflight",
+        "QoS 1/2 messages held by the route's pairs: taken from the source, not yet acknowledged by the target.",
+        MetricType::Gauge,
+        |s| s.in_flight,
+    ),
+    (
+        "mqbridge_window",
+        "Most QoS 1/2 messages the route's pairs may hold at once (sum of the pairs' windows).",
+        MetricType::Gauge,
+        |s| s.window,
+    ),
+    (
+        "mqbridge_pairs",
+        "Pairs of connections in the route (pool_size).",
+        MetricType::Gauge,
+        |s| s.pairs,
+    ),
+    (
+        "mqbridge_pairs_ready",
+        "Pairs with both connections up and the source subscribed.",
+        MetricType::Gauge,
+        |s| s.pairs_ready,
+    ),
+    (
+        "mqbridge_redeliveries",
+        "Source redeliveries recognised as already held or forwarded, and not forwarded again.",
+        MetricType::Counter,
+        |s| s.redeliveries,
+    ),
+    (
+        "mqbridge_qos_downgraded",
+        "Messages forwarded at a lower QoS than received because of the target's Maximum QoS.",
+        MetricType::Counter,
+        |s| s.qos_downgraded,
+    ),
+    (
+        "mqbridge_properties_dropped",
+        "MQTT 5 messages whose properties could not be carried to the target.",
+        MetricType::Counter,
+        |s| s.properties_dropped,
+    ),
+    (
+        "mqbridge_dead_letters_unsendable",
+        "Dead letters not sent because they are over the source broker's Maximum Packet Size.",
+        MetricType::Counter,
+        |s| s.dead_letters_unsendable,
+    ),
+    (
+        "mqbridge_retain_cleared",
+        "Messages forwarded without their retain flag because the target has no retained messages (MQTT 5 Retain Available = 0).",
+        MetricType::Counter,
+        |s| s.retain_cleared,
+    ),
+    (
+        "mqbridge_dead_lettered",
+        "Undeliverable messages published to the route's dead letter topic.",
+        MetricType::Counter,
+        |s| s.dead_lettered,
+    ),
+];
+
 impl Collector for BridgeCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         let routes = self.routes.snapshot();
@@ -148,21 +256,9 @@ impl Collector for BridgeCollector {
                 .map(move |s| -> (RouteLabel, u64) { ([("route", s.route)], value(s)) })
         };
         use MetricType::{Counter, Gauge};
-
-        family(
-            &mut enc,
-            "mqbridge_messages_received",
-            "Messages taken from the source (redeliveries of held messages not counted).",
-            Counter,
-            by_route(|s| s.received),
-        )?;
-        family(
-            &mut enc,
-            "mqbridge_messages_forwarded",
-            "Messages the target took (QoS 0 when written, QoS 1/2 on its acknowledgement).",
-            Counter,
-            by_route(|s| s.forwarded),
-        )?;
+        for (name, help, metric_type, value) in ROUTE_FAMILIES {
+            family(&mut enc, name, help, *metric_type, by_route(*value))?;
+        }
         family(
             &mut enc,
             "mqbridge_messages_dropped",
@@ -173,48 +269,6 @@ impl Collector for BridgeCollector {
                     ([("route", s.route), ("reason", reason)], *n)
                 })
             }),
-        )?;
-        family(
-            &mut enc,
-            "mqbridge_bytes_forwarded",
-            "Payload bytes written to the target.",
-            Counter,
-            by_route(|s| s.bytes_forwarded),
-        )?;
-        family(
-            &mut enc,
-            "mqbridge_paced",
-            "Times a pair held a message back to stay within the target's per-connection quotas (max_publish_rate, bandwidth_limit); growing steadily: the route's offered load exceeds what its pairs may carry.",
-            Counter,
-            by_route(|s| s.paced),
-        )?;
-        family(
-            &mut enc,
-            "mqbridge_publishes_retried",
-            "Publishes sent to the target again because it answered \"not now\" (0x97 quota exceeded, 0x91 packet identifier in use); nothing is lost, but the target is at its limit.",
-            Counter,
-            by_route(|s| s.retried),
-        )?;
-        family(
-            &mut enc,
-            "mqbridge_subscriptions_downgraded",
-            "SUBACKs from the source that granted a lower QoS than the route's qos: messages arrive at that QoS at most.",
-            Counter,
-            by_route(|s| s.subscriptions_downgraded),
-        )?;
-        family(
-            &mut enc,
-            "mqbridge_inflight",
-            "QoS 1/2 messages held by the route's pairs: taken from the source, not yet acknowledged by the target.",
-            Gauge,
-            by_route(|s| s.in_flight),
-        )?;
-        family(
-            &mut enc,
-            "mqbridge_window",
-            "Most QoS 1/2 messages the route's pairs may hold at once (sum of the pairs' windows).",
-            Gauge,
-            by_route(|s| s.window),
         )?;
         let brokers: Vec<(PairLabels, u64, u64)> = samples
             .iter()
@@ -237,62 +291,6 @@ impl Collector for BridgeCollector {
             "Reconnections of the route's pairs to this broker (the first connection not counted).",
             Counter,
             brokers.iter().map(|(l, _, n)| (*l, *n)),
-        )?;
-        family(
-            &mut enc,
-            "mqbridge_pairs",
-            "Pairs of connections in the route (pool_size).",
-            Gauge,
-            by_route(|s| s.pairs),
-        )?;
-        family(
-            &mut enc,
-            "mqbridge_pairs_ready",
-            "Pairs with both connections up and the source subscribed.",
-            Gauge,
-            by_route(|s| s.pairs_ready),
-        )?;
-        family(
-            &mut enc,
-            "mqbridge_redeliveries",
-            "Source redeliveries recognised as already held or forwarded, and not forwarded again.",
-            Counter,
-            by_route(|s| s.redeliveries),
-        )?;
-        family(
-            &mut enc,
-            "mqbridge_qos_downgraded",
-            "Messages forwarded at a lower QoS than received because of the target's Maximum QoS.",
-            Counter,
-            by_route(|s| s.qos_downgraded),
-        )?;
-        family(
-            &mut enc,
-            "mqbridge_properties_dropped",
-            "MQTT 5 messages whose properties could not be carried to the target.",
-            Counter,
-            by_route(|s| s.properties_dropped),
-        )?;
-        family(
-            &mut enc,
-            "mqbridge_dead_letters_unsendable",
-            "Dead letters not sent because they are over the source broker's Maximum Packet Size.",
-            Counter,
-            by_route(|s| s.dead_letters_unsendable),
-        )?;
-        family(
-            &mut enc,
-            "mqbridge_retain_cleared",
-            "Messages forwarded without their retain flag because the target has no retained messages (MQTT 5 Retain Available = 0).",
-            Counter,
-            by_route(|s| s.retain_cleared),
-        )?;
-        family(
-            &mut enc,
-            "mqbridge_dead_lettered",
-            "Undeliverable messages published to the route's dead letter topic.",
-            Counter,
-            by_route(|s| s.dead_lettered),
         )?;
 
         // Process-wide: a task leak (a pair or connection task that never ends) shows here.
