@@ -316,89 +316,6 @@ async fn protocol_v3(
     })
 }
 
-/// See the module docs: acks of our deliveries and incoming QoS 2, before ntex-mqtt.
-pub(crate) struct Acks;
-
-pub(crate) struct AcksV3<S> {
-    service: S,
-    session: v3::Session<Conn>,
-}
-
-impl<S> Middleware<S, (SharedCfg, v3::Session<Conn>)> for Acks {
-    type Service = AcksV3<S>;
-
-    fn create(&self, service: S, (_, session): (SharedCfg, v3::Session<Conn>)) -> AcksV3<S> {
-        // Called once CONNACK is written: now resends and queued messages may go out.
-        session.activate();
-        AcksV3 { service, session }
-    }
-}
-
-impl<S> Service<v3::codec::Decoded> for AcksV3<S>
-where
-    S: Service<v3::codec::Decoded, Response = Option<v3::codec::Encoded>>,
-{
-    type Response = Option<v3::codec::Encoded>;
-    type Error = S::Error;
-
-    ntex_service::forward_ready!(service);
-    ntex_service::forward_poll!(service);
-    ntex_service::forward_shutdown!(service);
-
-    async fn call(
-        &self,
-        req: v3::codec::Decoded,
-        ctx: ServiceCtx<'_, Self>,
-    ) -> Result<Self::Response, Self::Error> {
-        use v3::codec::{Decoded, Encoded, Packet};
-        let conn = &*self.session;
-        match req {
-            Decoded::Publish(mut p, payload, size) if p.qos == QoS::ExactlyOnce => {
-                let Some(id) = p.packet_id else {
-                    return ctx
-                        .call(&self.service, Decoded::Publish(p, payload, size))
-                        .await;
-                };
-                if conn.qos2_seen(id) {
-                    return Ok(Some(Encoded::Packet(Packet::PublishReceived {
-                        packet_id: id,
-                    })));
-                }
-                conn.qos2_in_progress.borrow_mut().insert(id);
-                p.qos = QoS::AtLeastOnce;
-                let result = ctx
-                    .call(&self.service, Decoded::Publish(p, payload, size))
-                    .await;
-                conn.qos2_in_progress.borrow_mut().remove(&id);
-                match result {
-                    Ok(Some(Encoded::Packet(Packet::PublishAck { packet_id }))) => {
-                        conn.qos2_received(packet_id);
-                        Ok(Some(Encoded::Packet(Packet::PublishReceived { packet_id })))
-                    }
-                    other => other,
-                }
-            }
-            Decoded::Packet(Packet::PublishRelease { packet_id }, _) => {
-                conn.qos2_released(packet_id);
-                Ok(Some(Encoded::Packet(Packet::PublishComplete { packet_id })))
-            }
-            Decoded::Packet(Packet::PublishAck { packet_id }, _) => {
-                conn.puback(packet_id, false);
-                Ok(None)
-            }
-            Decoded::Packet(Packet::PublishReceived { packet_id }, _) => {
-                conn.pubrec(packet_id, false);
-                Ok(None)
-            }
-            Decoded::Packet(Packet::PublishComplete { packet_id }, _) => {
-                conn.pubcomp(packet_id);
-                Ok(None)
-            }
-            other => ctx.call(&self.service, other).await,
-        }
-    }
-}
-
 // ---- MQTT 5 ----
 
 fn handshake_v5(
@@ -536,25 +453,197 @@ async fn protocol_v5(
     })
 }
 
-pub(crate) struct AcksV5<S> {
-    service: S,
-    session: v5::Session<Conn>,
+// ---- the ack middleware, for either version ----
+
+/// What one protocol version's packets mean to the ack middleware.
+pub(crate) enum Sorted {
+    /// An incoming QoS 2 PUBLISH with this id, run here (ntex-mqtt sees it as QoS 1).
+    Qos2Publish(NonZeroU16),
+    Release(NonZeroU16),
+    /// Acks of our deliveries: PUBACK, PUBREC (whether refused), PUBCOMP.
+    Ack(NonZeroU16, bool),
+    Rec(NonZeroU16, bool),
+    Comp(NonZeroU16),
+    /// Anything else: ntex-mqtt's.
+    Other,
 }
 
-impl<S> Middleware<S, (SharedCfg, v5::Session<Conn>)> for Acks {
-    type Service = AcksV5<S>;
+/// A protocol version's codec types as the ack middleware needs them.
+pub(crate) trait AckPackets: 'static {
+    type Session: std::ops::Deref<Target = Conn>;
+    type Decoded;
+    type Encoded;
+    fn activate(session: &Self::Session);
+    fn sort(conn: &Conn, req: &Self::Decoded) -> Sorted;
+    /// Makes a QoS 2 PUBLISH a QoS 1 one, for ntex-mqtt.
+    fn downgrade(req: &mut Self::Decoded);
+    /// The PUBREC answering a duplicate of a QoS 2 PUBLISH already taken.
+    fn pubrec(id: NonZeroU16) -> Self::Encoded;
+    /// ntex-mqtt's PUBACK for a downgraded QoS 2 PUBLISH, as our PUBREC: its id and whether it
+    /// accepted; anything else is handed back.
+    fn as_pubrec(resp: Self::Encoded) -> Result<(NonZeroU16, bool, Self::Encoded), Self::Encoded>;
+    fn pubcomp(id: NonZeroU16, known: bool) -> Self::Encoded;
+}
 
-    fn create(&self, service: S, (_, session): (SharedCfg, v5::Session<Conn>)) -> AcksV5<S> {
+pub(crate) struct V3;
+pub(crate) struct V5;
+
+impl AckPackets for V3 {
+    type Session = v3::Session<Conn>;
+    type Decoded = v3::codec::Decoded;
+    type Encoded = v3::codec::Encoded;
+
+    fn activate(session: &Self::Session) {
         session.activate();
-        AcksV5 { service, session }
+    }
+
+    fn sort(_: &Conn, req: &Self::Decoded) -> Sorted {
+        use v3::codec::{Decoded, Packet};
+        match req {
+            Decoded::Publish(p, ..) if p.qos == QoS::ExactlyOnce => match p.packet_id {
+                Some(id) => Sorted::Qos2Publish(id),
+                None => Sorted::Other,
+            },
+            Decoded::Packet(Packet::PublishRelease { packet_id }, _) => Sorted::Release(*packet_id),
+            Decoded::Packet(Packet::PublishAck { packet_id }, _) => Sorted::Ack(*packet_id, false),
+            Decoded::Packet(Packet::PublishReceived { packet_id }, _) => {
+                Sorted::Rec(*packet_id, false)
+            }
+            Decoded::Packet(Packet::PublishComplete { packet_id }, _) => Sorted::Comp(*packet_id),
+            _ => Sorted::Other,
+        }
+    }
+
+    fn downgrade(req: &mut Self::Decoded) {
+        if let v3::codec::Decoded::Publish(p, ..) = req {
+            p.qos = QoS::AtLeastOnce;
+        }
+    }
+
+    fn pubrec(packet_id: NonZeroU16) -> Self::Encoded {
+        v3::codec::Encoded::Packet(v3::codec::Packet::PublishReceived { packet_id })
+    }
+
+    fn as_pubrec(resp: Self::Encoded) -> Result<(NonZeroU16, bool, Self::Encoded), Self::Encoded> {
+        use v3::codec::{Encoded, Packet};
+        match resp {
+            Encoded::Packet(Packet::PublishAck { packet_id }) => {
+                Ok((packet_id, true, Self::pubrec(packet_id)))
+            }
+            other => Err(other),
+        }
+    }
+
+    fn pubcomp(packet_id: NonZeroU16, _known: bool) -> Self::Encoded {
+        v3::codec::Encoded::Packet(v3::codec::Packet::PublishComplete { packet_id })
     }
 }
 
-impl<S> Service<v5::codec::Decoded> for AcksV5<S>
+impl AckPackets for V5 {
+    type Session = v5::Session<Conn>;
+    type Decoded = v5::codec::Decoded;
+    type Encoded = v5::codec::Encoded;
+
+    fn activate(session: &Self::Session) {
+        session.activate();
+    }
+
+    fn sort(conn: &Conn, req: &Self::Decoded) -> Sorted {
+        use v5::codec::{Decoded, Packet};
+        match req {
+            // Above the advertised Maximum QoS it is left to ntex-mqtt, which disconnects.
+            Decoded::Publish(p, ..)
+                if p.qos == QoS::ExactlyOnce && conn.max_qos == QoS::ExactlyOnce =>
+            {
+                match p.packet_id {
+                    Some(id) => Sorted::Qos2Publish(id),
+                    None => Sorted::Other,
+                }
+            }
+            Decoded::Packet(Packet::PublishRelease(rel), _) => Sorted::Release(rel.packet_id),
+            Decoded::Packet(Packet::PublishAck(ack), _) => {
+                Sorted::Ack(ack.packet_id, u8::from(ack.reason_code) >= 0x80)
+            }
+            Decoded::Packet(Packet::PublishReceived(ack), _) => {
+                Sorted::Rec(ack.packet_id, u8::from(ack.reason_code) >= 0x80)
+            }
+            Decoded::Packet(Packet::PublishComplete(comp), _) => Sorted::Comp(comp.packet_id),
+            _ => Sorted::Other,
+        }
+    }
+
+    fn downgrade(req: &mut Self::Decoded) {
+        if let v5::codec::Decoded::Publish(p, ..) = req {
+            p.qos = QoS::AtLeastOnce;
+        }
+    }
+
+    fn pubrec(packet_id: NonZeroU16) -> Self::Encoded {
+        v5::codec::Encoded::Packet(v5::codec::Packet::PublishReceived(v5::codec::PublishAck {
+            packet_id,
+            ..Default::default()
+        }))
+    }
+
+    fn as_pubrec(resp: Self::Encoded) -> Result<(NonZeroU16, bool, Self::Encoded), Self::Encoded> {
+        use v5::codec::{Encoded, Packet};
+        match resp {
+            // A refusing PUBREC ends the exchange: no PUBREL will come.
+            Encoded::Packet(Packet::PublishAck(ack)) => Ok((
+                ack.packet_id,
+                u8::from(ack.reason_code) < 0x80,
+                Encoded::Packet(Packet::PublishReceived(ack)),
+            )),
+            other => Err(other),
+        }
+    }
+
+    fn pubcomp(packet_id: NonZeroU16, known: bool) -> Self::Encoded {
+        use v5::codec::{Encoded, Packet, PublishAck2, PublishAck2Reason};
+        Encoded::Packet(Packet::PublishComplete(PublishAck2 {
+            packet_id,
+            reason_code: if known {
+                PublishAck2Reason::Success
+            } else {
+                PublishAck2Reason::PacketIdNotFound
+            },
+            properties: Vec::new(),
+            reason_string: None,
+        }))
+    }
+}
+
+/// See the module docs: acks of our deliveries and incoming QoS 2, before ntex-mqtt; one
+/// middleware for both versions (`V3`, `V5`).
+pub(crate) struct Acks<V>(std::marker::PhantomData<V>);
+
+impl<V> Acks<V> {
+    pub(crate) fn new() -> Self {
+        Acks(std::marker::PhantomData)
+    }
+}
+
+pub(crate) struct AcksService<S, V: AckPackets> {
+    service: S,
+    session: V::Session,
+}
+
+impl<S, V: AckPackets> Middleware<S, (SharedCfg, V::Session)> for Acks<V> {
+    type Service = AcksService<S, V>;
+
+    fn create(&self, service: S, (_, session): (SharedCfg, V::Session)) -> AcksService<S, V> {
+        // Called once CONNACK is written: now resends and queued messages may go out.
+        V::activate(&session);
+        AcksService { service, session }
+    }
+}
+
+impl<S, V> Service<V::Decoded> for AcksService<S, V>
 where
-    S: Service<v5::codec::Decoded, Response = Option<v5::codec::Encoded>>,
+    V: AckPackets,
+    S: Service<V::Decoded, Response = Option<V::Encoded>>,
 {
-    type Response = Option<v5::codec::Encoded>;
+    type Response = Option<V::Encoded>;
     type Error = S::Error;
 
     ntex_service::forward_ready!(service);
@@ -563,72 +652,49 @@ where
 
     async fn call(
         &self,
-        req: v5::codec::Decoded,
+        mut req: V::Decoded,
         ctx: ServiceCtx<'_, Self>,
     ) -> Result<Self::Response, Self::Error> {
-        use v5::codec::{Decoded, Encoded, Packet, PublishAck, PublishAck2, PublishAck2Reason};
         let conn = &*self.session;
-        match req {
-            // Above the advertised Maximum QoS it is left to ntex-mqtt, which disconnects.
-            Decoded::Publish(mut p, payload, size)
-                if p.qos == QoS::ExactlyOnce && conn.max_qos == QoS::ExactlyOnce =>
-            {
-                let Some(id) = p.packet_id else {
-                    return ctx
-                        .call(&self.service, Decoded::Publish(p, payload, size))
-                        .await;
-                };
+        match V::sort(conn, &req) {
+            Sorted::Qos2Publish(id) => {
                 if conn.qos2_seen(id) {
-                    return Ok(Some(Encoded::Packet(Packet::PublishReceived(PublishAck {
-                        packet_id: id,
-                        ..Default::default()
-                    }))));
+                    return Ok(Some(V::pubrec(id)));
                 }
                 conn.qos2_in_progress.borrow_mut().insert(id);
-                p.qos = QoS::AtLeastOnce;
-                let result = ctx
-                    .call(&self.service, Decoded::Publish(p, payload, size))
-                    .await;
+                V::downgrade(&mut req);
+                let result = ctx.call(&self.service, req).await;
                 conn.qos2_in_progress.borrow_mut().remove(&id);
                 match result {
-                    Ok(Some(Encoded::Packet(Packet::PublishAck(ack)))) => {
-                        // A refusing PUBREC ends the exchange: no PUBREL will come.
-                        if u8::from(ack.reason_code) < 0x80 {
-                            conn.qos2_received(ack.packet_id);
+                    Ok(Some(resp)) => match V::as_pubrec(resp) {
+                        Ok((packet_id, accepted, rec)) => {
+                            if accepted {
+                                conn.qos2_received(packet_id);
+                            }
+                            Ok(Some(rec))
                         }
-                        Ok(Some(Encoded::Packet(Packet::PublishReceived(ack))))
-                    }
+                        Err(other) => Ok(Some(other)),
+                    },
                     other => other,
                 }
             }
-            Decoded::Packet(Packet::PublishRelease(rel), _) => {
-                let known = conn.qos2_released(rel.packet_id);
-                Ok(Some(Encoded::Packet(Packet::PublishComplete(
-                    PublishAck2 {
-                        packet_id: rel.packet_id,
-                        reason_code: if known {
-                            PublishAck2Reason::Success
-                        } else {
-                            PublishAck2Reason::PacketIdNotFound
-                        },
-                        properties: Vec::new(),
-                        reason_string: None,
-                    },
-                ))))
+            Sorted::Release(id) => {
+                let known = conn.qos2_released(id);
+                Ok(Some(V::pubcomp(id, known)))
             }
-            Decoded::Packet(Packet::PublishAck(ack), _) => {
-                conn.puback(ack.packet_id, u8::from(ack.reason_code) >= 0x80);
+            Sorted::Ack(id, refused) => {
+                conn.puback(id, refused);
                 Ok(None)
             }
-            Decoded::Packet(Packet::PublishReceived(ack), _) => {
-                conn.pubrec(ack.packet_id, u8::from(ack.reason_code) >= 0x80);
+            Sorted::Rec(id, refused) => {
+                conn.pubrec(id, refused);
                 Ok(None)
             }
-            Decoded::Packet(Packet::PublishComplete(comp), _) => {
-                conn.pubcomp(comp.packet_id);
+            Sorted::Comp(id) => {
+                conn.pubcomp(id);
                 Ok(None)
             }
-            other => ctx.call(&self.service, other).await,
+            Sorted::Other => ctx.call(&self.service, req).await,
         }
     }
 }
@@ -693,7 +759,7 @@ pub(crate) async fn serve(
             .protocol(fn_factory_with_config(async |s: v3::Session<Conn>| {
                 Ok::<_, BrokerError>(fn_service(move |m| protocol_v3(s.clone(), m)))
             }))
-            .middleware(Acks)
+            .middleware(Acks::<V3>::new())
             .publish(fn_factory_with_config(async |s: v3::Session<Conn>| {
                 Ok::<_, BrokerError>(fn_service(move |p| publish_v3(s.clone(), p)))
             })),
@@ -709,7 +775,7 @@ pub(crate) async fn serve(
             .protocol(fn_factory_with_config(async |s: v5::Session<Conn>| {
                 Ok::<_, BrokerError>(fn_service(move |m| protocol_v5(s.clone(), m)))
             }))
-            .middleware(Acks)
+            .middleware(Acks::<V5>::new())
             .publish(fn_factory_with_config(async |s: v5::Session<Conn>| {
                 Ok::<_, BrokerError>(fn_service(move |p| publish_v5(s.clone(), p)))
             }))
