@@ -228,3 +228,122 @@ async fn a_changed_target_window_loses_nothing_from_a_clean_source_session() {
         bridge.log()
     );
 }
+
+/// Issue #14, hole 15: dead letters are our own QoS 1 PUBLISHes on the source, so they must keep
+/// to the source's Receive Maximum (here 2). The target (mosquitto, `max_packet_size 1024`)
+/// cannot take 4 KiB messages, so every one is dead-lettered on the source, and the source holds
+/// back its PUBACKs for dead letters: at most 2 may be out. Before, all 40 went at once. Once the
+/// source acknowledges again, every dead letter arrives, and the source never cut the bridge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_keep_to_the_sources_receive_maximum() {
+    const N: usize = 40;
+    let source = EmbeddedBroker::start(BrokerOptions::named("source")).unwrap();
+    let dst = Mosquitto::start_with(MosquittoOpts {
+        extra: "max_packet_size 1024\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let dlq = Collector::start(source.port(), Proto::V5, "dlq/#", 1).await;
+    let out = Collector::start(dst.port(), Proto::V5, "in/#", 1).await;
+    let mut p = Publisher::connect(source.port(), Proto::V5).await;
+    // Only the bridge's connections (made from here on) are told 2.
+    source.script().set_receive_maximum(Some(2));
+    source.script().withhold_acks("dlq/#");
+    let mut cfg = RouteConfig::new(source.port(), Proto::V5, dst.port(), Proto::V5);
+    cfg.qos = 1;
+    cfg.route_extra = "dead_letter = \"dlq/r\"".into();
+    let mut bridge = start_ready(&cfg.toml(), 1).await;
+    for i in 0..N {
+        p.publish(&format!("in/{i}"), 1, false, vec![b'x'; 4096])
+            .await;
+    }
+    p.publish("in/small", 1, false, "after").await;
+    assert!(p.wait_acked(Duration::from_secs(10)).await);
+    assert!(
+        dlq.wait_for_count(2, Duration::from_secs(10)).await,
+        "{}",
+        bridge.log()
+    );
+    dlq.settle(Duration::from_millis(500), Duration::from_secs(3))
+        .await;
+    assert_eq!(
+        dlq.count(),
+        2,
+        "dead letters out while the source acknowledges none (its Receive Maximum is 2)"
+    );
+    source.script().release_acks();
+    assert!(
+        dlq.wait_for_count(N, Duration::from_secs(20)).await,
+        "{} of {N} dead letters:\n{}",
+        dlq.count(),
+        bridge.log()
+    );
+    assert!(
+        out.wait_for_count(1, Duration::from_secs(10)).await,
+        "{}",
+        bridge.log()
+    );
+    let log = bridge.log();
+    let cut = log
+        .lines()
+        .any(|l| l.contains("connection lost") && l.contains("side=\"source\""));
+    assert!(!cut, "the source cut the bridge:\n{log}");
+    assert!(
+        bridge
+            .stop(Duration::from_secs(10))
+            .await
+            .is_some_and(|s| s.success())
+    );
+}
+
+/// Issue #14, hole 14: acks to the source go out in the order its PUBLISHes arrived
+/// (MQTT-4.6.0-2/3), refusals included. The target acks `in/slow` after 300 ms and cannot take
+/// the 4 KiB `in/big` (Maximum Packet Size 1024), which the bridge refuses at once. The source
+/// (embedded, counting acks that overtake one for an earlier unacknowledged PUBLISH) saw each
+/// refusal's ack overtake the slow message's before the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_reach_the_source_in_the_order_of_its_publishes() {
+    let source = EmbeddedBroker::start(BrokerOptions::named("source")).unwrap();
+    let target = EmbeddedBroker::start(BrokerOptions {
+        maximum_packet_size: Some(1024),
+        ..BrokerOptions::named("target")
+    })
+    .unwrap();
+    target
+        .script()
+        .delay_acks("in/slow", Duration::from_millis(300));
+    let out = Collector::start(target.port(), Proto::V5, "in/#", 1).await;
+    let mut cfg = RouteConfig::new(source.port(), Proto::V5, target.port(), Proto::V5);
+    cfg.qos = 1;
+    let mut bridge = start_ready(&cfg.toml(), 1).await;
+    let mut p = Publisher::connect(source.port(), Proto::V5).await;
+    for round in 0..5 {
+        p.publish("in/slow", 1, false, format!("s{round}")).await;
+        p.publish("in/big", 1, false, vec![b'x'; 4096]).await;
+    }
+    assert!(p.wait_acked(Duration::from_secs(10)).await);
+    assert!(
+        out.wait_for_count(5, Duration::from_secs(20)).await,
+        "{} of 5:\n{}",
+        out.count(),
+        bridge.log()
+    );
+    let (client, _) = source
+        .stats()
+        .subscriptions()
+        .into_iter()
+        .find(|(_, f)| f.starts_with("$share/"))
+        .expect("the bridge's subscription");
+    let stats = source.stats().client(&client).expect("the bridge's client");
+    assert_eq!(
+        stats.acks_out_of_order, 0,
+        "acks that overtook an earlier PUBLISH's"
+    );
+    assert!(bridge.log().contains("too_large"), "{}", bridge.log());
+    assert!(
+        bridge
+            .stop(Duration::from_secs(10))
+            .await
+            .is_some_and(|s| s.success())
+    );
+}

@@ -38,6 +38,8 @@ enum Stage {
 struct InFlight {
     delivery: Delivery,
     stage: Stage,
+    /// Order of first sending, to see acks that overtake (MQTT-4.6.0-2/3).
+    seq: u64,
 }
 
 /// Why a delivery was not queued.
@@ -64,6 +66,10 @@ pub(crate) struct Session {
     /// QoS 2 packet ids received from the client and PUBREC'd, waiting for its PUBREL: a
     /// resent PUBLISH with one of these ids is a duplicate and is not routed again.
     pub inbound_qos2: HashSet<NonZeroU16>,
+    next_seq: u64,
+    /// PUBACKs and PUBRECs that came before one for a message sent earlier and still unacked:
+    /// the client broke MQTT-4.6.0-2/3 (acks in the order the PUBLISHes were received).
+    pub acks_out_of_order: u64,
 }
 
 impl Session {
@@ -77,6 +83,8 @@ impl Session {
             max_queued: max_queued.max(1),
             online: false,
             inbound_qos2: HashSet::new(),
+            next_seq: 0,
+            acks_out_of_order: 0,
         }
     }
 
@@ -146,11 +154,13 @@ impl Session {
             }
             let id = self.free_id()?;
             let delivery = self.queue.pop_front()?;
+            self.next_seq += 1;
             self.in_flight.insert(
                 id,
                 InFlight {
                     delivery: delivery.clone(),
                     stage: Stage::Published,
+                    seq: self.next_seq,
                 },
             );
             return Some(Transmit::Publish {
@@ -162,8 +172,29 @@ impl Session {
         None
     }
 
+    /// Counts a first ack for `id` that overtakes an earlier, still unacknowledged PUBLISH.
+    fn note_order(&mut self, id: NonZeroU16) {
+        let Some(seq) = self.in_flight.get(&id).map(|f| f.seq) else {
+            return;
+        };
+        let overtakes = self
+            .in_flight
+            .values()
+            .any(|f| matches!(f.stage, Stage::Published) && f.seq < seq);
+        if overtakes {
+            self.acks_out_of_order += 1;
+        }
+    }
+
     /// PUBACK (QoS 1). Returns whether `id` was in flight.
     pub fn on_puback(&mut self, id: NonZeroU16) -> bool {
+        if self
+            .in_flight
+            .get(&id)
+            .is_some_and(|f| matches!(f.stage, Stage::Published))
+        {
+            self.note_order(id);
+        }
         match self.in_flight.get(&id) {
             Some(f)
                 if matches!(f.stage, Stage::Published) && f.delivery.qos == QoS::AtLeastOnce =>
@@ -178,6 +209,13 @@ impl Session {
     /// PUBREC (QoS 2): the PUBREL to send, unless the client refused the message (MQTT 5
     /// reason code >= 0x80 ends the exchange). A repeated PUBREC gets the PUBREL again.
     pub fn on_pubrec(&mut self, id: NonZeroU16, refused: bool) -> Option<Transmit> {
+        if self
+            .in_flight
+            .get(&id)
+            .is_some_and(|f| matches!(f.stage, Stage::Published))
+        {
+            self.note_order(id);
+        }
         let f = self.in_flight.get_mut(&id)?;
         if f.delivery.qos != QoS::ExactlyOnce {
             return None;

@@ -298,9 +298,14 @@ impl State {
     }
 
     pub fn on_puback(&mut self, client: &Rc<str>, conn_id: u64, id: NonZeroU16, refused: bool) {
-        if let Some(entry) = self.entry_for(client, conn_id)
-            && entry.session.on_puback(id)
-        {
+        let Some(entry) = self.entry_for(client, conn_id) else {
+            return;
+        };
+        let acked = entry.session.on_puback(id);
+        let out_of_order = entry.session.acks_out_of_order;
+        self.stats
+            .update(client, |c| c.acks_out_of_order = out_of_order);
+        if acked {
             self.after_ack(client, refused);
         }
     }
@@ -314,6 +319,9 @@ impl State {
         {
             let _ = conn.wire.send(&release, Instant::now());
         }
+        let out_of_order = entry.session.acks_out_of_order;
+        self.stats
+            .update(client, |c| c.acks_out_of_order = out_of_order);
         if refused {
             self.after_ack(client, true);
         }

@@ -40,6 +40,8 @@ pub struct ClientStats {
     pub max_unacked: usize,
     /// PUBACK/PUBREC from the client with an MQTT 5 reason code >= 0x80.
     pub refusals_received: u64,
+    /// PUBACK/PUBREC from the client that overtook one for an earlier PUBLISH (MQTT-4.6.0-2/3).
+    pub acks_out_of_order: u64,
     /// Messages for this client dropped: queue full, offline QoS 0, expired, too large.
     pub dropped: u64,
     /// QoS 1/2 publishes from the client the broker refused with a scripted reason code.
