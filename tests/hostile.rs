@@ -287,3 +287,55 @@ async fn hostile_v311_target_never_crashes_the_bridge_and_loses_nothing() {
 async fn hostile_v5_target_never_crashes_the_bridge_and_loses_nothing() {
     hostile_target(true).await;
 }
+
+/// Issue #14, hole 6: a target that stalls (takes the PUBLISH, then answers nothing, not even
+/// PINGREQ) is cut by our keep-alive, which is no evidence against the message: before the fix
+/// five such cuts in a row made the oldest message "poison" (dropped as target_disconnects and
+/// acknowledged, so lost). Seven stalls in a row, then a healthy target: everything arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_stalls_again_and_again_makes_no_message_poison() {
+    const COUNT: u32 = 5;
+    let steps: Vec<Step> = (0..7)
+        .map(|_| step("silence", When::Publishes(0), Vec::new(), Then::Silence))
+        .collect();
+    let target = FakeTarget::start(true, steps).await;
+    let src = Mosquitto::start().await;
+    let mut cfg = RouteConfig::new(src.port(), Proto::V5, target.port, Proto::V5);
+    cfg.qos = 1;
+    cfg.dst_url = Some(target.url());
+    let mut bridge =
+        Bridge::start_with_env(&cfg.toml(), &[("MQBRIDGE__BROKERS__DST__KEEP_ALIVE", "1s")]);
+    wait_ready(&bridge, 1, 1).await;
+    publish_numbered(
+        src.port(),
+        Proto::V5,
+        |i| format!("in/{i}"),
+        1,
+        0,
+        COUNT,
+        "p",
+    )
+    .await;
+    let done = wait_until(Duration::from_secs(90), || {
+        target.count("p", 0..COUNT).at_least_once()
+    })
+    .await;
+    assert!(
+        done,
+        "{}\n{}\n{}",
+        target.count("p", 0..COUNT),
+        target.report(),
+        bridge.log()
+    );
+    assert!(
+        target.report().matches("sends silence").count() >= 7,
+        "{}",
+        target.report()
+    );
+    assert!(
+        !bridge.log().contains("target_disconnects"),
+        "{}",
+        bridge.log()
+    );
+    assert_alive(&mut bridge);
+}
