@@ -38,6 +38,8 @@ pub struct DeadLetters {
     queued: VecDeque<DeadLetter>,
     /// Written, PUBACK not yet seen; resent with DUP after a reconnect.
     in_flight: BTreeMap<u16, Message>,
+    /// Ids of `in_flight` to send again on the current connection (popped from the back).
+    resend: Vec<u16>,
     next_id: u16,
     window: usize,
     max_qos: Qos,
@@ -50,6 +52,7 @@ impl Default for DeadLetters {
         DeadLetters {
             queued: VecDeque::new(),
             in_flight: BTreeMap::new(),
+            resend: Vec::new(),
             next_id: FIRST_ID,
             window: WINDOW,
             max_qos: Qos::AtLeastOnce,
@@ -76,6 +79,7 @@ impl DeadLetters {
         max_packet: Option<u32>,
     ) {
         self.up = true;
+        self.resend = self.in_flight.keys().rev().copied().collect();
         self.window = usize::from(receive_maximum.unwrap_or(u16::MAX)).clamp(1, WINDOW);
         self.max_qos = max_qos.unwrap_or(Qos::AtLeastOnce).min(Qos::AtLeastOnce);
         self.max_packet = max_packet;
@@ -108,11 +112,11 @@ impl DeadLetters {
 
     /// The next thing to write, while the window has room: first the resends of a new
     /// connection, then queued letters in order.
-    pub fn poll_transmit(&mut self, resend: &mut Vec<u16>) -> Option<Transmit> {
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
         if !self.up {
             return None;
         }
-        if let Some(pkid) = resend.pop() {
+        if let Some(pkid) = self.resend.pop() {
             let message = self.in_flight.get(&pkid)?.clone();
             return Some(Transmit {
                 pkid,
@@ -143,12 +147,6 @@ impl DeadLetters {
             dup: false,
             letter,
         })
-    }
-
-    /// The ids to send again after a reconnect, in the order they were first sent (pop from the
-    /// back).
-    pub fn resends(&self) -> Vec<u16> {
-        self.in_flight.keys().rev().copied().collect()
     }
 
     /// A PUBACK from the source for one of ours. Returns whether it was ours.
@@ -190,8 +188,7 @@ mod tests {
     }
 
     fn drain(d: &mut DeadLetters) -> Vec<Transmit> {
-        let mut none = Vec::new();
-        std::iter::from_fn(|| d.poll_transmit(&mut none)).collect()
+        std::iter::from_fn(|| d.poll_transmit()).collect()
     }
 
     #[test]
@@ -219,8 +216,7 @@ mod tests {
         let first = drain(&mut d);
         d.disconnected();
         d.connected(None, None, None);
-        let mut resend = d.resends();
-        let again: Vec<_> = std::iter::from_fn(|| d.poll_transmit(&mut resend)).collect();
+        let again = drain(&mut d);
         assert_eq!(again.len(), 2);
         assert_eq!(
             (again[0].pkid, again[0].dup, again[1].pkid),

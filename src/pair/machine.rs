@@ -327,10 +327,8 @@ pub struct Machine {
     qos0_buffered: usize,
     draining: bool,
     drain_deadline: Option<Instant>,
-    /// Dead letters' own window on the source connection, and the ids to send again after a
-    /// reconnect.
+    /// Dead letters' own window on the source connection.
     dead_letters: DeadLetters,
-    dead_letter_resends: Vec<u16>,
     /// The window the source connection advertised (v5), to notice a change of the target's.
     advertised: Option<u16>,
     last_drop_log: Option<Instant>,
@@ -444,7 +442,6 @@ impl Machine {
             draining,
             drain_deadline: None,
             dead_letters: DeadLetters::default(),
-            dead_letter_resends: Vec::new(),
             advertised: None,
             last_drop_log: None,
             drops_unlogged: 0,
@@ -1010,7 +1007,6 @@ impl Machine {
             info.maximum_qos.and_then(Qos::from_u8),
             info.maximum_packet_size,
         );
-        self.dead_letter_resends = self.dead_letters.resends();
         self.send_dead_letters();
         self.spec.stats.source_up.store(true, Relaxed);
         // A resumed session keeps whatever it subscribed before, perhaps under an older config
@@ -1577,10 +1573,7 @@ impl Machine {
         if !self.source.is_up() {
             return;
         }
-        while let Some(t) = self
-            .dead_letters
-            .poll_transmit(&mut self.dead_letter_resends)
-        {
+        while let Some(t) = self.dead_letters.poll_transmit() {
             self.source.codec.publish(
                 t.pkid,
                 t.dup,

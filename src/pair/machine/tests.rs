@@ -719,19 +719,13 @@ impl H {
 
     /// The PUBLISHes the machine wrote to a v5 target: (packet id, dup, expiry left).
     fn target_publishes_v5(&mut self) -> Vec<(u16, bool, Option<u32>)> {
-        let mut bytes = BytesMut::from(self.m.transmit(Role::Target));
-        let n = bytes.len();
-        self.m.written(self.now, Role::Target, n);
-        self.pass();
-        let codec = Codec::new(Protocol::V5, link::DEFAULT_MAX_INCOMING);
-        let mut out = Vec::new();
-        while let Some(p) = codec.decode(&mut bytes).unwrap() {
-            if let Inbound::Publish(p) = p {
+        self.target_publishes()
+            .into_iter()
+            .map(|p| {
                 let expiry = p.properties.and_then(|pp| pp.message_expiry_interval);
-                out.push((p.pkid, p.dup, expiry));
-            }
-        }
-        out
+                (p.pkid, p.dup, expiry)
+            })
+            .collect()
     }
 
     /// Takes what the machine wrote to `role` as written, unread.
