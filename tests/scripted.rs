@@ -347,3 +347,217 @@ async fn acks_reach_the_source_in_the_order_of_its_publishes() {
             .is_some_and(|s| s.success())
     );
 }
+
+/// The bridge's client id on `target` (the one connection that published to it).
+fn publisher_on(target: &EmbeddedBroker) -> String {
+    target
+        .stats()
+        .client_ids()
+        .into_iter()
+        .find(|c| target.stats().publishes_received(c) > 0)
+        .expect("the bridge published to the target")
+}
+
+/// Issue #14, hole 7: a QoS 2 PUBLISH the target already took stays the target's open exchange
+/// across a reconnect with its session (MQTT-4.4.0-1), however long it was held: the bridge must
+/// resend it (DUP) and release it, never drop it as expired. The target takes the message (its
+/// subscriber gets it) and holds back the PUBREC past the message's 1 s expiry; then the
+/// connection breaks and the bridge comes back to the same session. Before the fix the resend
+/// was dropped as expired: counted as lost though delivered, and the target's exchange was left
+/// open for ever (its packet id unusable, a later message reusing it swallowed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos2_exchange_the_resumed_target_holds_is_finished_even_once_expired() {
+    let src = Mosquitto::start().await;
+    let target = EmbeddedBroker::start(BrokerOptions::named("target")).unwrap();
+    target.script().withhold_acks("in/#");
+    let out = Collector::start(target.port(), Proto::V5, "in/#", 2).await;
+    let mut cfg = RouteConfig::new(src.port(), Proto::V5, target.port(), Proto::V5);
+    let admin = format!("127.0.0.1:{}", free_port());
+    cfg.tail = format!("[admin]\nlisten = \"{admin}\"\n");
+    let mut bridge = start_ready(&cfg.toml(), 1).await;
+    let mut p = Publisher::connect(src.port(), Proto::V5).await;
+    let props = PublishProperties {
+        message_expiry_interval: Some(1),
+        ..Default::default()
+    };
+    p.publish_v5("in/x", 2, false, "held", props).await;
+    assert!(
+        out.wait_for_count(1, Duration::from_secs(10)).await,
+        "{}",
+        bridge.log()
+    );
+    let client = publisher_on(&target);
+    assert_eq!(target.stats().client(&client).unwrap().qos2_open, 1);
+    // Past the message's expiry while the target holds the exchange, PUBREC withheld.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    target.script().cut_connection(&client);
+    let resent = wait_until(Duration::from_secs(10), || {
+        target.stats().publishes_received(&client) >= 2
+    })
+    .await;
+    target.script().release_acks();
+    let finished = wait_until(Duration::from_secs(10), || {
+        target
+            .stats()
+            .client(&client)
+            .is_some_and(|c| c.qos2_open == 0)
+    })
+    .await;
+    let body = http_get(&admin, "/metrics").await.expect("/metrics").1;
+    assert!(
+        resent,
+        "no resend to the resumed session:\n{}",
+        bridge.log()
+    );
+    assert!(
+        finished,
+        "the exchange was never released:\n{}",
+        bridge.log()
+    );
+    assert_eq!(
+        metric(&body, "mqbridge_messages_dropped_total"),
+        0.0,
+        "{body}"
+    );
+    assert_eq!(target.stats().client(&client).unwrap().connects, 2);
+    p.publish("in/x", 2, false, "after").await;
+    assert!(out.wait_for_count(2, Duration::from_secs(10)).await);
+    out.settle(Duration::from_millis(300), Duration::from_secs(2))
+        .await;
+    let payloads: Vec<String> = out.received().iter().map(|m| m.payload_str()).collect();
+    assert_eq!(payloads, ["held", "after"], "each once");
+    assert!(p.wait_acked(Duration::from_secs(10)).await);
+    bridge.stop_cleanly().await;
+}
+
+/// Issue #14, hole 10: a target that comes back (a new broker process, no session) with a lower
+/// Maximum QoS gets the messages the bridge held at that QoS, first PUBLISHes, not the QoS 2 the
+/// old session had: a PUBLISH above Maximum QoS is a protocol error (MQTT-3.2.2-11) and the
+/// broker closes the connection on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_back_with_a_lower_maximum_qos_takes_the_held_message_at_that_qos() {
+    let src = Mosquitto::start().await;
+    let first = EmbeddedBroker::start(BrokerOptions::named("target")).unwrap();
+    let addr = first.addr();
+    first.script().withhold_acks("in/#");
+    let mut cfg = RouteConfig::new(src.port(), Proto::V5, first.port(), Proto::V5);
+    let admin = format!("127.0.0.1:{}", free_port());
+    cfg.tail = format!("[admin]\nlisten = \"{admin}\"\n");
+    let mut bridge = start_ready(&cfg.toml(), 1).await;
+    let mut p = Publisher::connect(src.port(), Proto::V5).await;
+    p.publish("in/x", 2, false, "held").await;
+    assert!(
+        wait_until(Duration::from_secs(10), || first
+            .stats()
+            .total_publishes_received()
+            >= 1)
+        .await,
+        "{}",
+        bridge.log()
+    );
+    first.stop();
+    let second = EmbeddedBroker::start(BrokerOptions {
+        addr,
+        ..BrokerOptions::named("target")
+    })
+    .unwrap();
+    second.script().set_maximum_qos(Some(1));
+    let out = Collector::start(second.port(), Proto::V5, "in/#", 2).await;
+    assert!(
+        out.wait_for_count(1, Duration::from_secs(20)).await,
+        "{}",
+        bridge.log()
+    );
+    p.publish("in/x", 2, false, "after").await;
+    assert!(out.wait_for_count(2, Duration::from_secs(10)).await);
+    out.settle(Duration::from_millis(300), Duration::from_secs(2))
+        .await;
+    let rx = out.received();
+    let payloads: Vec<String> = rx.iter().map(|m| m.payload_str()).collect();
+    assert_eq!(payloads, ["held", "after"], "each once");
+    assert!(rx.iter().all(|m| m.qos == 1), "{rx:?}");
+    let client = publisher_on(&second);
+    assert_eq!(
+        second.stats().client(&client).unwrap().connects,
+        1,
+        "the second broker never had to close the bridge's connection:\n{}",
+        bridge.log()
+    );
+    let body = http_get(&admin, "/metrics").await.expect("/metrics").1;
+    assert_eq!(
+        metric(&body, "mqbridge_messages_dropped_total"),
+        0.0,
+        "{body}"
+    );
+    assert!(p.wait_acked(Duration::from_secs(10)).await);
+    bridge.stop_cleanly().await;
+}
+
+/// Issue #14, hole 10: a target that comes back (no session) with a smaller Maximum Packet
+/// Size than a held message needs: that message is refused at once as too large (counted, acked
+/// to the source), and what follows flows. Sending it anyway is a protocol error the broker
+/// answers by closing the connection (MQTT-3.2.2-15), again on every reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_back_with_a_smaller_maximum_packet_size_refuses_only_what_no_longer_fits() {
+    let src = Mosquitto::start().await;
+    let first = EmbeddedBroker::start(BrokerOptions::named("target")).unwrap();
+    let addr = first.addr();
+    first.script().withhold_acks("in/#");
+    let mut cfg = RouteConfig::new(src.port(), Proto::V5, first.port(), Proto::V5);
+    cfg.qos = 1;
+    let admin = format!("127.0.0.1:{}", free_port());
+    cfg.tail = format!("[admin]\nlisten = \"{admin}\"\n");
+    let mut bridge = start_ready(&cfg.toml(), 1).await;
+    let mut p = Publisher::connect(src.port(), Proto::V5).await;
+    p.publish("in/x", 1, false, vec![b'x'; 2048]).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || first
+            .stats()
+            .total_publishes_received()
+            >= 1)
+        .await,
+        "{}",
+        bridge.log()
+    );
+    first.stop();
+    let second = EmbeddedBroker::start(BrokerOptions {
+        addr,
+        maximum_packet_size: Some(1024),
+        ..BrokerOptions::named("target")
+    })
+    .unwrap();
+    let out = Collector::start(second.port(), Proto::V5, "in/#", 1).await;
+    p.publish("in/x", 1, false, "after").await;
+    assert!(
+        out.wait_for_count(1, Duration::from_secs(20)).await,
+        "{}",
+        bridge.log()
+    );
+    assert!(p.wait_acked(Duration::from_secs(10)).await);
+    out.settle(Duration::from_millis(300), Duration::from_secs(2))
+        .await;
+    let payloads: Vec<String> = out.received().iter().map(|m| m.payload_str()).collect();
+    assert_eq!(payloads, ["after"]);
+    let client = publisher_on(&second);
+    assert_eq!(
+        second.stats().client(&client).unwrap().connects,
+        1,
+        "the second broker never had to close the bridge's connection:\n{}",
+        bridge.log()
+    );
+    let body = http_get(&admin, "/metrics").await.expect("/metrics").1;
+    assert_eq!(
+        metric(
+            &body,
+            r#"mqbridge_messages_dropped_total{route="r",reason="too_large"}"#
+        ),
+        1.0,
+        "{body}"
+    );
+    assert_eq!(
+        metric(&body, "mqbridge_messages_dropped_total"),
+        1.0,
+        "{body}"
+    );
+    bridge.stop_cleanly().await;
+}

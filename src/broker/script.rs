@@ -18,6 +18,8 @@ pub struct Script {
     rules: Arc<Mutex<Rules>>,
     /// Bumped by `release_acks`: withheld acks wait for it to change.
     released: Arc<watch::Sender<u64>>,
+    /// Bumped by `cut_connections`: the broker's accept loop watches it.
+    cuts: Arc<watch::Sender<u64>>,
 }
 
 impl Default for Script {
@@ -25,6 +27,7 @@ impl Default for Script {
         Script {
             rules: Arc::default(),
             released: Arc::new(watch::channel(0).0),
+            cuts: Arc::new(watch::channel(0).0),
         }
     }
 }
@@ -39,6 +42,8 @@ struct Rules {
     reasons: Vec<(TopicFilter, u8)>,
     /// Publishes still to take before the connection taking the last one is cut.
     disconnect_after: Option<u64>,
+    /// Client ids whose connections are to be cut now.
+    cut: Vec<String>,
 }
 
 /// How the broker acknowledges one publish, decided when it arrives.
@@ -125,6 +130,23 @@ impl Script {
     /// resend it. Fires once.
     pub fn disconnect_after_publishes(&self, n: u64) {
         self.rules().disconnect_after = Some(n.max(1));
+    }
+
+    /// Cuts `client_id`'s connection now, without a DISCONNECT, as a network failure would;
+    /// its session (and what it holds) stays for the reconnect. Acks withheld or delayed on
+    /// that connection are never sent.
+    pub fn cut_connection(&self, client_id: &str) {
+        self.rules().cut.push(client_id.to_string());
+        self.cuts.send_modify(|n| *n += 1);
+    }
+
+    pub(crate) fn watch_cuts(&self) -> watch::Receiver<u64> {
+        self.cuts.subscribe()
+    }
+
+    /// The client ids whose connections `cut_connection` asked to cut, once.
+    pub(crate) fn take_cuts(&self) -> Vec<String> {
+        std::mem::take(&mut self.rules().cut)
     }
 
     /// Drops every rule (withheld acks are released).

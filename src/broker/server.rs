@@ -122,18 +122,19 @@ impl Conn {
     }
 
     /// Counts, applies the script, routes. Synchronous: the state is not held across awaits.
+    /// A routed QoS 2 message opens its exchange in the session at once, before its PUBREC
+    /// (which the script may hold back): a resend after a cut is then known, not routed twice.
     fn received(
         &self,
+        id: Option<NonZeroU16>,
         topic: ByteString,
         payload: Bytes,
         qos: QoS,
         retain: bool,
         properties: Option<v5::codec::PublishProperties>,
     ) -> Received {
+        self.count_publish();
         let mut state = self.state.borrow_mut();
-        state
-            .stats
-            .update(&self.client, |c| c.publishes_received += 1);
         if state.script.cut_now() {
             debug!(client = %self.client, "script: cutting the connection");
             state.cut(&self.client, self.id);
@@ -144,6 +145,9 @@ impl Conn {
         if let Some(code) = scripted.filter(|&c| c >= 0x80) {
             state.stats.update(&self.client, |c| c.refused += 1);
             return Received::Ack { plan, reason: code };
+        }
+        if let Some(id) = id.filter(|_| qos == QoS::ExactlyOnce) {
+            state.qos2_received(&self.client, id);
         }
         let routed = state.publish(Message {
             topic,
@@ -197,6 +201,13 @@ impl Conn {
 
     fn unsubscribe(&self, filters: Vec<String>) -> Vec<bool> {
         self.state.borrow_mut().unsubscribe(&self.client, filters)
+    }
+
+    fn count_publish(&self) {
+        self.state
+            .borrow()
+            .stats
+            .update(&self.client, |c| c.publishes_received += 1);
     }
 
     fn qos2_seen(&self, id: NonZeroU16) -> bool {
@@ -270,6 +281,7 @@ async fn publish_v3(session: v3::Session<Conn>, publish: v3::Publish) -> Result<
     let payload = publish.read_all().await.map_err(|_| BrokerError)?;
     let qos = session.real_qos(publish.qos(), publish.id());
     let received = session.received(
+        publish.id(),
         publish.packet().topic.clone(),
         payload,
         qos,
@@ -392,6 +404,7 @@ async fn publish_v5(
     properties.topic_alias = None;
     properties.subscription_ids.clear();
     let received = session.received(
+        publish.id(),
         pkt.topic.clone(),
         payload,
         qos,
@@ -659,6 +672,7 @@ where
         match V::sort(conn, &req) {
             Sorted::Qos2Publish(id) => {
                 if conn.qos2_seen(id) {
+                    conn.count_publish();
                     return Ok(Some(V::pubrec(id)));
                 }
                 conn.qos2_in_progress.borrow_mut().insert(id);
@@ -800,9 +814,11 @@ pub(crate) async fn serve(
         }
     };
     let _ = ready.send(Ok(()));
+    let mut cuts = state.borrow().script.watch_cuts();
     loop {
         tokio::select! {
             _ = &mut stop => break,
+            Ok(()) = cuts.changed() => state.borrow_mut().scripted_cuts(),
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let service = service.clone();

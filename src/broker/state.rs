@@ -154,10 +154,12 @@ impl State {
             wire,
             active: false,
         });
+        let open = entry.session.inbound_qos2.len();
         self.stats.update(&client, |c| {
             c.connects += 1;
             c.connected = true;
             c.connect = Some(req.info.clone());
+            c.qos2_open = open;
         });
         self.publish_subscriptions();
         (conn_id, present)
@@ -209,6 +211,20 @@ impl State {
             .and_then(|e| e.conn.as_ref())
         {
             conn.wire.cut();
+        }
+    }
+
+    /// Cuts the connections the script names, without a DISCONNECT; sessions stay.
+    pub fn scripted_cuts(&mut self) {
+        for client in self.script.take_cuts() {
+            if let Some(c) = self
+                .sessions
+                .get(client.as_str())
+                .and_then(|e| e.conn.as_ref())
+            {
+                debug!(%client, "script: cutting the connection");
+                c.wire.cut();
+            }
         }
     }
 
@@ -346,14 +362,20 @@ impl State {
     pub fn qos2_received(&mut self, client: &Rc<str>, id: NonZeroU16) {
         if let Some(e) = self.sessions.get_mut(client) {
             e.session.inbound_qos2.insert(id);
+            let open = e.session.inbound_qos2.len();
+            self.stats.update(client, |c| c.qos2_open = open);
         }
     }
 
     /// PUBREL from the client: the QoS 2 exchange is over. Returns whether the id was known.
     pub fn qos2_released(&mut self, client: &Rc<str>, id: NonZeroU16) -> bool {
-        self.sessions
-            .get_mut(client)
-            .is_some_and(|e| e.session.inbound_qos2.remove(&id))
+        let Some(e) = self.sessions.get_mut(client) else {
+            return false;
+        };
+        let known = e.session.inbound_qos2.remove(&id);
+        let open = e.session.inbound_qos2.len();
+        self.stats.update(client, |c| c.qos2_open = open);
+        known
     }
 
     /// Writes whatever `client`'s session has ready, within its window, until the

@@ -46,6 +46,9 @@ pub struct ClientStats {
     pub dropped: u64,
     /// QoS 1/2 publishes from the client the broker refused with a scripted reason code.
     pub refused: u64,
+    /// QoS 2 exchanges the client opened towards the broker (PUBLISH taken) and has not yet
+    /// ended with PUBREL, now: held in its session across reconnects (MQTT-4.4.0-1).
+    pub qos2_open: usize,
 }
 
 /// A handle on the counters; clones share them.
