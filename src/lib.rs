@@ -17,4 +17,5 @@ pub mod reload;
 pub mod route;
 pub mod route_set;
 pub mod run;
+pub mod spool;
 pub mod topic;
