@@ -46,6 +46,8 @@ struct Segment {
     last_seq: u64,
     path: PathBuf,
     bytes: u64,
+    /// When its first record was stored (Unix ms; `None` while empty).
+    first_stored_ms: Option<u64>,
 }
 
 /// Where the next read continues: a segment (by its first sequence number) and an offset.
@@ -66,6 +68,7 @@ pub struct Log {
     writer: Option<File>,
     pending: BytesMut,
     pending_last: Option<u64>,
+    pending_first_ms: Option<u64>,
     next_seq: u64,
     durable_below: u64,
     /// Every record below this sequence number is acknowledged.
@@ -127,6 +130,7 @@ impl Log {
             writer: None,
             pending: BytesMut::new(),
             pending_last: None,
+            pending_first_ms: None,
             next_seq: acked_below.max(1),
             durable_below: acked_below.max(1),
             acked_below: acked_below.max(1),
@@ -164,6 +168,7 @@ impl Log {
                 last_seq,
                 path,
                 bytes,
+                first_stored_ms: found.first().map(|f| f.record.stored_at_ms),
             });
         }
         log.durable_below = log.next_seq;
@@ -189,6 +194,18 @@ impl Log {
         self.segments.iter().map(|s| s.bytes).sum::<u64>() + self.pending.len() as u64
     }
 
+    /// When the oldest segment holding unacknowledged records was started (Unix ms): the age
+    /// of the oldest message, to a segment's precision.
+    pub fn oldest_stored_at_ms(&self) -> Option<u64> {
+        if self.is_empty() {
+            return None;
+        }
+        self.segments
+            .iter()
+            .find(|s| s.last_seq >= self.acked_below)
+            .and_then(|s| s.first_stored_ms)
+    }
+
     /// The sequence number the next append gets.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
@@ -205,6 +222,7 @@ impl Log {
         self.next_seq += 1;
         record.encode(&mut self.pending);
         self.pending_last = Some(record.seq);
+        self.pending_first_ms.get_or_insert(record.stored_at_ms);
         record.seq
     }
 
@@ -224,6 +242,7 @@ impl Log {
                     last_seq: first - 1,
                     path,
                     bytes: 0,
+                    first_stored_ms: None,
                 });
                 self.writer = None;
             }
@@ -255,6 +274,8 @@ impl Log {
             let seg = self.segments.back_mut().expect("a segment");
             seg.bytes += self.pending.len() as u64;
             seg.last_seq = last;
+            seg.first_stored_ms = seg.first_stored_ms.or(self.pending_first_ms);
+            self.pending_first_ms = None;
             self.pending.clear();
             self.pending_last = None;
             self.durable_below = last + 1;
@@ -271,6 +292,7 @@ impl Log {
     pub fn discard_pending(&mut self) {
         self.pending.clear();
         self.pending_last = None;
+        self.pending_first_ms = None;
         self.next_seq = self.durable_below;
     }
 

@@ -8,6 +8,8 @@
 
 pub mod log;
 pub mod record;
+pub mod writer;
 
 pub use self::log::{Log, LogOptions};
 pub use self::record::{Damage, Record};
+pub use self::writer::{LogGauges, Reply, Spool};
