@@ -561,3 +561,52 @@ async fn a_target_back_with_a_smaller_maximum_packet_size_refuses_only_what_no_l
     );
     bridge.stop_cleanly().await;
 }
+
+/// Issue #14, hole 20: Message Expiry counts down for the whole time a message is held,
+/// resends to a resumed target session included. The target takes a QoS 1 message with 60 s
+/// to live (its subscriber gets a copy), withholds the PUBACK for 3 s, then the connection
+/// breaks; the bridge resends it (DUP) to the same session, and that copy must say ≤ 57 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_to_a_resumed_session_carries_the_expiry_left() {
+    let src = Mosquitto::start().await;
+    let target = EmbeddedBroker::start(BrokerOptions::named("target")).unwrap();
+    target.script().withhold_acks("in/#");
+    let out = Collector::start(target.port(), Proto::V5, "in/#", 1).await;
+    let mut cfg = RouteConfig::new(src.port(), Proto::V5, target.port(), Proto::V5);
+    cfg.qos = 1;
+    let mut bridge = start_ready(&cfg.toml(), 1).await;
+    let mut p = Publisher::connect(src.port(), Proto::V5).await;
+    let props = PublishProperties {
+        message_expiry_interval: Some(60),
+        ..Default::default()
+    };
+    p.publish_v5("in/x", 1, false, "m", props).await;
+    assert!(
+        out.wait_for_count(1, Duration::from_secs(10)).await,
+        "{}",
+        bridge.log()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let client = publisher_on(&target);
+    target.script().cut_connection(&client);
+    assert!(
+        out.wait_for_count(2, Duration::from_secs(10)).await,
+        "{}",
+        bridge.log()
+    );
+    target.script().release_acks();
+    let expiry: Vec<u32> = out
+        .received()
+        .iter()
+        .map(|m| {
+            m.properties
+                .as_ref()
+                .and_then(|p| p.message_expiry_interval)
+                .unwrap()
+        })
+        .collect();
+    assert!(expiry[0] >= 59, "{expiry:?}");
+    assert!(expiry[1] <= 57, "the resend after 3 s held: {expiry:?}");
+    assert!(p.wait_acked(Duration::from_secs(10)).await);
+    bridge.stop_cleanly().await;
+}
