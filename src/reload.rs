@@ -86,6 +86,7 @@ pub fn fingerprint(plan: &Plan, route: &RoutePlan) -> Fingerprint {
         queue_capacity,
         rewrite,
         dead_letter,
+        spool,
     } = route;
     let key = |k: &str| format!("routes.{name}.{k}");
     parts.public(key("from"), &from.name);
@@ -100,6 +101,7 @@ pub fn fingerprint(plan: &Plan, route: &RoutePlan) -> Fingerprint {
     parts.public(key("queue_capacity"), queue_capacity);
     parts.public(key("rewrite"), rewrite);
     parts.public(key("dead_letter"), dead_letter);
+    parts.public(key("spool"), spool);
     // Whether the route records or checks echoes depends on the other routes: adding a route
     // back into a 3.x broker changes what this one must do.
     parts.public(
@@ -251,9 +253,12 @@ pub enum Rejected {
 /// Reads `path` for a bridge running `running`: validated as `check` does, then with the
 /// running `[bridge]` and `[admin]` in place of the file's (see [`restart_only_changes`], the
 /// second value). The result is checked again where the kept settings matter (loops, TLS).
-pub fn read_new_plan(path: &Path, running: &Plan) -> Result<(Plan, Vec<&'static str>), Rejected> {
+pub fn read_new_plan(path: &Path, running: &Plan) -> Result<(Plan, Vec<String>), Rejected> {
     let as_written = load::load_plan(path)?;
-    let restart_only = restart_only_changes(running, &as_written);
+    let mut restart_only: Vec<String> = restart_only_changes(running, &as_written)
+        .into_iter()
+        .map(String::from)
+        .collect();
     let same_identity = as_written.bridge.name == running.bridge.name
         && as_written.bridge.instance == running.bridge.instance;
     let mut plan = if same_identity {
@@ -263,6 +268,16 @@ pub fn read_new_plan(path: &Path, running: &Plan) -> Result<(Plan, Vec<&'static 
     };
     plan.bridge = running.bridge.clone();
     plan.admin_listen = running.admin_listen;
+    // A running route's spool (whether it has one, where, how large) changes on restart only:
+    // switching it off or moving it with a reload would strand what it holds.
+    for route in &mut plan.routes {
+        if let Some(run) = running.routes.iter().find(|r| r.name == route.name)
+            && run.spool != route.spool
+        {
+            restart_only.push(format!("routes.{}.spool (or [spool])", route.name));
+            route.spool = run.spool.clone();
+        }
+    }
     // The file's routes were checked against the file's loop digest settings; the running
     // ones may not cut the same loops.
     if let Some(why) = analysis::uncuttable(&plan) {

@@ -14,7 +14,8 @@ pub use crate::pair::LoopGuard;
 use crate::{
     config::{Plan, RoutePlan, Side, client_id},
     loops::{EchoDigest, analysis},
-    pair::{PairSpec, driver, retire, stats::PairStats},
+    pair::{PairSpec, driver, retire, spec::SpoolLink, stats::PairStats},
+    spool::{LogGauges, LogOptions, Spool},
 };
 
 /// A running route: its pairs' stats and tasks.
@@ -22,6 +23,8 @@ pub struct RunningRoute {
     pub plan: Arc<RoutePlan>,
     pub pairs: Vec<Arc<PairStats>>,
     pub tasks: Vec<JoinHandle<()>>,
+    /// Per pair, with a spool (else empty): what its log holds.
+    pub spool: Vec<Arc<LogGauges>>,
     /// Turned true by [`RunningRoute::stop`]; every pair of this route watches it.
     stop: watch::Sender<bool>,
 }
@@ -46,10 +49,18 @@ pub fn start(
         check_echoes,
     };
     let plan = Arc::new(route.clone());
+    // One thread per route does the spool's file I/O; each pair has a log of its own in it.
+    let spool = route.spool.as_ref().map(|sp| {
+        let (spool, _thread) = Spool::start(sp.dir.clone(), sp.max_bytes, LogOptions::default());
+        spool
+    });
+    let gauges: Vec<Arc<LogGauges>> = (0..route.pool_size_max)
+        .map(|_| Arc::new(LogGauges::default()))
+        .collect();
     let mut pairs = Vec::new();
     let mut tasks = Vec::new();
     let mut switches = Vec::new();
-    for index in 0..route.pool_size_max {
+    for (index, pair_gauges) in gauges.iter().enumerate() {
         let stats = Arc::new(PairStats::default());
         let spec = PairSpec {
             route: plan.clone(),
@@ -60,6 +71,10 @@ pub fn start(
             drain_timeout: bridge.drain_timeout,
             epoch,
             loops: loops.clone(),
+            spool: spool.as_ref().map(|spool| SpoolLink {
+                spool: spool.clone(),
+                gauges: pair_gauges.clone(),
+            }),
         };
         pairs.push(stats);
         let (switch, active) = watch::channel(index < route.pool_size);
@@ -81,6 +96,7 @@ pub fn start(
         drain_timeout: bridge.drain_timeout,
         epoch,
         loops: loops.clone(),
+        spool: None,
     };
     tasks.push(tokio::spawn(sweep(
         bridge.clone(),
@@ -101,6 +117,7 @@ pub fn start(
         plan,
         pairs,
         tasks,
+        spool: if spool.is_some() { gauges } else { Vec::new() },
         stop,
     }
 }

@@ -26,6 +26,9 @@ pub struct PairHealth {
     /// Milliseconds since process start from which a lack of acks counts: the later of the last
     /// ack progress and the moment the in-flight count rose from zero (see [`BusySince`]).
     pub waiting_since_ms: u64,
+    /// With a spool (SPEC 4.9): whether it is full. A spooled pair is ready while its source
+    /// is connected and its spool has room: the spool absorbs a target outage or stall.
+    pub spool_full: Option<bool>,
 }
 
 /// When one pair's in-flight count was last seen rising from zero.
@@ -109,11 +112,14 @@ pub fn readiness<'a>(
                 id.source_broker
             ));
         }
-        if !h.target_up {
+        if h.spool_full == Some(true) {
+            why.push("spool full (spool.max_bytes): not reading the source".to_string());
+        }
+        if !h.target_up && h.spool_full.is_none() {
             why.push(format!("target down (broker {})", id.target_broker));
         }
         let waited = now_ms.saturating_sub(h.waiting_since_ms);
-        if h.in_flight > 0 && waited >= stall_ms {
+        if h.in_flight > 0 && waited >= stall_ms && h.spool_full.is_none() {
             why.push(format!(
                 "stalled for {} s: {} in flight, no ack from the target",
                 waited / 1000,
@@ -158,6 +164,7 @@ mod tests {
             parked: false,
             in_flight: 0,
             waiting_since_ms: 0,
+            spool_full: None,
         }
     }
 
@@ -306,5 +313,28 @@ mod tests {
         busy.observe(0, 3_000);
         busy.observe(1, 4_000);
         assert_eq!(busy.waiting_since(1_500), 4_000);
+    }
+
+    #[test]
+    fn a_spooled_pair_is_ready_with_its_target_down_until_its_spool_is_full() {
+        let spooled = PairHealth {
+            target_up: false,
+            in_flight: 20,
+            spool_full: Some(false),
+            ..up()
+        };
+        let r = readiness([(id("r", 0), spooled)], 3_600_000, STALL);
+        assert!(r.is_ready(), "{r}");
+        let full = PairHealth {
+            spool_full: Some(true),
+            ..spooled
+        };
+        let r = readiness([(id("r", 0), full)], 3_600_000, STALL);
+        assert!(r.to_string().contains("spool full"), "{r}");
+        let unspooled = PairHealth {
+            spool_full: None,
+            ..spooled
+        };
+        assert!(!readiness([(id("r", 0), unspooled)], 0, STALL).is_ready());
     }
 }

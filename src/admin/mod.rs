@@ -40,6 +40,8 @@ pub struct RouteStats {
     pub source_broker: String,
     pub target_broker: String,
     pub pairs: Vec<Arc<PairStats>>,
+    /// Per pair, with a spool (else empty).
+    pub spool: Vec<Arc<crate::spool::LogGauges>>,
 }
 
 impl RouteStats {
@@ -49,6 +51,7 @@ impl RouteStats {
             source_broker: route.plan.from.name.clone(),
             target_broker: route.plan.to.name.clone(),
             pairs: route.pairs.clone(),
+            spool: route.spool.clone(),
         }
     }
 }
@@ -128,8 +131,13 @@ impl Admin {
         let mut now_busy = Vec::with_capacity(before.len());
         let healths = routes
             .iter()
-            .flat_map(|r| r.pairs.iter())
-            .map(|p| {
+            .flat_map(|r| {
+                r.pairs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| (p, r.spool.get(i).map(|g| g.full.load(Relaxed))))
+            })
+            .map(|(p, spool_full)| {
                 let mut since = before.get(&Arc::as_ptr(p)).copied().unwrap_or_default();
                 let in_flight = PairStats::get(&p.in_flight);
                 since.observe(in_flight, now);
@@ -141,6 +149,7 @@ impl Admin {
                     parked: p.parked.load(Relaxed),
                     in_flight,
                     waiting_since_ms: since.waiting_since(PairStats::get(&p.last_progress_ms)),
+                    spool_full,
                 }
             })
             .collect();
@@ -259,6 +268,7 @@ mod tests {
             source_broker: "edge".into(),
             target_broker: "cloud".into(),
             pairs: (0..pairs).map(|_| Arc::new(PairStats::default())).collect(),
+            spool: Vec::new(),
         };
         Admin::new(
             RouteSet::new(vec![route]),
@@ -302,6 +312,7 @@ mod tests {
             name: "up".into(),
             source_broker: "edge".into(),
             target_broker: "cloud".into(),
+            spool: Vec::new(),
             pairs: vec![Arc::new(PairStats::default())],
         };
         let long_ago = Instant::now() - Duration::from_secs(120);
@@ -331,6 +342,7 @@ mod tests {
             name: name.into(),
             source_broker: "edge".into(),
             target_broker: "cloud".into(),
+            spool: Vec::new(),
             pairs: vec![Arc::new(PairStats::default())],
         };
         let (up, added) = (stats("up"), stats("added"));

@@ -121,9 +121,23 @@ fn build_plan(config: schema::Config, cx: &Context) -> Result<Plan, ConfigError>
             "none configured; add a [[routes]] table with name, from, to and topics",
         ));
     }
+    let spool = spool_settings(config.spool, &bridge, cx)?;
     let mut routes: Vec<RoutePlan> = Vec::with_capacity(config.routes.len());
     for (i, route) in config.routes.into_iter().enumerate() {
-        let plan = route_plan(i, route, &bridge, &brokers)?;
+        let wants_spool = route.spool;
+        let mut plan = route_plan(i, route, &bridge, &brokers)?;
+        if wants_spool {
+            let Some((dir, max_bytes)) = &spool else {
+                return Err(invalid(
+                    format!("routes[{i}].spool"),
+                    r#"is true but there is no [spool] table; add one with the directory, e.g. [spool] dir = "/var/lib/mqbridge""#,
+                ));
+            };
+            plan.spool = Some(crate::config::plan::SpoolPlan {
+                dir: dir.join(&plan.name),
+                max_bytes: *max_bytes,
+            });
+        }
         if let Some(first) = routes.iter().position(|r| r.name == plan.name) {
             return Err(invalid(
                 format!("routes[{i}].name"),
@@ -145,6 +159,41 @@ fn build_plan(config: schema::Config, cx: &Context) -> Result<Plan, ConfigError>
         return Err(invalid("bridge.loop_digest_window", why));
     }
     Ok(plan)
+}
+
+/// `[spool]`: the directory of this bridge instance's spools and the per-route limit.
+fn spool_settings(
+    spool: Option<schema::Spool>,
+    bridge: &BridgePlan,
+    cx: &Context,
+) -> Result<Option<(PathBuf, u64)>, ConfigError> {
+    let Some(spool) = spool else {
+        return Ok(None);
+    };
+    let dir = spool.dir.ok_or_else(|| {
+        invalid(
+            "spool.dir",
+            r#"missing; the directory spools are kept in, e.g. dir = "/var/lib/mqbridge""#,
+        )
+    })?;
+    if dir.trim().is_empty() {
+        return Err(invalid(
+            "spool.dir",
+            r#"is empty; name a directory, e.g. dir = "/var/lib/mqbridge""#,
+        ));
+    }
+    let max_bytes = spool.max_bytes.unwrap_or(1 << 30);
+    if max_bytes < 1 << 20 {
+        return Err(invalid(
+            "spool.max_bytes",
+            format!("{max_bytes} bytes is too small to hold an outage; use at least \"1MiB\""),
+        ));
+    }
+    let dir = cx
+        .resolve(Path::new(&dir))
+        .join(&bridge.name)
+        .join(&bridge.instance);
+    Ok(Some((dir, max_bytes)))
 }
 
 /// More threads than this is a typo, not a machine.
@@ -710,6 +759,7 @@ fn route_plan(
         queue_capacity,
         rewrite: Rewrite::new(rules),
         dead_letter,
+        spool: None,
     })
 }
 

@@ -175,6 +175,16 @@ pub struct RoutePlan {
     pub queue_capacity: usize,
     pub rewrite: Rewrite,
     pub dead_letter: Option<TopicName>,
+    /// `spool = true`: this route's spool directory and limit.
+    pub spool: Option<SpoolPlan>,
+}
+
+/// Where one route keeps its spool (SPEC 4.9).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolPlan {
+    /// `<spool.dir>/<bridge.name>/<instance>/<route>`; each pair has a directory in it.
+    pub dir: std::path::PathBuf,
+    pub max_bytes: u64,
 }
 
 /// Which side of a pair a connection is.

@@ -25,6 +25,21 @@ pub struct Config {
     /// `[[routes]]`: what is taken from which broker and republished to which.
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// `[spool]`: where routes with `spool = true` keep what the target has not taken yet.
+    #[serde(default)]
+    pub spool: Option<Spool>,
+}
+
+/// `[spool]` (SPEC 4.9)
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spool {
+    /// Required: the directory; each route's spool is `<dir>/<bridge.name>/<instance>/<route>/`.
+    /// Relative to the config file's directory.
+    pub dir: Option<String>,
+    /// Per route; when full the route stops reading its source (never drops). Default 1 GiB.
+    #[serde(default, deserialize_with = "parse::opt_byte_size")]
+    pub max_bytes: Option<u64>,
 }
 
 /// `[bridge]`
@@ -305,6 +320,11 @@ pub struct Route {
     /// `[[routes.rewrite]]`: first match wins; no match leaves the topic unchanged.
     #[serde(default)]
     pub rewrite: Vec<Rewrite>,
+    /// Acknowledge the source once a message is on disk in the `[spool]` (or the target took
+    /// it), and keep reading the source while the target is slow or away. Default false: pure
+    /// ack chaining.
+    #[serde(default, deserialize_with = "parse::boolean")]
+    pub spool: bool,
 }
 
 pub const fn default_share() -> Share {

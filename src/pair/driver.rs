@@ -2,7 +2,12 @@
 //! connections the machine asks for, reads as much as the machine admits into its buffers,
 //! writes what the machine transmits, and sleeps until the machine's next deadline.
 
-use std::{future::Future, pin::Pin, sync::atomic::Ordering::Relaxed, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::atomic::Ordering::{self, Relaxed},
+    time::Duration,
+};
 
 use bytes::BytesMut;
 use tokio::{
@@ -15,8 +20,12 @@ use super::{
     PairSpec,
     machine::{Activation, Ended, Event, Machine, Mode, Role, Wake},
     retire,
+    spool_io::{SpoolIo, from_record, spool_reply},
 };
-use crate::link::{self, Connection, LinkError};
+use crate::{
+    link::{self, Connection, LinkError},
+    spool::Reply,
+};
 
 type Connecting = Pin<Box<dyn Future<Output = Result<Connection, LinkError>> + Send>>;
 
@@ -86,6 +95,7 @@ pub(super) async fn run_connected(
     mode: Mode,
 ) -> Activation {
     let route = spec.route.clone();
+    let (m_spec_spool, m_spec_index) = (spec.spool.clone(), spec.index);
     let seed = rand::random::<u64>();
     let mut m = Machine::new(
         spec,
@@ -96,10 +106,33 @@ pub(super) async fn run_connected(
     );
     let (mut source, mut target) = (Io::default(), Io::default());
     let mut active_open = true;
+    let mut spool = loop {
+        match SpoolIo::open(&m_spec_spool, m_spec_index).await {
+            Ok(s) => break s,
+            Err(e) => {
+                // Not opened (still held by a pool that is stopping, a disk error): without it
+                // the pair takes nothing, so nothing is lost; it says so and tries again.
+                tracing::error!(route = %route.name, pair = m_spec_index, error = %e, "spool: cannot open; retrying in 2 s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                if *shutdown.borrow() {
+                    return m.activation(Ended::Shutdown);
+                }
+            }
+        }
+    };
     loop {
+        if let Some(s) = spool.as_ref() {
+            m.spool_full(s.link.gauges.full.load(Ordering::Relaxed));
+        }
         if let Some(ended) = m.handle_input(std::time::Instant::now()) {
             goodbye(&mut m, Role::Source, &mut source).await;
             goodbye(&mut m, Role::Target, &mut target).await;
+            if let Some(s) = spool.take() {
+                s.close();
+            }
             m.stopped();
             return m.activation(ended);
         }
@@ -122,6 +155,11 @@ pub(super) async fn run_connected(
                         Wake::Raise => w.raise(),
                         Wake::RaiseTo(n) => w.raise_to(n),
                         Wake::Lower => w.lower(),
+                    }
+                }
+                Event::Spool(op) => {
+                    if let Some(s) = spool.as_ref() {
+                        s.send(op);
                     }
                 }
             }
@@ -164,6 +202,19 @@ pub(super) async fn run_connected(
                 // The pool's controller is gone (the route is stopping): nothing more to follow.
                 Err(_) => active_open = false,
             },
+            reply = spool_reply(&mut spool) => {
+                let now = std::time::Instant::now();
+                match reply {
+                    Some(Reply::Durable(n)) => m.spool_durable(now, n),
+                    Some(Reply::Failed(n, _)) => m.spool_failed(now, n),
+                    Some(Reply::Records(records)) => {
+                        let records = records.into_iter().map(|r| from_record(r, now)).collect();
+                        m.spool_records(now, records);
+                    }
+                    // The spool thread is gone (the process is ending): no more answers.
+                    None => spool = None,
+                }
+            }
             _ = tokio::time::sleep_until(next_timer) => m.handle_timeout(std::time::Instant::now()),
         }
     }

@@ -92,6 +92,20 @@ pub enum Event {
     Close(Role),
     /// Change the side's socket wake-up mark (`link::WakeThreshold`).
     Wake(Role, Wake),
+    /// Hand this to the pair's spool (a route with `spool = true`); answers come back through
+    /// `spool_durable`, `spool_failed` and `spool_records`.
+    Spool(SpoolOp),
+}
+
+/// What a pair's spool must do (see `machine::spooled`).
+#[derive(Debug)]
+pub enum SpoolOp {
+    /// Append these, in order, and say when they are durable.
+    Append(Vec<Message>),
+    /// The target took these records: they may go.
+    Ack(Vec<u64>),
+    /// Read up to this many records after the last read.
+    Read(usize),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,7 +323,10 @@ struct Parking {
 /// One pair's protocol state.
 pub struct Machine {
     spec: PairSpec,
+    /// The window towards the target (fed by the source, or by the spool).
     window: Window,
+    /// With a spool: the window towards the source, whose "target" is the spool.
+    intake: Option<Box<spooled::Intake>>,
     source: Side,
     target: Side,
     events: VecDeque<Event>,
@@ -421,7 +438,14 @@ impl Machine {
                     ShareProbe::new(&prefix, &spec.source_client_id)
                 }),
             last_source_read: now,
-            window: Window::new(usize::from(route.to.max_inflight)),
+            window: {
+                let mut w = Window::new(usize::from(route.to.max_inflight));
+                if spec.spool.is_some() {
+                    w.source_connected(true); // its source is the spool, always there
+                }
+                w
+            },
+            intake: spec.spool.is_some().then(spooled::Intake::new),
             source: Side::new(
                 Role::Source,
                 route.from.clone(),
@@ -493,7 +517,11 @@ impl Machine {
         } else if self.parked(now) {
             return Some(Ended::Parked);
         }
-        self.linger(now);
+        if self.intake.is_none() {
+            // Lingering batches reads against the target's window; with a spool the source
+            // is read against the intake's, and waits for no target ack.
+            self.linger(now);
+        }
         None
     }
 
@@ -510,7 +538,8 @@ impl Machine {
             Role::Source => {
                 let read = self.source.is_up()
                     && self.renew_source == Renew::No
-                    && self.window.can_accept()
+                    && self.source_window_ref().can_accept()
+                    && self.intake_open()
                     && self.dead_letters.has_room()
                     && !self.draining
                     && lingering.is_none()
@@ -617,7 +646,7 @@ impl Machine {
     fn close(&mut self, now: Instant, role: Role, why: &dyn std::fmt::Display, peer_closed: bool) {
         match role {
             Role::Source => {
-                self.window.source_disconnected();
+                self.source_window().source_disconnected();
                 self.spec.stats.source_up.store(false, Relaxed);
                 self.spec.stats.subscribed.store(false, Relaxed);
                 self.source_partial = false;
@@ -728,7 +757,7 @@ impl Machine {
         // Paced: wake when the quota allows the next read (only if we would read at all, and
         // only if a quota holds it back: "ready now" is no deadline, and waking for it every
         // timer tick made idle pairs cost CPU).
-        if self.source.is_up() && self.window.can_accept() && !self.draining {
+        if self.source.is_up() && self.source_window_ref().can_accept() && !self.draining {
             let at = self
                 .target_pacer
                 .ready_at(now)
@@ -747,6 +776,7 @@ impl Machine {
         }
         let deadlines = [
             self.keep_alive_due(),
+            self.intake.as_ref().and_then(|i| i.retry_at()),
             self.probe.as_ref().and_then(ShareProbe::poll_timeout),
             self.retry_at,
             self.suback_deadline,
@@ -776,6 +806,8 @@ impl Machine {
             self.window.resume();
             self.apply_actions(now);
         }
+        self.spool_retry_due(now);
+        self.apply_actions(now);
     }
 
     /// Messages held (taken from the source, not yet finished with the target).
@@ -849,7 +881,11 @@ impl Machine {
             let source = &mut self.source;
             let mut params = ConnectParams::for_broker(&source.broker, source.client_id.clone());
             if source.broker.protocol == Protocol::V5 {
-                let window = self.window.window().min(usize::from(u16::MAX)) as u16;
+                let window = match self.intake.as_ref() {
+                    Some(i) => i.window_ref().window(),
+                    None => self.window.window(),
+                };
+                let window = window.min(usize::from(u16::MAX)) as u16;
                 params.receive_maximum = Some(window);
                 // Not the target's Maximum Packet Size: a v5 broker silently discards what is
                 // over the client's limit, and an oversize message must be dead-lettered and
@@ -866,7 +902,11 @@ impl Machine {
     fn source_may_connect(&self) -> bool {
         // Also while parking: the UNSUBSCRIBE must reach the broker, or it keeps queueing for
         // us, and what the session still holds must be taken before the pair leaves.
-        !self.draining && self.target.connects > 0 && self.source.link == Link::Down
+        // With a spool the source runs on its own (SPEC 4.9): the spool takes what the target
+        // cannot, and the source's window is the intake's, not the target's.
+        !self.draining
+            && (self.target.connects > 0 || self.intake.is_some())
+            && self.source.link == Link::Down
     }
 
     fn target_established(
@@ -911,7 +951,11 @@ impl Machine {
         // The source advertised the old target's window: if the target came back with another,
         // reconnect the source so what it may send us mirrors the target again.
         let now_window = Some(window.min(usize::from(u16::MAX)) as u16);
-        if self.source.is_up() && self.advertised.is_some() && self.advertised != now_window {
+        if self.intake.is_none()
+            && self.source.is_up()
+            && self.advertised.is_some()
+            && self.advertised != now_window
+        {
             if self.source.broker.session_expiry.is_zero() {
                 // A clean session loses what is in flight with the connection: keep the old
                 // window (the pair holds at most that much) rather than lose messages.
@@ -1001,7 +1045,7 @@ impl Machine {
         } else {
             info!(route = %self.spec.route.name, pair = self.spec.index, broker = %self.source.broker.name, client_id = %self.source.client_id, session_present = info.session_present, "source connected");
         }
-        self.window.source_connected(info.session_present);
+        self.source_window().source_connected(info.session_present);
         self.dead_letters.connected(
             info.receive_maximum,
             info.maximum_qos.and_then(Qos::from_u8),
@@ -1154,7 +1198,8 @@ impl Machine {
     fn process_source_input(&mut self, now: Instant) {
         while self.source.is_up()
             && !self.draining
-            && self.window.can_accept()
+            && self.source_window_ref().can_accept()
+            && self.intake_open()
             && self.dead_letters.has_room()
             && self.qos0_buffered < self.spec.route.queue_capacity
             && self.target.wbuf.len() < TARGET_WBUF_HIGH
@@ -1215,7 +1260,7 @@ impl Machine {
                         break;
                     }
                 }
-                Inbound::PubRel { pkid } => self.window.source_pubrel(pkid),
+                Inbound::PubRel { pkid } => self.source_window().source_pubrel(pkid),
                 Inbound::SubAck { pkid, codes } => self.suback(now, pkid, &codes),
                 Inbound::UnsubAck { pkid } if pkid == UNSUBSCRIBE_PKID => {
                     if let Some(p) = self.parking.as_mut() {
@@ -1321,7 +1366,7 @@ impl Machine {
     /// Acknowledges a source PUBLISH that is not forwarded (the reason was counted).
     fn discard(&mut self, p: &InboundPublish) {
         if p.qos != Qos::AtMostOnce {
-            self.window.source_discard(p.pkid, p.qos, p.dup);
+            self.source_window().source_discard(p.pkid, p.qos, p.dup);
         }
     }
 
@@ -1457,7 +1502,8 @@ impl Machine {
             );
         }
         let pkid = (p.qos != Qos::AtMostOnce).then_some(p.pkid);
-        self.window.source_publish(pkid, p.qos, p.dup, message);
+        self.source_window()
+            .source_publish(pkid, p.qos, p.dup, message);
     }
 
     /// Whether a source message is one of ours coming back: it carries our marker (v5), or the
@@ -1486,7 +1532,8 @@ impl Machine {
         let held = self.drop_message_of(now, &p.topic, &p.payload, props, reason, why, original);
         if held {
             // Its ack waits until the dead letter is written (`send_dead_letters`).
-            self.window.source_discard_held(p.pkid, p.qos, p.dup);
+            self.source_window()
+                .source_discard_held(p.pkid, p.qos, p.dup);
             self.send_dead_letters();
         } else {
             self.discard(&p);
@@ -1585,13 +1632,25 @@ impl Machine {
                 PairStats::add(&self.spec.stats.dead_lettered, 1);
             }
             if let Some(original) = t.letter.original {
-                self.window.release_held(original);
+                self.source_window().release_held(original);
             }
         }
     }
 
     /// Encodes what the window asked for into the write buffers.
     fn apply_actions(&mut self, now: Instant) {
+        // With a spool, feeding the outlet may free room for more: go on until nothing moves.
+        loop {
+            let fed = self.spool_pass();
+            self.apply_window_actions(now);
+            if !fed {
+                break;
+            }
+        }
+        self.spool_flush_acks();
+    }
+
+    fn apply_window_actions(&mut self, now: Instant) {
         while let Some(action) = self.window.poll_action() {
             match action {
                 Action::SendPublish { pkid, dup } => {
@@ -1637,6 +1696,7 @@ impl Machine {
                 }
                 Action::SendQos0(m) => self.send_qos0(now, m),
                 Action::SendPubRel(pkid) => self.target.codec.pubrel(pkid, &mut self.target.wbuf),
+                Action::AckSource(ack) if self.intake.is_some() => self.spool_outlet_ack(ack),
                 Action::AckSource(ack) => {
                     let codec = self.source.codec;
                     let buf = &mut self.source.wbuf;
@@ -1772,10 +1832,11 @@ impl Machine {
     fn publish_stats(&self) {
         let s = &self.spec.stats;
         let c = self.window.counters();
+        let taken = self.source_window_ref().counters();
         let b = self.base;
-        PairStats::set(&s.received, b.received + c.received);
+        PairStats::set(&s.received, b.received + taken.received);
         PairStats::set(&s.forwarded, b.forwarded + c.forwarded);
-        PairStats::set(&s.redeliveries, b.redeliveries + c.redeliveries);
+        PairStats::set(&s.redeliveries, b.redeliveries + taken.redeliveries);
         PairStats::set(&s.retried, b.retried + c.retried);
         let in_flight = self.window.in_flight() as u64;
         PairStats::set(&s.in_flight, in_flight);
@@ -1804,7 +1865,13 @@ impl Machine {
     }
 
     fn drained(&self) -> bool {
-        self.window.in_flight() == 0
+        // With a spool what the target has not taken stays in it: only the intake must be
+        // done (everything durable and acknowledged to the source), and the outlet while the
+        // target is there to finish with.
+        let outlet_done =
+            self.window.in_flight() == 0 || (self.intake.is_some() && !self.target.is_up());
+        outlet_done
+            && self.intake_drained()
             && self.dead_letters.in_flight() == 0
             && self.dead_letters.queued() == 0
             && self.target.wbuf.is_empty()
@@ -1813,7 +1880,7 @@ impl Machine {
 
     /// The next keep-alive deadline of either side: a PINGREQ due, or a PINGRESP overdue.
     fn keep_alive_due(&self) -> Option<Instant> {
-        let read_source = self.window.can_accept() && !self.draining;
+        let read_source = self.source_window_ref().can_accept() && !self.draining;
         [(&self.source, read_source), (&self.target, true)]
             .into_iter()
             .filter(|(side, _)| side.is_up() && !side.keep_alive().is_zero())
@@ -1831,7 +1898,7 @@ impl Machine {
 
     /// PINGREQ on idle connections; a connection whose PINGRESP does not come is dead.
     fn keep_alive_tick(&mut self, now: Instant) {
-        let read_source = self.window.can_accept() && !self.draining;
+        let read_source = self.source_window_ref().can_accept() && !self.draining;
         for role in [Role::Source, Role::Target] {
             let reading = role == Role::Target || read_source;
             let side = self.side(role);
@@ -1859,3 +1926,5 @@ impl Machine {
 
 #[cfg(test)]
 mod tests;
+
+mod spooled;

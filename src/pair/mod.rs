@@ -11,6 +11,7 @@ pub mod pacing;
 pub mod retire;
 pub mod share_probe;
 pub mod spec;
+pub mod spool_io;
 pub mod stats;
 pub mod window;
 

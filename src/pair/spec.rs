@@ -18,6 +18,16 @@ pub struct PairSpec {
     /// Process start, the zero of `PairStats::last_progress_ms`.
     pub epoch: std::time::Instant,
     pub loops: LoopGuard,
+    /// The route's spool, when it keeps one: the pair's source side takes messages into it on
+    /// its own (SPEC 4.9).
+    pub spool: Option<SpoolLink>,
+}
+
+/// A pair's way to its route's spool thread.
+#[derive(Clone, Debug)]
+pub struct SpoolLink {
+    pub spool: crate::spool::Spool,
+    pub gauges: Arc<crate::spool::LogGauges>,
 }
 
 /// What a pair does against loops (SPEC 4.6).

@@ -125,6 +125,14 @@ impl Spool {
             .map_err(|_| "the spool thread is gone".to_string())?
     }
 
+    /// A handle on no thread: every command is dropped (tests of the pair machine, which
+    /// never talks to it).
+    pub fn unconnected() -> Spool {
+        Spool {
+            tx: mpsc::channel().0,
+        }
+    }
+
     pub fn append(&self, pair: usize, records: Vec<Record>) {
         let _ = self.tx.send(Command::Append(pair, records));
     }

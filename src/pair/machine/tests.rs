@@ -70,6 +70,21 @@ struct H {
     /// Connections the machine closed (or abandoned) itself.
     closed: Vec<Role>,
     protocols: (Protocol, Protocol),
+    /// With `spool = true`: the spool the machine talks to, in memory.
+    spool: FakeSpool,
+}
+
+/// The spool thread as the machine sees it: appends wait for `H::sync` to become durable;
+/// reads and acks are answered at once.
+#[derive(Default)]
+struct FakeSpool {
+    records: BTreeMap<u64, Message>,
+    next: u64,
+    /// Appended, not yet durable.
+    unsynced: usize,
+    read_upto: u64,
+    acked: Vec<u64>,
+    reads: VecDeque<usize>,
 }
 
 impl H {
@@ -78,6 +93,7 @@ impl H {
     }
 
     fn with_route(source: &str, target: &str, route: &str) -> H {
+        let spooled = route.contains("spool = true");
         let plan = plan_with_route(source, target, route);
         let route = Arc::new(plan.routes[0].clone());
         let stats = Arc::new(PairStats::default());
@@ -98,6 +114,10 @@ impl H {
                 record_echoes: false,
                 check_echoes: false,
             },
+            spool: spooled.then(|| crate::pair::spec::SpoolLink {
+                spool: crate::spool::Spool::unconnected(),
+                gauges: Arc::default(),
+            }),
         };
         H {
             m: Machine::new(spec, Mode::Serve, false, now, 7),
@@ -106,6 +126,10 @@ impl H {
             connects: Vec::new(),
             closed: Vec::new(),
             protocols: (route.from.protocol, route.to.protocol),
+            spool: FakeSpool {
+                next: 1,
+                ..FakeSpool::default()
+            },
         }
     }
 
@@ -120,8 +144,50 @@ impl H {
                 Event::Connect(role, params) => self.connects.push((role, params)),
                 Event::Close(role) => self.closed.push(role),
                 Event::Wake(..) => {}
+                Event::Spool(op) => match op {
+                    SpoolOp::Append(messages) => {
+                        for m in messages {
+                            self.spool.records.insert(self.spool.next, m);
+                            self.spool.next += 1;
+                            self.spool.unsynced += 1;
+                        }
+                    }
+                    SpoolOp::Ack(seqs) => {
+                        for seq in seqs {
+                            assert!(
+                                self.spool.records.remove(&seq).is_some(),
+                                "acked {seq} twice"
+                            );
+                            self.spool.acked.push(seq);
+                        }
+                    }
+                    SpoolOp::Read(n) => self.spool.reads.push_back(n),
+                },
             }
         }
+        // Reads are answered with what is durable (after the events: an answer makes more).
+        while let Some(n) = self.spool.reads.pop_front() {
+            let durable_below = self.spool.next - self.spool.unsynced as u64;
+            let batch: Vec<(u64, Message)> = self
+                .spool
+                .records
+                .range(self.spool.read_upto + 1..durable_below)
+                .take(n)
+                .map(|(s, m)| (*s, m.clone()))
+                .collect();
+            if let Some((last, _)) = batch.last() {
+                self.spool.read_upto = *last;
+            }
+            self.m.spool_records(self.now, batch);
+            self.events();
+        }
+    }
+
+    /// The spool makes every append so far durable.
+    fn sync(&mut self) {
+        let n = std::mem::take(&mut self.spool.unsynced);
+        self.m.spool_durable(self.now, n);
+        self.pass();
     }
 
     fn asked(&mut self, role: Role) -> Option<ConnectParams> {
@@ -1062,4 +1128,175 @@ fn dead_letters_keep_to_the_sources_receive_maximum_and_each_goes_before_its_ori
     );
     let again = source_out(&mut h);
     assert_eq!(&again[..2], ["DL 1001", "DL 1002"], "{again:?}");
+}
+
+// ---- With a spool (#15, SPEC 4.9) -------------------------------------------------------------
+
+impl H {
+    /// A spooled pair: the source connects on its own and subscribes; the target is down.
+    fn spooled(target_up: bool) -> H {
+        // `[spool]` last: it ends the route's table (the machine never touches the directory).
+        let mut h = H::with_route(
+            "",
+            "max_inflight = 20",
+            "spool = true\n[spool]\ndir = \"/nonexistent\"",
+        );
+        h.pass();
+        assert!(
+            h.connects.iter().any(|(r, _)| *r == Role::Source),
+            "with a spool the source does not wait for the target"
+        );
+        h.up(Role::Source, false);
+        let pkid = match h.out(Role::Source).as_slice() {
+            [v4::Packet::Subscribe(s)] => s.pkid,
+            other => panic!("expected SUBSCRIBE, got {other:?}"),
+        };
+        h.feed(
+            Role::Source,
+            v4::Packet::SubAck(v4::SubAck::new(
+                pkid,
+                vec![v4::SubscribeReasonCode::Success(QoS::ExactlyOnce)],
+            )),
+        );
+        if target_up {
+            h.up(Role::Target, false);
+        }
+        h
+    }
+
+    fn publish_n(&mut self, n: u16, qos: QoS) {
+        for i in 1..=n {
+            let mut p = v4::Publish::new("t/x", qos, format!("m{i}").into_bytes());
+            p.pkid = i;
+            self.feed(Role::Source, v4::Packet::Publish(p));
+        }
+    }
+
+    fn payloads(packets: &[v4::Packet]) -> Vec<String> {
+        packets
+            .iter()
+            .filter_map(|p| match p {
+                v4::Packet::Publish(p) => Some(String::from_utf8(p.payload.to_vec()).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn with_a_spool_the_source_is_acknowledged_once_durable_while_the_target_is_down() {
+    let mut h = H::spooled(false);
+    h.publish_n(50, QoS::AtLeastOnce); // more than the target's window of 20
+    assert!(
+        h.out(Role::Source).is_empty(),
+        "nothing acknowledged before it is durable"
+    );
+    assert_eq!(h.spool.records.len(), 50);
+    h.sync();
+    let acks: Vec<u16> = h
+        .out(Role::Source)
+        .into_iter()
+        .map(|p| match p {
+            v4::Packet::PubAck(a) => a.pkid,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        acks,
+        (1..=50).collect::<Vec<_>>(),
+        "every one, in arrival order"
+    );
+    // The target comes: the backlog goes out in order, a window at a time, each record
+    // deleted once the target acknowledged it.
+    h.up(Role::Target, false);
+    let mut sent = Vec::new();
+    while sent.len() < 50 {
+        let out = h.out(Role::Target);
+        assert!(!out.is_empty(), "stalled after {} of 50", sent.len());
+        assert!(out.len() <= 20, "over the target's window: {}", out.len());
+        sent.extend(H::payloads(&out));
+        for p in out {
+            if let v4::Packet::Publish(p) = p {
+                h.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(p.pkid)));
+            }
+        }
+    }
+    let expected: Vec<String> = (1..=50).map(|i| format!("m{i}")).collect();
+    assert_eq!(sent, expected);
+    assert!(
+        h.spool.records.is_empty(),
+        "every record acknowledged by the target went"
+    );
+    assert_eq!(h.spool.acked.len(), 50);
+}
+
+#[test]
+fn with_a_spool_qos2_is_received_and_released_on_both_sides() {
+    let mut h = H::spooled(true);
+    h.publish_n(1, QoS::ExactlyOnce);
+    h.sync();
+    assert_eq!(
+        h.out(Role::Source),
+        vec![v4::Packet::PubRec(v4::PubRec::new(1))]
+    );
+    // A redelivery before the PUBREL is not taken twice.
+    let mut dup = v4::Publish::new("t/x", QoS::ExactlyOnce, b"m1".to_vec());
+    dup.pkid = 1;
+    dup.dup = true;
+    h.feed(Role::Source, v4::Packet::Publish(dup));
+    assert_eq!(h.spool.records.len(), 1);
+    h.feed(Role::Source, v4::Packet::PubRel(v4::PubRel::new(1)));
+    let to_source = h.out(Role::Source);
+    assert!(
+        to_source.contains(&v4::Packet::PubComp(v4::PubComp::new(1))),
+        "{to_source:?}"
+    );
+    let out = h.out(Role::Target);
+    let pkid = match out.as_slice() {
+        [v4::Packet::Publish(p)] if p.qos == QoS::ExactlyOnce => p.pkid,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(h.spool.records.len(), 1, "kept until the target has it");
+    // The target's PUBREC says it has the message (as it releases the source's PUBREC without
+    // a spool): the record goes; the exchange is finished with PUBREL (and, after a restart,
+    // by the PUBREL every resumed target session gets).
+    h.feed(Role::Target, v4::Packet::PubRec(v4::PubRec::new(pkid)));
+    assert!(h.spool.records.is_empty());
+    assert_eq!(
+        h.out(Role::Target),
+        vec![v4::Packet::PubRel(v4::PubRel::new(pkid))]
+    );
+    h.feed(Role::Target, v4::Packet::PubComp(v4::PubComp::new(pkid)));
+    assert_eq!(h.m.in_flight(), 0);
+}
+
+#[test]
+fn a_full_spool_stops_reading_the_source() {
+    let mut h = H::spooled(false);
+    assert!(h.m.read_room(h.now, Role::Source).is_some());
+    h.m.spool_full(true);
+    assert_eq!(h.m.read_room(h.now, Role::Source), None);
+    h.m.spool_full(false);
+    assert!(h.m.read_room(h.now, Role::Source).is_some());
+}
+
+#[test]
+fn a_failed_sync_acknowledges_nothing_and_appends_again_after_a_pause() {
+    let mut h = H::spooled(false);
+    h.publish_n(3, QoS::AtLeastOnce);
+    let n = std::mem::take(&mut h.spool.unsynced);
+    h.spool.records.clear();
+    h.m.spool_failed(h.now, n);
+    h.pass();
+    assert!(h.out(Role::Source).is_empty(), "nothing acknowledged");
+    assert_eq!(
+        h.m.read_room(h.now, Role::Source),
+        None,
+        "no reading meanwhile"
+    );
+    let slept = h.sleep();
+    assert!(slept <= Duration::from_secs(1), "{slept:?}");
+    assert_eq!(h.spool.records.len(), 3, "appended again");
+    h.sync();
+    assert_eq!(h.out(Role::Source).len(), 3);
 }

@@ -1,0 +1,291 @@
+//! A pair with a spool (SPEC 4.9): two windows instead of one, the spool between them.
+//!
+//! ```text
+//! source ──PUBLISH──▶ intake window ──append──▶ spool ──read──▶ outlet window ──PUBLISH──▶ target
+//!        ◀──ack─────  (acked when durable)                      (acked: the record goes)
+//! ```
+//!
+//! The intake window is an ordinary `Window` whose "target" is the spool: a message is
+//! "published" by appending it, and "acknowledged" when the spool says it is durable, so every
+//! rule the window keeps towards the source (acks in arrival order, redeliveries recognised,
+//! QoS 2 exactly once while the process runs, a lost source session noticed) holds unchanged.
+//! The outlet window is the pair's usual `window`, fed from the spool instead of the source; its
+//! acks to its "source" delete records. The target's window, pacing, expiry and dead letters
+//! apply as without a spool. The I/O layer carries appends, acks and reads to the spool thread
+//! (`Event::Spool`) and hands back what it answered (`spool_durable`, `spool_failed`,
+//! `spool_records`); it decides nothing.
+
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
+
+use super::{Event, Machine, SpoolOp};
+use crate::{
+    config::Qos,
+    message::Message,
+    pair::window::{Action, IdMap, SourceAck, Window},
+};
+
+/// The most messages taken from the source and not yet durable: what a v5 source is told as
+/// Receive Maximum. Sized for group commit (one fsync takes what arrived during the last), not
+/// for the target's window.
+pub const INTAKE_WINDOW: usize = 1024;
+/// Records read ahead of the outlet window, at most.
+const READ_AHEAD: usize = 256;
+/// After a failed sync, the pause before the group is appended again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The spool side of a pair's state.
+pub struct Intake {
+    window: Window,
+    /// Per append sent to the spool and not yet answered, in order: the intake window's packet
+    /// id and QoS (`None`: a QoS 0 message, nothing to acknowledge).
+    appending: VecDeque<Option<(u16, Qos)>>,
+    to_append: Vec<Message>,
+    to_ack: Vec<u64>,
+    /// Records read and not yet given to the outlet window (seq, message).
+    loaded: VecDeque<(u64, Message)>,
+    reading: bool,
+    /// The last read found nothing: wait for new durable records before asking again.
+    dry: bool,
+    /// Outlet window packet id -> spool sequence number.
+    outlet: IdMap<u64>,
+    next_id: u16,
+    /// The spool reports itself full: stop reading the source.
+    pub full: bool,
+    /// A sync failed: the intake is appended again from here.
+    retry_at: Option<Instant>,
+}
+
+impl Intake {
+    pub fn new() -> Box<Intake> {
+        let mut window = Window::new(INTAKE_WINDOW);
+        window.target_connected(false, INTAKE_WINDOW);
+        Box::new(Intake {
+            window,
+            appending: VecDeque::new(),
+            to_append: Vec::new(),
+            to_ack: Vec::new(),
+            loaded: VecDeque::new(),
+            reading: false,
+            dry: false,
+            outlet: IdMap::default(),
+            next_id: 0,
+            full: false,
+            retry_at: None,
+        })
+    }
+
+    pub fn window(&mut self) -> &mut Window {
+        &mut self.window
+    }
+
+    pub fn window_ref(&self) -> &Window {
+        &self.window
+    }
+
+    /// Taken from the source and not yet durable (or not yet acknowledged to it).
+    pub fn in_flight(&self) -> usize {
+        self.window.in_flight()
+    }
+
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry_at
+    }
+
+    fn next_outlet_id(&mut self) -> u16 {
+        loop {
+            self.next_id = self.next_id.checked_add(1).unwrap_or(1);
+            if !self.outlet.contains_key(&self.next_id) {
+                return self.next_id;
+            }
+        }
+    }
+}
+
+impl Machine {
+    /// The window that faces the source: the intake's with a spool, else the pair's one.
+    pub(super) fn source_window(&mut self) -> &mut Window {
+        match self.intake.as_mut() {
+            Some(i) => i.window(),
+            None => &mut self.window,
+        }
+    }
+
+    pub(super) fn source_window_ref(&self) -> &Window {
+        match self.intake.as_ref() {
+            Some(i) => i.window_ref(),
+            None => &self.window,
+        }
+    }
+
+    /// The spool made this many appends durable, in the order they were asked for.
+    pub fn spool_durable(&mut self, now: Instant, n: usize) {
+        let Some(intake) = self.intake.as_mut() else {
+            return;
+        };
+        intake.dry = false;
+        for _ in 0..n {
+            match intake.appending.pop_front().flatten() {
+                Some((pkid, Qos::ExactlyOnce)) => {
+                    intake.window.target_pubrec(pkid, 0);
+                    // The spool has it: the QoS 2 exchange with our "target" ends here (its
+                    // PUBREL, asked for next, is answered at once).
+                }
+                Some((pkid, _)) => intake.window.target_puback(pkid, 0),
+                None => {}
+            }
+        }
+        self.apply_actions(now);
+    }
+
+    /// The spool could not make this many appends durable: they are not acknowledged to the
+    /// source, and are appended again after a pause (the disk may have room again).
+    pub fn spool_failed(&mut self, now: Instant, n: usize) {
+        let Some(intake) = self.intake.as_mut() else {
+            return;
+        };
+        for _ in 0..n {
+            intake.appending.pop_front();
+        }
+        if intake.appending.is_empty() {
+            intake.window.target_disconnected();
+            intake.retry_at = Some(now + RETRY_AFTER);
+        }
+    }
+
+    /// Records the spool read, oldest first; empty: none more now.
+    pub fn spool_records(&mut self, now: Instant, records: Vec<(u64, Message)>) {
+        let Some(intake) = self.intake.as_mut() else {
+            return;
+        };
+        intake.reading = false;
+        intake.dry = records.is_empty();
+        intake.loaded.extend(records);
+        self.apply_actions(now);
+    }
+
+    /// The spool is over `max_bytes` (or no longer): the source is read only while it is not.
+    pub fn spool_full(&mut self, full: bool) {
+        if let Some(intake) = self.intake.as_mut() {
+            intake.full = full;
+        }
+    }
+
+    /// A failed group's pause is over: append what the intake holds again.
+    pub(super) fn spool_retry_due(&mut self, now: Instant) {
+        if let Some(intake) = self.intake.as_mut()
+            && intake.retry_at.is_some_and(|t| now >= t)
+        {
+            intake.retry_at = None;
+            intake.window.target_connected(true, INTAKE_WINDOW);
+        }
+    }
+
+    /// Moves the intake window's actions to the spool and the source, feeds the outlet window
+    /// from what was read, and asks the I/O layer for what the spool must do. Returns whether
+    /// it fed the outlet anything (whose actions then want applying).
+    pub(super) fn spool_pass(&mut self) -> bool {
+        let Some(intake) = self.intake.as_mut() else {
+            return false;
+        };
+        let mut fed = false;
+        while let Some(action) = intake.window.poll_action() {
+            match action {
+                Action::SendPublish { pkid, .. } => {
+                    if let Some(m) = intake.window.held(pkid) {
+                        let qos = m.qos;
+                        intake.to_append.push(m.clone());
+                        intake.appending.push_back(Some((pkid, qos)));
+                    }
+                }
+                Action::SendQos0(m) => {
+                    intake.to_append.push(m);
+                    intake.appending.push_back(None);
+                }
+                Action::SendPubRel(pkid) => intake.window.target_pubcomp(pkid),
+                Action::AckSource(ack) => {
+                    let codec = self.source.codec;
+                    let buf = &mut self.source.wbuf;
+                    match ack {
+                        SourceAck::PubAck(id) => codec.puback(id, buf),
+                        SourceAck::PubRec(id) => codec.pubrec(id, buf),
+                        SourceAck::PubComp(id) => codec.pubcomp(id, buf),
+                    }
+                }
+                // The spool never refuses nor asks to wait.
+                Action::Refused { .. } | Action::Backoff { .. } => {}
+            }
+        }
+        // Feed the outlet: QoS 0 only while the target can take it now.
+        while self.window.can_accept() {
+            let Some((_, m)) = intake.loaded.front() else {
+                break;
+            };
+            if m.qos == Qos::AtMostOnce && !self.target.is_up() {
+                break;
+            }
+            let (seq, m) = intake.loaded.pop_front().expect("checked");
+            fed = true;
+            if m.qos == Qos::AtMostOnce {
+                // Written (or counted dropped) by the outlet right away: the record may go.
+                intake.to_ack.push(seq);
+                self.window.source_publish(None, Qos::AtMostOnce, false, m);
+            } else {
+                let id = intake.next_outlet_id();
+                intake.outlet.insert(id, seq);
+                let qos = m.qos;
+                self.window.source_publish(Some(id), qos, false, m);
+            }
+        }
+        if !intake.to_append.is_empty() {
+            let batch = std::mem::take(&mut intake.to_append);
+            self.events.push_back(Event::Spool(SpoolOp::Append(batch)));
+        }
+        if !intake.reading && !intake.dry && intake.loaded.len() < READ_AHEAD / 2 {
+            intake.reading = true;
+            let want = READ_AHEAD - intake.loaded.len();
+            self.events.push_back(Event::Spool(SpoolOp::Read(want)));
+        }
+        fed
+    }
+
+    /// An outlet window's ack towards its "source", the spool: the record is done with (QoS 1
+    /// PUBACK, QoS 2 PUBCOMP), or the first half of QoS 2, answered at once with our PUBREL.
+    pub(super) fn spool_outlet_ack(&mut self, ack: SourceAck) {
+        let Some(intake) = self.intake.as_mut() else {
+            return;
+        };
+        match ack {
+            SourceAck::PubRec(id) => self.window.source_pubrel(id),
+            SourceAck::PubAck(id) | SourceAck::PubComp(id) => {
+                if let Some(seq) = intake.outlet.remove(&id) {
+                    intake.to_ack.push(seq);
+                }
+            }
+        }
+    }
+
+    /// Acks for the spool gathered in this pass go out as one event.
+    pub(super) fn spool_flush_acks(&mut self) {
+        if let Some(intake) = self.intake.as_mut()
+            && !intake.to_ack.is_empty()
+        {
+            let acks = std::mem::take(&mut intake.to_ack);
+            self.events.push_back(Event::Spool(SpoolOp::Ack(acks)));
+        }
+    }
+
+    /// With a spool: may the source be read (intake window room, spool not full)?
+    pub(super) fn intake_open(&self) -> bool {
+        self.intake
+            .as_ref()
+            .is_none_or(|i| !i.full && i.retry_at.is_none() && i.window.can_accept())
+    }
+
+    /// Nothing taken from the source is still to be made durable or acknowledged to it.
+    pub(super) fn intake_drained(&self) -> bool {
+        self.intake.as_ref().is_none_or(|i| i.in_flight() == 0)
+    }
+}
