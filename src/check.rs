@@ -238,6 +238,21 @@ fn write_route(out: &mut String, plan: &Plan, route: &RoutePlan) -> fmt::Result 
             "    undeliverable messages: logged and counted (no dead_letter topic)"
         )?,
     }
+    match &route.spool {
+        Some(spool) => writeln!(
+            out,
+            "    spool: {} (one directory per pair), up to {} ({} per pair); acknowledges the source once on disk, keeps reading while the target is away",
+            spool.dir.display(),
+            bytesize::ByteSize::b(spool.max_bytes).display().iec(),
+            bytesize::ByteSize::b(spool.max_bytes / route.pool_size_max.max(1) as u64)
+                .display()
+                .iec()
+        )?,
+        None => writeln!(
+            out,
+            "    spool: off (acknowledges the source once the target did; an outage is held by the source broker's queue)"
+        )?,
+    }
 
     let rules = route.rewrite.rules();
     if rules.is_empty() {

@@ -109,6 +109,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if let Err(e) = mqbridge::spool::startup::check(&plan) {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
             let runtime = match mqbridge::run::runtime(plan.bridge.worker_threads) {
                 Ok(r) => r,
                 Err(e) => {

@@ -51,7 +51,13 @@ pub fn start(
     let plan = Arc::new(route.clone());
     // One thread per route does the spool's file I/O; each pair has a log of its own in it.
     let spool = route.spool.as_ref().map(|sp| {
-        let (spool, _thread) = Spool::start(sp.dir.clone(), sp.max_bytes, LogOptions::default());
+        // `max_bytes` is the route's: each pair's log gets an equal share of it.
+        let per_pair = sp.max_bytes / route.pool_size_max.max(1) as u64;
+        // Segments an eighth of that (at most 64 MiB): space comes back as the backlog drains.
+        let options = LogOptions {
+            segment_bytes: (per_pair / 8).clamp(64 << 10, 64 << 20),
+        };
+        let (spool, _thread) = Spool::start(sp.dir.clone(), per_pair, options);
         spool
     });
     let gauges: Vec<Arc<LogGauges>> = (0..route.pool_size_max)

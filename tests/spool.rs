@@ -113,3 +113,220 @@ async fn a_10s_target_outage_loses_nothing_with_the_sources_default_queue() {
 async fn a_bridge_killed_during_the_outage_loses_nothing_it_spooled() {
     outage(15_000, true).await;
 }
+
+/// QoS 0 through an outage: without a spool a pair drops QoS 0 while its target is down
+/// (counted `target_down_qos0`); with one, every QoS 0 message the bridge read arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_rides_out_an_outage_in_the_spool() {
+    const N: u32 = 3000;
+    let src = Mosquitto::start().await;
+    let mut dst = Mosquitto::start_with(MosquittoOpts {
+        persistence: true,
+        ..MosquittoOpts::deep_queue()
+    })
+    .await;
+    let collector =
+        Collector::start_persistent(dst.port(), Proto::V5, "spool-q0", &[("in/#", 0)]).await;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut cfg = spooled_route(&src, &dst, &admin);
+    cfg.qos = 0;
+    cfg.pool_size = 1;
+    let mut bridge = start_ready(&cfg.toml(), 1).await;
+    dst.stop().await;
+    publish_numbered_paced(
+        src.port(),
+        Proto::V311,
+        |i| format!("in/{}", i % 10),
+        0,
+        0,
+        N,
+        "q",
+        Duration::from_micros(500),
+    )
+    .await;
+    let read = wait_until_async(Duration::from_secs(20), || async {
+        http_get(&admin, "/metrics")
+            .await
+            .is_some_and(|(_, b)| metric(&b, "mqbridge_spool_messages") >= f64::from(N))
+    })
+    .await;
+    assert!(read, "the spool took every message read:\n{}", bridge.log());
+    dst.restart().await;
+    let all = collector
+        .wait_for(Duration::from_secs(30), |rx| {
+            count_ids(rx, "q", 0..N).missing.is_empty()
+        })
+        .await;
+    let got = count_ids(&collector.received(), "q", 0..N);
+    assert!(all, "{got}\n{}", bridge.log());
+    let body = http_get(&admin, "/metrics").await.expect("/metrics").1;
+    assert_eq!(
+        metric(&body, "mqbridge_messages_received_total"),
+        f64::from(N)
+    );
+    assert_eq!(
+        metric(&body, "mqbridge_messages_dropped_total"),
+        0.0,
+        "{body}"
+    );
+    bridge.stop_cleanly().await;
+}
+
+/// A spool too small for the outage: it fills, the route stops reading its source and says so
+/// (`mqbridge_spool_full` 1, `/readyz` 503 naming it), and mqbridge drops nothing; what the
+/// source broker then does with its own queue is the source's (mosquitto drops beyond 1,000).
+/// When the target is back, the spool drains and reading resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_stops_reading_and_drops_nothing() {
+    const N: u32 = 1500;
+    let src = Mosquitto::start().await;
+    let mut dst = Mosquitto::start_with(MosquittoOpts {
+        persistence: true,
+        ..MosquittoOpts::deep_queue()
+    })
+    .await;
+    let collector =
+        Collector::start_persistent(dst.port(), Proto::V5, "spool-full", &[("in/#", 1)]).await;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut cfg = spooled_route(&src, &dst, &admin);
+    cfg.pool_size = 1;
+    cfg.tail = format!(
+        "[spool]\ndir = \"spool\"\nmax_bytes = \"1MiB\"\n\n[admin]\nlisten = \"{admin}\"\n"
+    );
+    let mut bridge = start_ready(&cfg.toml(), 1).await;
+    dst.stop().await;
+    let mut p = Publisher::connect(src.port(), Proto::V311).await;
+    for i in 0..N {
+        p.publish(
+            &format!("in/{}", i % 10),
+            1,
+            false,
+            padded_payload("f", i, 2048),
+        )
+        .await;
+    }
+    let full = wait_until_async(Duration::from_secs(20), || async {
+        http_get(&admin, "/metrics")
+            .await
+            .is_some_and(|(_, b)| metric(&b, "mqbridge_spool_full") == 1.0)
+    })
+    .await;
+    assert!(full, "{}", bridge.log());
+    let (code, body) = http_get(&admin, "/readyz").await.expect("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("spool full"), "{body}");
+    let metrics = http_get(&admin, "/metrics").await.expect("/metrics").1;
+    let spooled = metric(&metrics, "mqbridge_spool_messages");
+    assert!(
+        spooled > 100.0 && spooled < f64::from(N),
+        "{spooled} spooled"
+    );
+    assert_eq!(metric(&metrics, "mqbridge_messages_dropped_total"), 0.0);
+    dst.restart().await;
+    // Everything the bridge took arrives, and the route reads again once there is room.
+    let drained = wait_until_async(Duration::from_secs(30), || async {
+        http_get(&admin, "/metrics")
+            .await
+            .is_some_and(|(_, b)| metric(&b, "mqbridge_spool_full") == 0.0)
+    })
+    .await;
+    assert!(drained, "{}", bridge.log());
+    let taken = wait_until_async(Duration::from_secs(30), || async {
+        http_get(&admin, "/metrics").await.is_some_and(|(_, b)| {
+            metric(&b, "mqbridge_messages_forwarded_total")
+                == metric(&b, "mqbridge_messages_received_total")
+                && metric(&b, "mqbridge_spool_messages") == 0.0
+        })
+    })
+    .await;
+    let metrics = http_get(&admin, "/metrics").await.expect("/metrics").1;
+    assert!(taken, "{metrics}");
+    let received = metric(&metrics, "mqbridge_messages_received_total") as usize;
+    assert!(
+        collector
+            .wait_for_count(received, Duration::from_secs(20))
+            .await,
+        "{} of {received} taken arrived",
+        collector.count()
+    );
+    assert_eq!(metric(&metrics, "mqbridge_messages_dropped_total"), 0.0);
+    p.disconnect().await;
+    bridge.stop_cleanly().await;
+}
+
+/// A spool that holds messages and whose route is gone from the config (renamed here) stops
+/// the start with exit 2, naming the directory; a second process on a running bridge's spool
+/// does too. Started again as it was, the bridge forwards what the spool held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_that_would_be_orphaned_or_shared_stops_the_start() {
+    const N: u32 = 200;
+    let src = Mosquitto::start().await;
+    let mut dst = Mosquitto::start().await;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut cfg = spooled_route(&src, &dst, &admin);
+    cfg.pool_size = 1;
+    let mut bridge = start_ready(&cfg.toml(), 1).await;
+
+    // A second process with the same spool directory and instance: refused before any pair
+    // starts (it would otherwise also take the first one's broker sessions).
+    let mut second_cfg = spooled_route(&src, &dst, &format!("127.0.0.1:{}", free_port()));
+    second_cfg.pool_size = 1;
+    second_cfg.tail = format!(
+        "[spool]\ndir = \"{}\"\n",
+        bridge.dir().join("spool").display()
+    );
+    let mut second = Bridge::start(&second_cfg.toml());
+    let status = second.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{}", second.log());
+    assert!(
+        second.log().contains("in use by another process"),
+        "{}",
+        second.log()
+    );
+
+    dst.stop().await;
+    publish_numbered(src.port(), Proto::V311, |i| format!("in/{i}"), 1, 0, N, "o").await;
+    let spooled = wait_until_async(Duration::from_secs(20), || async {
+        http_get(&admin, "/metrics")
+            .await
+            .is_some_and(|(_, b)| metric(&b, "mqbridge_spool_messages") >= f64::from(N))
+    })
+    .await;
+    assert!(spooled, "{}", bridge.log());
+    assert!(
+        bridge
+            .stop(Duration::from_secs(15))
+            .await
+            .is_some_and(|s| s.success()),
+        "{}",
+        bridge.log()
+    );
+
+    let renamed = cfg.toml().replace("name = \"r\"", "name = \"r2\"");
+    bridge.rewrite_config(&renamed);
+    bridge.restart();
+    let status = bridge.wait_exit(Duration::from_secs(10)).await;
+    let log = bridge.log();
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{log}");
+    assert!(
+        log.contains("holds 200 messages") && log.contains("spool/test/"),
+        "{log}"
+    );
+
+    dst.restart().await;
+    let collector = Collector::start(dst.port(), Proto::V5, "in/#", 1).await;
+    bridge.rewrite_config(&cfg.toml());
+    bridge.restart();
+    let all = collector
+        .wait_for(Duration::from_secs(20), |rx| {
+            count_ids(rx, "o", 0..N).missing.is_empty()
+        })
+        .await;
+    assert!(
+        all,
+        "{}\n{}",
+        count_ids(&collector.received(), "o", 0..N),
+        bridge.log()
+    );
+    bridge.stop_cleanly().await;
+}

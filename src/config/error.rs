@@ -76,8 +76,8 @@ pub(super) fn join_key(parent: &str, key: &str) -> String {
     }
 }
 
-/// The candidate closest to `word`: a small edit distance, or one a prefix of the other
-/// (`pool` → `pool_size`).
+/// The candidate closest to `word`: one a prefix of the other (`pool` → `pool_size`) first,
+/// else the smallest edit distance.
 pub(super) fn did_you_mean<'a>(
     word: &str,
     candidates: impl IntoIterator<Item = &'a str>,
@@ -89,9 +89,10 @@ pub(super) fn did_you_mean<'a>(
             let d = edit_distance(&word, c);
             let prefix =
                 word.len().min(c.len()) >= 3 && (c.starts_with(&word) || word.starts_with(c));
-            (d <= (word.len() / 3).max(1) || prefix).then_some((d, c))
+            (d <= (word.len() / 3).max(1) || prefix).then_some(((!prefix, d), c))
         })
-        .min_by_key(|&(d, _)| d)
+        // A key the word begins (`pool` → `pool_size`) before a near miss (`spool`).
+        .min_by_key(|&(rank, _)| rank)
         .map(|(_, c)| c)
 }
 

@@ -154,6 +154,7 @@ fn build_plan(config: schema::Config, cx: &Context) -> Result<Plan, ConfigError>
         admin_listen,
         brokers,
         routes,
+        spool_dir: spool.map(|(dir, _)| dir),
     };
     if let Some(why) = crate::loops::analysis::uncuttable(&plan) {
         return Err(invalid("bridge.loop_digest_window", why));

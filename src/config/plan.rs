@@ -233,6 +233,9 @@ pub struct Plan {
     pub admin_listen: Option<SocketAddr>,
     pub brokers: BTreeMap<String, Arc<BrokerPlan>>,
     pub routes: Vec<RoutePlan>,
+    /// `<spool.dir>/<bridge.name>/<instance>` when there is a `[spool]` table: every route's
+    /// spool is a directory in it.
+    pub spool_dir: Option<std::path::PathBuf>,
 }
 
 /// Stable client id of one connection of one pair: `<prefix>-<instance>-<route>-<index>`.

@@ -1878,9 +1878,14 @@ impl Machine {
             && self.source.wbuf.is_empty()
     }
 
+    /// Whether the source is read as far as its windows go (a PINGRESP would be seen).
+    fn reading_source(&self) -> bool {
+        self.source_window_ref().can_accept() && self.intake_open() && !self.draining
+    }
+
     /// The next keep-alive deadline of either side: a PINGREQ due, or a PINGRESP overdue.
     fn keep_alive_due(&self) -> Option<Instant> {
-        let read_source = self.source_window_ref().can_accept() && !self.draining;
+        let read_source = self.reading_source();
         [(&self.source, read_source), (&self.target, true)]
             .into_iter()
             .filter(|(side, _)| side.is_up() && !side.keep_alive().is_zero())
@@ -1898,7 +1903,7 @@ impl Machine {
 
     /// PINGREQ on idle connections; a connection whose PINGRESP does not come is dead.
     fn keep_alive_tick(&mut self, now: Instant) {
-        let read_source = self.source_window_ref().can_accept() && !self.draining;
+        let read_source = self.reading_source();
         for role in [Role::Source, Role::Target] {
             let reading = role == Role::Target || read_source;
             let side = self.side(role);

@@ -305,6 +305,11 @@ impl Log {
         while self.acked_above.remove(&self.acked_below) {
             self.acked_below += 1;
         }
+        if self.is_empty() && self.pending_last.is_none() {
+            // Nothing left: every segment goes (the last one too), so the space is free again
+            // and the next group starts a new segment.
+            return self.drop_all_segments();
+        }
         self.drop_acked_segments()
     }
 
@@ -397,6 +402,19 @@ impl Log {
         self.damage.corrupt += d.corrupt;
         self.damage.skipped_bytes += d.skipped_bytes;
         self.damage.torn_tail |= d.torn_tail;
+    }
+
+    fn drop_all_segments(&mut self) -> io::Result<()> {
+        self.writer = None;
+        self.read_at = None;
+        while let Some(seg) = self.segments.pop_front() {
+            match fs::remove_file(&seg.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     fn drop_acked_segments(&mut self) -> io::Result<()> {
@@ -531,6 +549,26 @@ mod tests {
         let back = log.read(100).unwrap();
         // 8 was acknowledged above the cursor: replayed after a restart (at least once).
         assert_eq!(topics(&back), ["t/6", "t/7", "t/8", "t/9"]);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn an_emptied_log_gives_its_space_back() {
+        let d = dir("empty");
+        let mut log = Log::open(&d, LogOptions::default()).unwrap();
+        let seqs: Vec<u64> = (0..5).map(|i| log.append(msg(i))).collect();
+        log.sync().unwrap();
+        assert!(log.bytes() > 0);
+        for s in seqs {
+            log.ack(s).unwrap();
+        }
+        assert_eq!(log.bytes(), 0, "the last segment went too");
+        log.append(msg(9));
+        log.sync().unwrap();
+        assert_eq!(topics(&log.read(10).unwrap()), ["t/9"]);
+        drop(log);
+        let mut log = Log::open(&d, LogOptions::default()).unwrap();
+        assert_eq!(topics(&log.read(10).unwrap()), ["t/9"]);
         let _ = fs::remove_dir_all(&d);
     }
 

@@ -4,10 +4,11 @@
 //!
 //! `record` is the on-disk format and the scan that recovers from torn or damaged data (pure);
 //! `log` is the directory of segments with group commit, cursor and lock (blocking file I/O,
-//! run off the async runtime). Not yet wired to the pair machine: see issue #15's notes.
+//! run off the async runtime).
 
 pub mod log;
 pub mod record;
+pub mod startup;
 pub mod writer;
 
 pub use self::log::{Log, LogOptions};
