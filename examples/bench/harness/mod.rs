@@ -107,6 +107,8 @@ pub enum Path {
     Mosquitto,
     /// publisher → broker A → mqbridge (pool) → broker B → subscriber.
     Mqbridge(u16),
+    /// The same with `spool = true` (acknowledged once on disk, SPEC 4.9).
+    MqbridgeSpool(u16),
 }
 
 impl Path {
@@ -115,6 +117,7 @@ impl Path {
             Path::Direct => "direct (1 hop)".into(),
             Path::Mosquitto => "mosquitto bridge".into(),
             Path::Mqbridge(p) => format!("mqbridge pool {p}"),
+            Path::MqbridgeSpool(p) => format!("mqbridge pool {p} spool"),
         }
     }
 
@@ -123,6 +126,7 @@ impl Path {
             Path::Direct => "direct".into(),
             Path::Mosquitto => "mosquitto".into(),
             Path::Mqbridge(p) => format!("mqbridge-{p}"),
+            Path::MqbridgeSpool(p) => format!("mqbridge-spool-{p}"),
         }
     }
 }
@@ -154,6 +158,8 @@ pub struct Run {
     pub publish_secs: Option<f64>,
     /// The 1-minute load average when the run started (other work on the machine shows here).
     pub load1: f64,
+    /// With a spool: groups made durable (fdatasyncs) over the whole run, from its metrics.
+    pub spool_fsyncs: Option<u64>,
 }
 
 impl Run {
@@ -311,9 +317,13 @@ pub fn run(opts: &Opts, args: &str) -> Result<Report, String> {
                             ctx.scratch.display()
                         )
                     })?;
+                    let fsyncs = run
+                        .spool_fsyncs
+                        .map(|n| format!("  fsyncs {:.0}/s", n as f64 / run.secs))
+                        .unwrap_or_default();
                     eprintln!(
                         "QoS {qos} {payload:>5} B  rep {}/{reps}  {:<18} {:>9.0} msg/s  \
-                         lost {} dup {}  p50 {:.2} ms",
+                         lost {} dup {}  p50 {:.2} ms{fsyncs}",
                         rep + 1,
                         path.label(),
                         run.rate,
@@ -347,9 +357,10 @@ fn paths(opts: &Opts) -> Result<Vec<Path>, String> {
             "direct" => paths.push(Path::Direct),
             "mosquitto" => paths.push(Path::Mosquitto),
             "mqbridge" => paths.extend(opts.pools.iter().map(|&p| Path::Mqbridge(p))),
+            "mqbridge-spool" => paths.extend(opts.pools.iter().map(|&p| Path::MqbridgeSpool(p))),
             other => {
                 return Err(format!(
-                    "--paths {other}: one of direct, mosquitto, mqbridge"
+                    "--paths {other}: one of direct, mosquitto, mqbridge, mqbridge-spool"
                 ));
             }
         }
@@ -434,7 +445,7 @@ fn run_case(rt: &tokio::runtime::Runtime, ctx: &Context, case: &Case) -> io::Res
             let a = Broker::start(&dir, "broker-a", &settings, Some(&section))?;
             (a, Some(b), None)
         }
-        Path::Mqbridge(pool_size) => {
+        Path::Mqbridge(pool_size) | Path::MqbridgeSpool(pool_size) => {
             let a = Broker::start(&dir, "broker-a", &settings, None)?;
             let b = Broker::start(&dir, "broker-b", &settings, None)?;
             let bridge = Mqbridge::start(
@@ -447,6 +458,7 @@ fn run_case(rt: &tokio::runtime::Runtime, ctx: &Context, case: &Case) -> io::Res
                     pool_size,
                     max_inflight: case.window,
                     cpus: ctx.bridge_cpus.as_ref(),
+                    spool: matches!(case.path, Path::MqbridgeSpool(_)),
                 },
             )?;
             (a, Some(b), Some(bridge))
@@ -493,6 +505,7 @@ fn run_case(rt: &tokio::runtime::Runtime, ctx: &Context, case: &Case) -> io::Res
     let published = publisher.and_then(load::join);
     let (received, after, published) = (received?, after?, published?);
     let peak_rss = bridge.as_ref().map(|b| b.proc.peak_rss_kib()).transpose()?;
+    let fsyncs = bridge.as_ref().and_then(Mqbridge::spool_fsyncs);
     drop(bridge);
     drop(broker_b);
     drop(broker_a);
@@ -526,7 +539,9 @@ fn run_case(rt: &tokio::runtime::Runtime, ctx: &Context, case: &Case) -> io::Res
         rate: received.distinct as f64 / secs,
         cpu_broker_a: used(0),
         cpu_broker_b: (case.path != Path::Direct).then(|| used(1)),
-        cpu_mqbridge: matches!(case.path, Path::Mqbridge(_)).then(|| used(2)),
+        cpu_mqbridge: matches!(case.path, Path::Mqbridge(_) | Path::MqbridgeSpool(_))
+            .then(|| used(2)),
+        spool_fsyncs: fsyncs,
         cpu_generator: used(3),
         mqbridge_peak_rss_kib: peak_rss,
         p50_us: pct(0.50),

@@ -374,6 +374,7 @@ fn broker_config(
 /// `mqbridge run` with one route A → B over MQTT 3.1.1 and an admin port for `/readyz`.
 pub struct Mqbridge {
     pub proc: Proc,
+    admin: u16,
 }
 
 pub struct MqbridgeSettings<'a> {
@@ -385,9 +386,24 @@ pub struct MqbridgeSettings<'a> {
     pub qos: u8,
     pub pool_size: u16,
     pub max_inflight: u64,
+    /// `spool = true` on the route, the spool under the run's directory.
+    pub spool: bool,
 }
 
 impl Mqbridge {
+    /// `mqbridge_spool_fsyncs_total` from its metrics (with a spool).
+    pub fn spool_fsyncs(&self) -> Option<u64> {
+        let mut conn = TcpStream::connect(loopback(self.admin)).ok()?;
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut conn, &mut body).ok()?;
+        body.lines()
+            .find(|l| l.starts_with("mqbridge_spool_fsyncs_total"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
     pub fn start(dir: &Path, s: &MqbridgeSettings) -> io::Result<Mqbridge> {
         let admin = free_port()?;
         let conf = dir.join("mqbridge.toml");
@@ -399,7 +415,7 @@ impl Mqbridge {
         }
         let mut proc = Proc::spawn("mqbridge", cmd, dir.join("mqbridge.log"))?;
         proc.wait_until(Duration::from_secs(20), || ready(admin))?;
-        Ok(Mqbridge { proc })
+        Ok(Mqbridge { proc, admin })
     }
 }
 
@@ -431,12 +447,17 @@ to = "b"
 topics = ["bench/#"]
 qos = {qos}
 pool_size = {pool}
-"#,
+{spool}"#,
         source = s.source,
         target = s.target,
         inflight = s.max_inflight,
         qos = s.qos,
         pool = s.pool_size,
+        spool = if s.spool {
+            "spool = true\n\n[spool]\ndir = \"spool\"\n"
+        } else {
+            ""
+        },
     )
 }
 

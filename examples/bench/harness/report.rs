@@ -493,6 +493,7 @@ fn json(
                 ("p50_us", r.p50_us.to_string()),
                 ("p99_us", r.p99_us.to_string()),
                 ("load1", num(r.load1)),
+                ("spool_fsyncs", r.spool_fsyncs.map_or("null".into(), |n| n.to_string())),
             ])
         })
         .collect();
@@ -509,12 +510,13 @@ fn path_kind(p: Path) -> String {
         Path::Direct => "direct".into(),
         Path::Mosquitto => "mosquitto".into(),
         Path::Mqbridge(_) => "mqbridge".into(),
+        Path::MqbridgeSpool(_) => "mqbridge-spool".into(),
     }
 }
 
 fn pool(p: Path) -> String {
     match p {
-        Path::Mqbridge(n) => n.to_string(),
+        Path::Mqbridge(n) | Path::MqbridgeSpool(n) => n.to_string(),
         _ => "null".into(),
     }
 }
