@@ -108,7 +108,15 @@ pub(super) async fn run_connected(
     let mut active_open = true;
     let mut spool = loop {
         match SpoolIo::open(&m_spec_spool, m_spec_index).await {
-            Ok(s) => break s,
+            Ok(Some((s, opened))) => {
+                m.spool_opened(
+                    std::time::Instant::now(),
+                    opened.next_seq,
+                    opened.first_unacked,
+                );
+                break Some(s);
+            }
+            Ok(None) => break None,
             Err(e) => {
                 // Not opened (still held by a pool that is stopping, a disk error): without it
                 // the pair takes nothing, so nothing is lost; it says so and tries again.

@@ -100,12 +100,12 @@ pub enum Event {
 /// What a pair's spool must do (see `machine::spooled`).
 #[derive(Debug)]
 pub enum SpoolOp {
-    /// Append these, in order, and say when they are durable.
-    Append(Vec<Message>),
+    /// Append these under these sequence numbers (increasing), and say when they are durable.
+    Append(Vec<(u64, Message)>),
     /// The target took these records: they may go.
     Ack(Vec<u64>),
-    /// Read up to this many records after the last read.
-    Read(usize),
+    /// Read up to `max` durable records from sequence number `from` on.
+    Read { from: u64, max: usize },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

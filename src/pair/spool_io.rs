@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::{machine::SpoolOp, spec::SpoolLink};
 use crate::{
     message::Message,
-    spool::{Record, Reply},
+    spool::{Record, Reply, writer::Opened},
 };
 
 /// The driver's handle on the pair's log.
@@ -18,20 +18,26 @@ pub struct SpoolIo {
 }
 
 impl SpoolIo {
-    pub async fn open(link: &Option<SpoolLink>, pair: usize) -> Result<Option<SpoolIo>, String> {
+    pub async fn open(
+        link: &Option<SpoolLink>,
+        pair: usize,
+    ) -> Result<Option<(SpoolIo, Opened)>, String> {
         let Some(link) = link.clone() else {
             return Ok(None);
         };
         let (tx, replies) = tokio::sync::mpsc::unbounded_channel();
         let (s, g) = (link.spool.clone(), link.gauges.clone());
-        tokio::task::spawn_blocking(move || s.open(pair, tx, g))
+        let opened = tokio::task::spawn_blocking(move || s.open(pair, tx, g))
             .await
             .map_err(|e| e.to_string())??;
-        Ok(Some(SpoolIo {
-            link,
-            pair,
-            replies,
-        }))
+        Ok(Some((
+            SpoolIo {
+                link,
+                pair,
+                replies,
+            },
+            opened,
+        )))
     }
 
     pub fn send(&self, op: SpoolOp) {
@@ -39,11 +45,14 @@ impl SpoolIo {
         match op {
             SpoolOp::Append(messages) => {
                 let now = std::time::Instant::now();
-                let records = messages.into_iter().map(|m| to_record(m, now)).collect();
+                let records = messages
+                    .into_iter()
+                    .map(|(seq, m)| to_record(seq, m, now))
+                    .collect();
                 spool.append(self.pair, records);
             }
             SpoolOp::Ack(seqs) => spool.ack(self.pair, seqs),
-            SpoolOp::Read(n) => spool.read(self.pair, n),
+            SpoolOp::Read { from, max } => spool.read(self.pair, from, max),
         }
     }
 
@@ -67,10 +76,10 @@ fn wall_ms() -> u64 {
 
 /// Message Expiry goes to disk as a wall-clock deadline: it keeps counting while the process
 /// is down.
-fn to_record(m: Message, now: std::time::Instant) -> Record {
+fn to_record(seq: u64, m: Message, now: std::time::Instant) -> Record {
     let wall = wall_ms();
     Record {
-        seq: 0,
+        seq,
         stored_at_ms: wall,
         expires_at_ms: m
             .expires_at
@@ -114,7 +123,7 @@ mod tests {
             properties: None,
             expires_at: Some(now + Duration::from_secs(60)),
         };
-        let r = to_record(m.clone(), now);
+        let r = to_record(1, m.clone(), now);
         let left = r.expires_at_ms.unwrap() - wall_ms();
         assert!((59_000..=60_000).contains(&left), "{left}");
         // Read back 10 s later (as after a restart): 10 s less to live.

@@ -67,6 +67,7 @@ pub struct Log {
     /// The open last segment, when appends have started on it.
     writer: Option<File>,
     pending: BytesMut,
+    pending_first: Option<u64>,
     pending_last: Option<u64>,
     pending_first_ms: Option<u64>,
     next_seq: u64,
@@ -131,6 +132,7 @@ impl Log {
             segments: VecDeque::new(),
             writer: None,
             pending: BytesMut::new(),
+            pending_first: None,
             pending_last: None,
             pending_first_ms: None,
             next_seq: acked_below.max(1),
@@ -208,6 +210,11 @@ impl Log {
             .and_then(|s| s.first_stored_ms)
     }
 
+    /// The oldest record not yet acknowledged (or `next_seq` when none is).
+    pub fn first_unacked(&self) -> u64 {
+        self.acked_below
+    }
+
     /// The sequence number the next append gets.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
@@ -218,11 +225,20 @@ impl Log {
         self.durable_below
     }
 
-    /// Adds a record (its `seq` is set here) to the group that the next `sync` makes durable.
+    /// Adds a record to the group that the next `sync` makes durable. Its `seq` is kept when
+    /// it is at least `next_seq` (the pair numbers its appends itself, so that it can forward
+    /// a message from memory before reading it back); numbers skipped count as gone. A lower
+    /// one (0, say) is replaced by `next_seq`.
     pub fn append(&mut self, mut record: Record) -> u64 {
-        record.seq = self.next_seq;
-        self.next_seq += 1;
+        if record.seq < self.next_seq {
+            record.seq = self.next_seq;
+        }
+        for skipped in self.next_seq..record.seq {
+            self.acked_above.insert(skipped);
+        }
+        self.next_seq = record.seq + 1;
         record.encode(&mut self.pending);
+        self.pending_first.get_or_insert(record.seq);
         self.pending_last = Some(record.seq);
         self.pending_first_ms.get_or_insert(record.stored_at_ms);
         record.seq
@@ -232,7 +248,7 @@ impl Log {
     /// On an error nothing of the group counts as durable; the caller must not acknowledge it.
     pub fn sync(&mut self) -> io::Result<()> {
         if let Some(last) = self.pending_last {
-            let first = self.durable_below;
+            let first = self.pending_first.unwrap_or(self.durable_below);
             let roll = self
                 .segments
                 .back()
@@ -279,6 +295,7 @@ impl Log {
             seg.first_stored_ms = seg.first_stored_ms.or(self.pending_first_ms);
             self.pending_first_ms = None;
             self.pending.clear();
+            self.pending_first = None;
             self.pending_last = None;
             self.durable_below = last + 1;
         }
@@ -289,13 +306,23 @@ impl Log {
         Ok(())
     }
 
-    /// Drops an appended group that could not be made durable (its sequence numbers are
-    /// reused): the caller leaves those messages unacknowledged at the source.
+    /// Drops an appended group that could not be made durable: the caller leaves those
+    /// messages unacknowledged at the source (they come again under new numbers). Their
+    /// numbers count as gone.
     pub fn discard_pending(&mut self) {
+        if let (Some(first), Some(last)) = (self.pending_first, self.pending_last) {
+            for seq in first..=last {
+                self.acked_above.insert(seq);
+            }
+            while self.acked_above.remove(&self.acked_below) {
+                self.acked_below += 1;
+            }
+        }
         self.pending.clear();
+        self.pending_first = None;
         self.pending_last = None;
         self.pending_first_ms = None;
-        self.next_seq = self.durable_below;
+        self.durable_below = self.next_seq;
     }
 
     /// The target took `seq`: it may go. Segments wholly acknowledged are deleted.
@@ -318,6 +345,27 @@ impl Log {
     /// Reads up to `max` durable records after the last one read (from the oldest
     /// unacknowledged one after an open), skipping acknowledged and damaged ones.
     pub fn read(&mut self, max: usize) -> io::Result<Vec<Record>> {
+        self.read_from(0, max)
+    }
+
+    /// As `read`, from sequence number `from` on: what the pair already has in memory is not
+    /// read again.
+    pub fn read_from(&mut self, from: u64, max: usize) -> io::Result<Vec<Record>> {
+        let behind = self.last_read.map_or(self.acked_below, |l| l + 1) < from;
+        if behind {
+            // Skip whole segments below `from` rather than scanning them.
+            let target = self.segments.iter().rev().find(|s| s.first_seq <= from);
+            let current = self.read_at.map(|a| a.segment);
+            if let Some(t) = target
+                && current.is_none_or(|c| c < t.first_seq)
+            {
+                self.read_at = Some(ReadAt {
+                    segment: t.first_seq,
+                    offset: 0,
+                });
+                self.last_read = Some(t.first_seq.saturating_sub(1));
+            }
+        }
         let mut out = Vec::new();
         while out.len() < max {
             let at = match self.read_at {
@@ -382,7 +430,7 @@ impl Log {
                 }
                 let seq = f.record.seq;
                 self.skip_gap_before(seq)?;
-                if seq >= self.acked_below && !self.acked_above.contains(&seq) {
+                if seq >= from && seq >= self.acked_below && !self.acked_above.contains(&seq) {
                     out.push(f.record);
                 }
             }

@@ -56,11 +56,12 @@ enum Command {
         pair: usize,
         replies: UnboundedSender<Reply>,
         gauges: Arc<LogGauges>,
-        opened: std::sync::mpsc::Sender<Result<(), String>>,
+        opened: std::sync::mpsc::Sender<Result<Opened, String>>,
     },
     Append(usize, Vec<Record>),
     Ack(usize, Vec<u64>),
-    Read(usize, usize),
+    /// Pair, from sequence number, at most this many.
+    Read(usize, u64, usize),
     Rewind(usize),
     Close(usize),
 }
@@ -84,13 +85,21 @@ impl std::fmt::Debug for Command {
     }
 }
 
-struct Opened {
+/// Where an opened log stands: what the pair numbers its next append with, and where its
+/// unacknowledged records start (what a restart forwards first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    pub next_seq: u64,
+    pub first_unacked: u64,
+}
+
+struct OpenLog {
     log: Log,
     replies: UnboundedSender<Reply>,
     gauges: Arc<LogGauges>,
     appended: usize,
     dirty: bool,
-    reads: Vec<usize>,
+    reads: Vec<(u64, usize)>,
 }
 
 impl Spool {
@@ -111,7 +120,7 @@ impl Spool {
         pair: usize,
         replies: UnboundedSender<Reply>,
         gauges: Arc<LogGauges>,
-    ) -> Result<(), String> {
+    ) -> Result<Opened, String> {
         let (opened, rx) = std::sync::mpsc::channel();
         self.tx
             .send(Command::Open {
@@ -141,8 +150,9 @@ impl Spool {
         let _ = self.tx.send(Command::Ack(pair, seqs));
     }
 
-    pub fn read(&self, pair: usize, max: usize) {
-        let _ = self.tx.send(Command::Read(pair, max));
+    /// Up to `max` durable records from `from` on (the pair has what is below in memory).
+    pub fn read(&self, pair: usize, from: u64, max: usize) {
+        let _ = self.tx.send(Command::Read(pair, from, max));
     }
 
     pub fn rewind(&self, pair: usize) {
@@ -162,7 +172,7 @@ fn now_ms() -> u64 {
 }
 
 fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Receiver<Command>) {
-    let mut logs: std::collections::BTreeMap<usize, Opened> = Default::default();
+    let mut logs: std::collections::BTreeMap<usize, OpenLog> = Default::default();
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
@@ -182,7 +192,11 @@ fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Re
                                 warn!(dir = %path.display(), corrupt = damage.corrupt, skipped_bytes = damage.skipped_bytes, torn_tail = damage.torn_tail, "spool: damaged records found and skipped");
                             }
                             gauges.damaged.store(damage.corrupt, Relaxed);
-                            let mut o = Opened {
+                            let at = Opened {
+                                next_seq: log.next_seq(),
+                                first_unacked: log.first_unacked(),
+                            };
+                            let mut o = OpenLog {
                                 log,
                                 replies,
                                 gauges,
@@ -192,7 +206,7 @@ fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Re
                             };
                             publish_gauges(&mut o, max_bytes);
                             logs.insert(pair, o);
-                            let _ = opened.send(Ok(()));
+                            let _ = opened.send(Ok(at));
                         }
                         Err(e) => {
                             let _ = opened.send(Err(format!(
@@ -223,9 +237,9 @@ fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Re
                         o.dirty = true;
                     }
                 }
-                Command::Read(pair, max) => {
+                Command::Read(pair, from, max) => {
                     if let Some(o) = logs.get_mut(&pair) {
-                        o.reads.push(max);
+                        o.reads.push((from, max));
                     }
                 }
                 Command::Rewind(pair) => {
@@ -261,8 +275,8 @@ fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Re
                     }
                 }
             }
-            for max in std::mem::take(&mut o.reads) {
-                let records = o.log.read(max).unwrap_or_else(|e| {
+            for (from, max) in std::mem::take(&mut o.reads) {
+                let records = o.log.read_from(from, max).unwrap_or_else(|e| {
                     error!(dir = %o.log.dir().display(), error = %e, "spool: cannot read");
                     Vec::new()
                 });
@@ -277,7 +291,7 @@ fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Re
     }
 }
 
-fn publish_gauges(o: &mut Opened, max_bytes: u64) {
+fn publish_gauges(o: &mut OpenLog, max_bytes: u64) {
     let g = &o.gauges;
     let bytes = o.log.bytes();
     g.messages.store(o.log.len(), Relaxed);
@@ -342,7 +356,7 @@ mod tests {
         let mut seqs = Vec::new();
         let mut topics = Vec::new();
         loop {
-            spool.read(0, 500);
+            spool.read(0, 0, 500);
             let Reply::Records(records) = rx.recv().await.unwrap() else {
                 panic!("not records")
             };
@@ -355,7 +369,7 @@ mod tests {
         let expected: Vec<String> = (0..N).map(|i| format!("t/{i}")).collect();
         assert_eq!(topics, expected);
         spool.ack(0, seqs);
-        spool.read(0, 1); // a round trip: the acks were applied before it
+        spool.read(0, 0, 1); // a round trip: the acks were applied before it
         let _ = rx.recv().await;
         assert_eq!(gauges.messages.load(Relaxed), 0);
         assert_eq!(gauges.oldest_ms.load(Relaxed), 0);

@@ -493,7 +493,10 @@ fn json(
                 ("p50_us", r.p50_us.to_string()),
                 ("p99_us", r.p99_us.to_string()),
                 ("load1", num(r.load1)),
-                ("spool_fsyncs", r.spool_fsyncs.map_or("null".into(), |n| n.to_string())),
+                (
+                    "spool_fsyncs",
+                    r.spool_fsyncs.map_or("null".into(), |n| n.to_string()),
+                ),
             ])
         })
         .collect();

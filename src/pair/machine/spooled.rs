@@ -42,7 +42,13 @@ pub struct Intake {
     /// Per append sent to the spool and not yet answered, in order: the intake window's packet
     /// id and QoS (`None`: a QoS 0 message, nothing to acknowledge).
     appending: VecDeque<Option<(u16, Qos)>>,
-    to_append: Vec<Message>,
+    to_append: Vec<(u64, Message)>,
+    /// The log is open: `next_seq` numbers the next append.
+    opened: bool,
+    next_seq: u64,
+    /// The first record not yet in `loaded` (or fed): where a read from disk starts. While the
+    /// outlet keeps up, appends go to `loaded` straight from memory and nothing is read back.
+    next_unread: u64,
     to_ack: Vec<u64>,
     /// Records read and not yet given to the outlet window (seq, message).
     loaded: VecDeque<(u64, Message)>,
@@ -66,6 +72,9 @@ impl Intake {
             window,
             appending: VecDeque::new(),
             to_append: Vec::new(),
+            opened: false,
+            next_seq: 0,
+            next_unread: 0,
             to_ack: Vec::new(),
             loaded: VecDeque::new(),
             reading: false,
@@ -94,6 +103,18 @@ impl Intake {
         self.retry_at
     }
 
+    /// Numbers a message for the spool; while the outlet has read everything before it, it
+    /// is also kept in memory for the outlet (and not read back from disk).
+    fn append(&mut self, m: Message) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if self.next_unread == seq && self.loaded.len() < READ_AHEAD {
+            self.next_unread = seq + 1;
+            self.loaded.push_back((seq, m.clone()));
+        }
+        self.to_append.push((seq, m));
+    }
+
     fn next_outlet_id(&mut self) -> u16 {
         loop {
             self.next_id = self.next_id.checked_add(1).unwrap_or(1);
@@ -118,6 +139,18 @@ impl Machine {
             Some(i) => i.window_ref(),
             None => &self.window,
         }
+    }
+
+    /// The pair's log is open: appends are numbered from `next_seq`, and what it holds from
+    /// `first_unacked` on (a previous run's backlog) is forwarded first.
+    pub fn spool_opened(&mut self, now: Instant, next_seq: u64, first_unacked: u64) {
+        if let Some(intake) = self.intake.as_mut() {
+            intake.opened = true;
+            intake.next_seq = next_seq;
+            intake.next_unread = first_unacked.min(next_seq);
+            intake.dry = false;
+        }
+        self.apply_actions(now);
     }
 
     /// The spool made this many appends durable, in the order they were asked for.
@@ -162,7 +195,12 @@ impl Machine {
         };
         intake.reading = false;
         intake.dry = records.is_empty();
-        intake.loaded.extend(records);
+        for (seq, m) in records {
+            if seq >= intake.next_unread {
+                intake.next_unread = seq + 1;
+                intake.loaded.push_back((seq, m));
+            }
+        }
         self.apply_actions(now);
     }
 
@@ -195,13 +233,13 @@ impl Machine {
             match action {
                 Action::SendPublish { pkid, .. } => {
                     if let Some(m) = intake.window.held(pkid) {
-                        let qos = m.qos;
-                        intake.to_append.push(m.clone());
+                        let (qos, m) = (m.qos, m.clone());
+                        intake.append(m);
                         intake.appending.push_back(Some((pkid, qos)));
                     }
                 }
                 Action::SendQos0(m) => {
-                    intake.to_append.push(m);
+                    intake.append(m);
                     intake.appending.push_back(None);
                 }
                 Action::SendPubRel(pkid) => intake.window.target_pubcomp(pkid),
@@ -243,10 +281,17 @@ impl Machine {
             let batch = std::mem::take(&mut intake.to_append);
             self.events.push_back(Event::Spool(SpoolOp::Append(batch)));
         }
-        if !intake.reading && !intake.dry && intake.loaded.len() < READ_AHEAD / 2 {
+        if intake.opened
+            && !intake.reading
+            && !intake.dry
+            && intake.next_unread < intake.next_seq
+            && intake.loaded.len() < READ_AHEAD / 2
+        {
             intake.reading = true;
-            let want = READ_AHEAD - intake.loaded.len();
-            self.events.push_back(Event::Spool(SpoolOp::Read(want)));
+            let max = READ_AHEAD - intake.loaded.len();
+            let from = intake.next_unread;
+            self.events
+                .push_back(Event::Spool(SpoolOp::Read { from, max }));
         }
         fed
     }
@@ -281,7 +326,7 @@ impl Machine {
     pub(super) fn intake_open(&self) -> bool {
         self.intake
             .as_ref()
-            .is_none_or(|i| !i.full && i.retry_at.is_none() && i.window.can_accept())
+            .is_none_or(|i| i.opened && !i.full && i.retry_at.is_none() && i.window.can_accept())
     }
 
     /// Nothing taken from the source is still to be made durable or acknowledged to it.

@@ -82,9 +82,10 @@ struct FakeSpool {
     next: u64,
     /// Appended, not yet durable.
     unsynced: usize,
-    read_upto: u64,
+    /// Records the machine read back (rather than took from memory).
+    reads_served: usize,
     acked: Vec<u64>,
-    reads: VecDeque<usize>,
+    reads: VecDeque<(u64, usize)>,
 }
 
 impl H {
@@ -146,9 +147,10 @@ impl H {
                 Event::Wake(..) => {}
                 Event::Spool(op) => match op {
                     SpoolOp::Append(messages) => {
-                        for m in messages {
-                            self.spool.records.insert(self.spool.next, m);
-                            self.spool.next += 1;
+                        for (seq, m) in messages {
+                            assert!(seq >= self.spool.next, "sequence numbers increase");
+                            self.spool.records.insert(seq, m);
+                            self.spool.next = seq + 1;
                             self.spool.unsynced += 1;
                         }
                     }
@@ -161,23 +163,21 @@ impl H {
                             self.spool.acked.push(seq);
                         }
                     }
-                    SpoolOp::Read(n) => self.spool.reads.push_back(n),
+                    SpoolOp::Read { from, max } => self.spool.reads.push_back((from, max)),
                 },
             }
         }
         // Reads are answered with what is durable (after the events: an answer makes more).
-        while let Some(n) = self.spool.reads.pop_front() {
+        while let Some((from, n)) = self.spool.reads.pop_front() {
             let durable_below = self.spool.next - self.spool.unsynced as u64;
             let batch: Vec<(u64, Message)> = self
                 .spool
                 .records
-                .range(self.spool.read_upto + 1..durable_below)
+                .range(from..durable_below.max(from))
                 .take(n)
                 .map(|(s, m)| (*s, m.clone()))
                 .collect();
-            if let Some((last, _)) = batch.last() {
-                self.spool.read_upto = *last;
-            }
+            self.spool.reads_served += batch.len();
             self.m.spool_records(self.now, batch);
             self.events();
         }
@@ -1141,6 +1141,7 @@ impl H {
             "max_inflight = 20",
             "spool = true\n[spool]\ndir = \"/nonexistent\"",
         );
+        h.m.spool_opened(h.now, 1, 1);
         h.pass();
         assert!(
             h.connects.iter().any(|(r, _)| *r == Role::Source),
@@ -1299,4 +1300,64 @@ fn a_failed_sync_acknowledges_nothing_and_appends_again_after_a_pause() {
     assert_eq!(h.spool.records.len(), 3, "appended again");
     h.sync();
     assert_eq!(h.out(Role::Source).len(), 3);
+}
+
+#[test]
+fn a_backlog_larger_than_memory_is_read_back_from_the_spool_in_order() {
+    let mut h = H::spooled(false);
+    // Published in rounds (the intake window is 1024): 1,500 while the target is away.
+    for round in 0..3u16 {
+        for i in 1..=500u16 {
+            let mut p = v4::Publish::new(
+                "t/x",
+                QoS::AtLeastOnce,
+                format!("m{}", round * 500 + i).into_bytes(),
+            );
+            p.pkid = i;
+            h.feed(Role::Source, v4::Packet::Publish(p));
+        }
+        h.sync();
+        assert_eq!(h.out(Role::Source).len(), 500);
+    }
+    assert_eq!(
+        h.spool.reads_served, 0,
+        "nothing read back while the target is away"
+    );
+    h.up(Role::Target, false);
+    let mut sent = Vec::new();
+    while sent.len() < 1500 {
+        let out = h.out(Role::Target);
+        assert!(!out.is_empty(), "stalled after {} of 1500", sent.len());
+        sent.extend(H::payloads(&out));
+        for p in out {
+            if let v4::Packet::Publish(p) = p {
+                h.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(p.pkid)));
+            }
+        }
+    }
+    let expected: Vec<String> = (1..=1500).map(|i| format!("m{i}")).collect();
+    assert_eq!(sent, expected, "in the order taken");
+    assert!(
+        h.spool.reads_served > 1000,
+        "the backlog past memory came from disk: {}",
+        h.spool.reads_served
+    );
+    assert!(h.spool.records.is_empty());
+}
+
+#[test]
+fn a_target_that_keeps_up_is_fed_from_memory_without_reading_back() {
+    let mut h = H::spooled(true);
+    for round in 0..5 {
+        h.publish_n(10, QoS::AtLeastOnce);
+        h.sync();
+        h.out(Role::Source);
+        for p in h.out(Role::Target) {
+            if let v4::Packet::Publish(p) = p {
+                h.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(p.pkid)));
+            }
+        }
+        assert_eq!(h.spool.acked.len(), 10 * (round + 1));
+    }
+    assert_eq!(h.spool.reads_served, 0);
 }
