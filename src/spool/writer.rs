@@ -24,6 +24,9 @@ use tracing::{error, warn};
 
 use super::{Log, LogOptions, Record};
 
+/// How often at most a moved cursor is written (each write is a file write and a rename).
+const CURSOR_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A pair's view of its log, updated by the thread after every group (for admission and
 /// metrics).
 #[derive(Debug, Default)]
@@ -98,7 +101,13 @@ struct OpenLog {
     replies: UnboundedSender<Reply>,
     gauges: Arc<LogGauges>,
     appended: usize,
+    /// Appends wait for a sync.
     dirty: bool,
+    /// Acks applied since the gauges were last published.
+    acked: bool,
+    cursor_saved: std::time::Instant,
+    /// Acks since the cursor was last written.
+    cursor_moved: bool,
     reads: Vec<(u64, usize)>,
 }
 
@@ -173,8 +182,13 @@ fn now_ms() -> u64 {
 
 fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Receiver<Command>) {
     let mut logs: std::collections::BTreeMap<usize, OpenLog> = Default::default();
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
+    loop {
+        // Woken by a command, or once a second to write cursors that moved.
+        let mut batch = match rx.recv_timeout(CURSOR_EVERY) {
+            Ok(first) => vec![first],
+            Err(mpsc::RecvTimeoutError::Timeout) => Vec::new(),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         batch.extend(rx.try_iter());
         for command in batch {
             match command {
@@ -202,6 +216,9 @@ fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Re
                                 gauges,
                                 appended: 0,
                                 dirty: false,
+                                acked: false,
+                                cursor_saved: std::time::Instant::now(),
+                                cursor_moved: false,
                                 reads: Vec::new(),
                             };
                             publish_gauges(&mut o, max_bytes);
@@ -234,7 +251,7 @@ fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Re
                                 warn!(dir = %o.log.dir().display(), error = %e, "spool: cannot delete an acknowledged segment");
                             }
                         }
-                        o.dirty = true;
+                        o.acked = true;
                     }
                 }
                 Command::Read(pair, from, max) => {
@@ -250,6 +267,7 @@ fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Re
                 Command::Close(pair) => {
                     if let Some(mut o) = logs.remove(&pair) {
                         let _ = o.log.sync();
+                        let _ = o.log.save_cursor();
                     }
                 }
             }
@@ -282,8 +300,19 @@ fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Re
                 });
                 replies.push(Reply::Records(records));
             }
+            o.cursor_moved |= o.acked;
+            if o.cursor_moved && o.cursor_saved.elapsed() >= CURSOR_EVERY {
+                o.cursor_moved = false;
+                o.cursor_saved = std::time::Instant::now();
+                if let Err(e) = o.log.save_cursor() {
+                    warn!(dir = %o.log.dir().display(), error = %e, "spool: cannot write the cursor (a restart replays acknowledged records)");
+                }
+            }
             // Gauges first: a pair that hears back sees them current.
-            publish_gauges(o, max_bytes);
+            if o.acked || !replies.is_empty() {
+                o.acked = false;
+                publish_gauges(o, max_bytes);
+            }
             for r in replies {
                 let _ = o.replies.send(r);
             }
