@@ -183,6 +183,13 @@ fn spool_settings(
             r#"is empty; name a directory, e.g. dir = "/var/lib/mqbridge""#,
         ));
     }
+    if spool.max_age.is_some() {
+        return Err(invalid(
+            "spool.max_age",
+            "is not supported yet: a spooled message stays until the target takes it or its \
+             Message Expiry runs out; remove the key (the spool is bounded by max_bytes)",
+        ));
+    }
     let max_bytes = spool.max_bytes.unwrap_or(1 << 30);
     if max_bytes < 1 << 20 {
         return Err(invalid(

@@ -40,6 +40,9 @@ pub struct Spool {
     /// Per route; when full the route stops reading its source (never drops). Default 1 GiB.
     #[serde(default, deserialize_with = "parse::opt_byte_size")]
     pub max_bytes: Option<u64>,
+    /// SPEC 4.9's age limit: not built yet, so refused by name rather than ignored.
+    #[serde(default)]
+    pub max_age: Option<serde::de::IgnoredAny>,
 }
 
 /// `[bridge]`
