@@ -376,7 +376,7 @@ fn spool_families(enc: &mut DescriptorEncoder, routes: &[RouteStats]) -> fmt::Re
     family(
         enc,
         "mqbridge_spool_damaged_records",
-        "Records found damaged (checksum) when the spool was opened, skipped.",
+        "Records found damaged (checksum) or torn (cut short by a crash) when the spool was opened, skipped.",
         MetricType::Counter,
         series(|r| r.spool.iter().map(|g| g.damaged.load(Relaxed)).sum()),
     )?;

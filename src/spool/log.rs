@@ -91,27 +91,17 @@ const LOCK: &str = "lock";
 const SUFFIX: &str = ".seg";
 
 impl Log {
+    /// Whether another process holds the log in `dir` (an error naming it), without reading
+    /// or changing anything in it.
+    pub fn check_free(dir: &Path) -> io::Result<()> {
+        fs::create_dir_all(dir)?;
+        lock(dir).map(drop)
+    }
+
     /// Opens (creating) the log in `dir`. Fails when another process holds it.
     pub fn open(dir: &Path, options: LogOptions) -> io::Result<Log> {
         fs::create_dir_all(dir)?;
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(LOCK))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    format!(
-                        "spool directory {} is in use by another process",
-                        dir.display()
-                    ),
-                ));
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(e),
-        }
+        let lock = lock(dir)?;
         let acked_below = read_cursor(&dir.join(CURSOR)).unwrap_or(0);
         let mut firsts: Vec<u64> = Vec::new();
         for entry in fs::read_dir(dir)? {
@@ -505,6 +495,26 @@ impl Log {
             }
         }
         Ok(())
+    }
+}
+
+/// Takes `dir`'s lock file (held while the returned file is open).
+fn lock(dir: &Path) -> io::Result<File> {
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(fs::TryLockError::WouldBlock) => Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!(
+                "spool directory {} is in use by another process",
+                dir.display()
+            ),
+        )),
+        Err(fs::TryLockError::Error(e)) => Err(e),
     }
 }
 

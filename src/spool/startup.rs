@@ -37,7 +37,7 @@ pub fn check(plan: &Plan) -> Result<(), String> {
             };
             if owned {
                 // Ours to run: only proven free of another process.
-                Log::open(&pair, LogOptions::default()).map_err(|e| e.to_string())?;
+                Log::check_free(&pair).map_err(|e| e.to_string())?;
                 continue;
             }
             let held = held(&pair)?;

@@ -205,7 +205,9 @@ fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Re
                             if !damage.is_clean() {
                                 warn!(dir = %path.display(), corrupt = damage.corrupt, skipped_bytes = damage.skipped_bytes, torn_tail = damage.torn_tail, "spool: damaged records found and skipped");
                             }
-                            gauges.damaged.store(damage.corrupt, Relaxed);
+                            gauges
+                                .damaged
+                                .store(damage.corrupt + u64::from(damage.torn_tail), Relaxed);
                             let at = Opened {
                                 next_seq: log.next_seq(),
                                 first_unacked: log.first_unacked(),
