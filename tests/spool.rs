@@ -22,6 +22,16 @@ fn spooled_route(src: &Mosquitto, dst: &Mosquitto, admin: &str) -> RouteConfig {
     cfg
 }
 
+/// Waits until the bridge's `/metrics` at `admin` satisfies `ok`.
+async fn wait_metrics(admin: &str, timeout: Duration, ok: impl Fn(&str) -> bool) -> bool {
+    wait_until_async(timeout, || async {
+        http_get(admin, "/metrics")
+            .await
+            .is_some_and(|(_, body)| ok(&body))
+    })
+    .await
+}
+
 async fn outage(count: u32, kill_bridge_during_it: bool) {
     let src = Mosquitto::start().await;
     let mut dst = Mosquitto::start_with(MosquittoOpts {
@@ -144,10 +154,8 @@ async fn qos0_rides_out_an_outage_in_the_spool() {
         Duration::from_micros(500),
     )
     .await;
-    let read = wait_until_async(Duration::from_secs(20), || async {
-        http_get(&admin, "/metrics")
-            .await
-            .is_some_and(|(_, b)| metric(&b, "mqbridge_spool_messages") >= f64::from(N))
+    let read = wait_metrics(&admin, Duration::from_secs(20), |b| {
+        metric(b, "mqbridge_spool_messages") >= f64::from(N)
     })
     .await;
     assert!(read, "the spool took every message read:\n{}", bridge.log());
@@ -205,10 +213,8 @@ async fn a_full_spool_stops_reading_and_drops_nothing() {
         )
         .await;
     }
-    let full = wait_until_async(Duration::from_secs(20), || async {
-        http_get(&admin, "/metrics")
-            .await
-            .is_some_and(|(_, b)| metric(&b, "mqbridge_spool_full") == 1.0)
+    let full = wait_metrics(&admin, Duration::from_secs(20), |b| {
+        metric(b, "mqbridge_spool_full") == 1.0
     })
     .await;
     assert!(full, "{}", bridge.log());
@@ -224,19 +230,15 @@ async fn a_full_spool_stops_reading_and_drops_nothing() {
     assert_eq!(metric(&metrics, "mqbridge_messages_dropped_total"), 0.0);
     dst.restart().await;
     // Everything the bridge took arrives, and the route reads again once there is room.
-    let drained = wait_until_async(Duration::from_secs(30), || async {
-        http_get(&admin, "/metrics")
-            .await
-            .is_some_and(|(_, b)| metric(&b, "mqbridge_spool_full") == 0.0)
+    let drained = wait_metrics(&admin, Duration::from_secs(30), |b| {
+        metric(b, "mqbridge_spool_full") == 0.0
     })
     .await;
     assert!(drained, "{}", bridge.log());
-    let taken = wait_until_async(Duration::from_secs(30), || async {
-        http_get(&admin, "/metrics").await.is_some_and(|(_, b)| {
-            metric(&b, "mqbridge_messages_forwarded_total")
-                == metric(&b, "mqbridge_messages_received_total")
-                && metric(&b, "mqbridge_spool_messages") == 0.0
-        })
+    let taken = wait_metrics(&admin, Duration::from_secs(30), |b| {
+        metric(b, "mqbridge_messages_forwarded_total")
+            == metric(b, "mqbridge_messages_received_total")
+            && metric(b, "mqbridge_spool_messages") == 0.0
     })
     .await;
     let metrics = http_get(&admin, "/metrics").await.expect("/metrics").1;
@@ -286,10 +288,8 @@ async fn a_spool_that_would_be_orphaned_or_shared_stops_the_start() {
 
     dst.stop().await;
     publish_numbered(src.port(), Proto::V311, |i| format!("in/{i}"), 1, 0, N, "o").await;
-    let spooled = wait_until_async(Duration::from_secs(20), || async {
-        http_get(&admin, "/metrics")
-            .await
-            .is_some_and(|(_, b)| metric(&b, "mqbridge_spool_messages") >= f64::from(N))
+    let spooled = wait_metrics(&admin, Duration::from_secs(20), |b| {
+        metric(b, "mqbridge_spool_messages") >= f64::from(N)
     })
     .await;
     assert!(spooled, "{}", bridge.log());
@@ -345,10 +345,8 @@ async fn a_damaged_spool_loses_only_the_damaged_records() {
     let mut bridge = start_ready(&cfg.toml(), 1).await;
     dst.stop().await;
     publish_numbered(src.port(), Proto::V311, |i| format!("in/{i}"), 1, 0, N, "d").await;
-    let spooled = wait_until_async(Duration::from_secs(20), || async {
-        http_get(&admin, "/metrics")
-            .await
-            .is_some_and(|(_, b)| metric(&b, "mqbridge_spool_messages") >= f64::from(N))
+    let spooled = wait_metrics(&admin, Duration::from_secs(20), |b| {
+        metric(b, "mqbridge_spool_messages") >= f64::from(N)
     })
     .await;
     assert!(spooled, "{}", bridge.log());

@@ -1698,13 +1698,7 @@ impl Machine {
                 Action::SendPubRel(pkid) => self.target.codec.pubrel(pkid, &mut self.target.wbuf),
                 Action::AckSource(ack) if self.intake.is_some() => self.spool_outlet_ack(ack),
                 Action::AckSource(ack) => {
-                    let codec = self.source.codec;
-                    let buf = &mut self.source.wbuf;
-                    match ack {
-                        SourceAck::PubAck(id) => codec.puback(id, buf),
-                        SourceAck::PubRec(id) => codec.pubrec(id, buf),
-                        SourceAck::PubComp(id) => codec.pubcomp(id, buf),
-                    }
+                    write_ack(self.source.codec, &mut self.source.wbuf, ack);
                     self.mark_progress(now);
                 }
                 Action::Backoff { reason } => {
@@ -1926,6 +1920,15 @@ impl Machine {
                 side.ping_sent = Some(now);
             }
         }
+    }
+}
+
+/// Encodes an ack owed to the source.
+fn write_ack(codec: Codec, buf: &mut BytesMut, ack: SourceAck) {
+    match ack {
+        SourceAck::PubAck(id) => codec.puback(id, buf),
+        SourceAck::PubRec(id) => codec.pubrec(id, buf),
+        SourceAck::PubComp(id) => codec.pubcomp(id, buf),
     }
 }
 

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Event, Machine, SpoolOp};
+use super::{Event, Machine, SpoolOp, write_ack};
 use crate::{
     config::Qos,
     message::Message,
@@ -243,15 +243,7 @@ impl Machine {
                     intake.appending.push_back(None);
                 }
                 Action::SendPubRel(pkid) => intake.window.target_pubcomp(pkid),
-                Action::AckSource(ack) => {
-                    let codec = self.source.codec;
-                    let buf = &mut self.source.wbuf;
-                    match ack {
-                        SourceAck::PubAck(id) => codec.puback(id, buf),
-                        SourceAck::PubRec(id) => codec.pubrec(id, buf),
-                        SourceAck::PubComp(id) => codec.pubcomp(id, buf),
-                    }
-                }
+                Action::AckSource(ack) => write_ack(self.source.codec, &mut self.source.wbuf, ack),
                 // The spool never refuses nor asks to wait.
                 Action::Refused { .. } | Action::Backoff { .. } => {}
             }
