@@ -182,10 +182,10 @@ impl Machine {
         for _ in 0..n {
             intake.appending.pop_front();
         }
-        if intake.appending.is_empty() {
-            intake.window.target_disconnected();
-            intake.retry_at = Some(now + RETRY_AFTER);
-        }
+        // As a target connection lost: what the intake window holds unacknowledged goes again
+        // once the pause is over; groups still in flight are answered as they come.
+        intake.window.target_disconnected();
+        intake.retry_at = Some(now + RETRY_AFTER);
     }
 
     /// Records the spool read, oldest first; empty: none more now.

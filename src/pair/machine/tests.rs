@@ -1361,3 +1361,46 @@ fn a_target_that_keeps_up_is_fed_from_memory_without_reading_back() {
     }
     assert_eq!(h.spool.reads_served, 0);
 }
+
+#[test]
+fn a_failed_group_with_another_in_flight_is_appended_again_and_each_acked_once() {
+    let mut h = H::spooled(false);
+    h.publish_n(3, QoS::AtLeastOnce); // group 1: will fail
+    let first = std::mem::take(&mut h.spool.unsynced);
+    let failed: Vec<u64> = h.spool.records.keys().copied().collect();
+    for i in 4..=5u16 {
+        let mut p = v4::Publish::new("t/x", QoS::AtLeastOnce, format!("m{i}").into_bytes());
+        p.pkid = i;
+        h.feed(Role::Source, v4::Packet::Publish(p)); // group 2: in flight, will succeed
+    }
+    for seq in &failed {
+        h.spool.records.remove(seq);
+    }
+    h.m.spool_failed(h.now, first);
+    h.pass();
+    h.sync(); // group 2 durable
+    let acked: Vec<u16> = h
+        .out(Role::Source)
+        .into_iter()
+        .map(|p| match p {
+            v4::Packet::PubAck(a) => a.pkid,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert!(
+        acked.is_empty(),
+        "acks wait their turn behind the failed group: {acked:?}"
+    );
+    h.sleep(); // the pause: the failed group goes again
+    assert_eq!(h.spool.records.len(), 5);
+    h.sync();
+    let acked: Vec<u16> = h
+        .out(Role::Source)
+        .into_iter()
+        .map(|p| match p {
+            v4::Packet::PubAck(a) => a.pkid,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(acked, [1, 2, 3, 4, 5], "each once, in arrival order");
+}
