@@ -86,7 +86,7 @@ pub struct Log {
 
 const CURSOR: &str = "cursor";
 /// Bytes read from a segment at a time.
-const READ_CHUNK: u64 = 1 << 20;
+const READ_CHUNK: u64 = 64 << 10;
 const LOCK: &str = "lock";
 const SUFFIX: &str = ".seg";
 
