@@ -1,7 +1,7 @@
 //! The deployment examples under `examples/` (issue #5): the config in the Kubernetes ConfigMap
-//! loads as the Deployment's pods would load it (instance from the pod name, password from the
-//! Secret), the Deployment's probes, port and grace period fit that config, and the systemd unit
-//! runs, reloads, stops and restarts the bridge as documented.
+//! loads as the StatefulSet's pods would load it (instance from the pod name, password from the
+//! Secret), the StatefulSet's probes, port, grace period and per-replica spool volume fit that
+//! config (#15), and the systemd unit runs, reloads, stops and restarts the bridge as documented.
 
 use std::{
     collections::BTreeMap,
@@ -46,15 +46,23 @@ struct ConfigMap {
 }
 
 #[derive(Deserialize)]
-struct Deployment {
+struct StatefulSet {
     kind: String,
-    spec: DeploymentSpec,
+    spec: StatefulSetSpec,
 }
 
 #[derive(Deserialize)]
-struct DeploymentSpec {
+#[serde(rename_all = "camelCase")]
+struct StatefulSetSpec {
     replicas: u32,
     template: PodTemplate,
+    #[serde(default)]
+    volume_claim_templates: Vec<ClaimTemplate>,
+}
+
+#[derive(Deserialize)]
+struct ClaimTemplate {
+    metadata: Metadata,
 }
 
 #[derive(Deserialize)]
@@ -148,7 +156,7 @@ struct Volume {
     config_map: Option<Metadata>,
 }
 
-const POD_NAME: &str = "mqbridge-7c9d5b8f6d-x2x4q";
+const POD_NAME: &str = "mqbridge-1";
 const SECRET_VALUE: &str = "from-the-secret";
 
 /// The environment a pod of `container` gets: the pod name for `metadata.name`, a stand-in for
@@ -190,11 +198,11 @@ fn pod_env(container: &Container) -> Vec<(String, String)> {
 fn the_kubernetes_config_loads_as_a_pod_loads_it() {
     let (cm_path, cm_text) = example("kubernetes/configmap.yaml");
     let config_map: ConfigMap = yaml(&cm_path, &cm_text);
-    let (dep_path, dep_text) = example("kubernetes/deployment.yaml");
-    let deployment: Deployment = yaml(&dep_path, &dep_text);
+    let (set_path, set_text) = example("kubernetes/statefulset.yaml");
+    let set: StatefulSet = yaml(&set_path, &set_text);
     assert_eq!(config_map.kind, "ConfigMap");
-    assert_eq!(deployment.kind, "Deployment");
-    let pod = &deployment.spec.template.spec;
+    assert_eq!(set.kind, "StatefulSet");
+    let pod = &set.spec.template.spec;
     let container = &pod.containers[0];
 
     // The file the container is told to read is the ConfigMap's key, where the volume mounts it.
@@ -275,8 +283,37 @@ fn the_kubernetes_config_loads_as_a_pod_loads_it() {
         assert_eq!(port.container_port, admin.port());
     }
 
+    // Every spool on a volume of the replica's own (a claim template), not the container's
+    // (read-only) root or a volume the replicas would share.
+    let spooled: Vec<_> = plan
+        .routes
+        .iter()
+        .filter_map(|r| r.spool.as_ref())
+        .collect();
+    assert!(!spooled.is_empty(), "the example shows a spool");
+    for spool in spooled {
+        let mount = container
+            .volume_mounts
+            .iter()
+            .find(|m| spool.dir.starts_with(&m.mount_path))
+            .unwrap_or_else(|| panic!("nothing mounted at {}", spool.dir.display()));
+        assert!(
+            set.spec
+                .volume_claim_templates
+                .iter()
+                .any(|c| c.metadata.name == mount.name),
+            "{} is not a per-replica volume",
+            mount.name
+        );
+        assert!(
+            spool.dir.to_string_lossy().contains(POD_NAME),
+            "each replica's spool is under its own instance: {}",
+            spool.dir.display()
+        );
+    }
+
     // Replicas of one bridge; time to drain before SIGKILL; bounded resources.
-    assert_eq!(deployment.spec.replicas, 2);
+    assert_eq!(set.spec.replicas, 2);
     assert!(
         Duration::from_secs(pod.termination_grace_period_seconds)
             >= plan.bridge.drain_timeout + Duration::from_secs(5),
