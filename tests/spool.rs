@@ -32,6 +32,37 @@ async fn wait_metrics(admin: &str, timeout: Duration, ok: impl Fn(&str) -> bool)
     .await
 }
 
+/// A pool-1 spooled route whose target is stopped, and `n` numbered QoS 1 messages (`prefix`)
+/// published on the source and taken into the spool. Returns the running bridge and its config.
+async fn backlog_in_the_spool(
+    src: &Mosquitto,
+    dst: &mut Mosquitto,
+    admin: &str,
+    n: u32,
+    prefix: &str,
+) -> (Bridge, RouteConfig) {
+    let mut cfg = spooled_route(src, dst, admin);
+    cfg.pool_size = 1;
+    let bridge = start_ready(&cfg.toml(), 1).await;
+    dst.stop().await;
+    publish_numbered(
+        src.port(),
+        Proto::V311,
+        |i| format!("in/{i}"),
+        1,
+        0,
+        n,
+        prefix,
+    )
+    .await;
+    let spooled = wait_metrics(admin, Duration::from_secs(20), |b| {
+        metric(b, "mqbridge_spool_messages") >= f64::from(n)
+    })
+    .await;
+    assert!(spooled, "{}", bridge.log());
+    (bridge, cfg)
+}
+
 async fn outage(count: u32, kill_bridge_during_it: bool) {
     let src = Mosquitto::start().await;
     let mut dst = Mosquitto::start_with(MosquittoOpts {
@@ -265,9 +296,7 @@ async fn a_spool_that_would_be_orphaned_or_shared_stops_the_start() {
     let src = Mosquitto::start().await;
     let mut dst = Mosquitto::start().await;
     let admin = format!("127.0.0.1:{}", free_port());
-    let mut cfg = spooled_route(&src, &dst, &admin);
-    cfg.pool_size = 1;
-    let mut bridge = start_ready(&cfg.toml(), 1).await;
+    let (mut bridge, cfg) = backlog_in_the_spool(&src, &mut dst, &admin, N, "o").await;
 
     // A second process with the same spool directory and instance: refused before any pair
     // starts (it would otherwise also take the first one's broker sessions).
@@ -285,14 +314,6 @@ async fn a_spool_that_would_be_orphaned_or_shared_stops_the_start() {
         "{}",
         second.log()
     );
-
-    dst.stop().await;
-    publish_numbered(src.port(), Proto::V311, |i| format!("in/{i}"), 1, 0, N, "o").await;
-    let spooled = wait_metrics(&admin, Duration::from_secs(20), |b| {
-        metric(b, "mqbridge_spool_messages") >= f64::from(N)
-    })
-    .await;
-    assert!(spooled, "{}", bridge.log());
     assert!(
         bridge
             .stop(Duration::from_secs(15))
@@ -340,16 +361,7 @@ async fn a_damaged_spool_loses_only_the_damaged_records() {
     let src = Mosquitto::start().await;
     let mut dst = Mosquitto::start().await;
     let admin = format!("127.0.0.1:{}", free_port());
-    let mut cfg = spooled_route(&src, &dst, &admin);
-    cfg.pool_size = 1;
-    let mut bridge = start_ready(&cfg.toml(), 1).await;
-    dst.stop().await;
-    publish_numbered(src.port(), Proto::V311, |i| format!("in/{i}"), 1, 0, N, "d").await;
-    let spooled = wait_metrics(&admin, Duration::from_secs(20), |b| {
-        metric(b, "mqbridge_spool_messages") >= f64::from(N)
-    })
-    .await;
-    assert!(spooled, "{}", bridge.log());
+    let (mut bridge, _) = backlog_in_the_spool(&src, &mut dst, &admin, N, "d").await;
     bridge.stop_cleanly().await;
 
     let pair_dir = bridge.dir().join(format!("spool/test/t{}/r/0", src.port()));

@@ -806,8 +806,9 @@ impl Machine {
             self.window.resume();
             self.apply_actions(now);
         }
-        self.spool_retry_due(now);
-        self.apply_actions(now);
+        if self.spool_retry_due(now) {
+            self.apply_actions(now);
+        }
     }
 
     /// Messages held (taken from the source, not yet finished with the target).

@@ -65,7 +65,6 @@ enum Command {
     Ack(usize, Vec<u64>),
     /// Pair, from sequence number, at most this many.
     Read(usize, u64, usize),
-    Rewind(usize),
     Close(usize),
 }
 
@@ -82,7 +81,6 @@ impl std::fmt::Debug for Command {
             Command::Append(..) => "Append",
             Command::Ack(..) => "Ack",
             Command::Read(..) => "Read",
-            Command::Rewind(..) => "Rewind",
             Command::Close(..) => "Close",
         })
     }
@@ -162,10 +160,6 @@ impl Spool {
     /// Up to `max` durable records from `from` on (the pair has what is below in memory).
     pub fn read(&self, pair: usize, from: u64, max: usize) {
         let _ = self.tx.send(Command::Read(pair, from, max));
-    }
-
-    pub fn rewind(&self, pair: usize) {
-        let _ = self.tx.send(Command::Rewind(pair));
     }
 
     /// Closes the pair's log (its lock is released); the thread ends once every handle is gone.
@@ -259,11 +253,6 @@ fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Re
                 Command::Read(pair, from, max) => {
                     if let Some(o) = logs.get_mut(&pair) {
                         o.reads.push((from, max));
-                    }
-                }
-                Command::Rewind(pair) => {
-                    if let Some(o) = logs.get_mut(&pair) {
-                        o.log.rewind();
                     }
                 }
                 Command::Close(pair) => {

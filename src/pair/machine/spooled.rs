@@ -211,14 +211,18 @@ impl Machine {
         }
     }
 
-    /// A failed group's pause is over: append what the intake holds again.
-    pub(super) fn spool_retry_due(&mut self, now: Instant) {
-        if let Some(intake) = self.intake.as_mut()
-            && intake.retry_at.is_some_and(|t| now >= t)
-        {
-            intake.retry_at = None;
-            intake.window.target_connected(true, INTAKE_WINDOW);
+    /// A failed group's pause is over: append what the intake holds again. Returns whether it
+    /// was (the intake window then has actions to apply).
+    pub(super) fn spool_retry_due(&mut self, now: Instant) -> bool {
+        let Some(intake) = self.intake.as_mut() else {
+            return false;
+        };
+        if intake.retry_at.is_none_or(|t| now < t) {
+            return false;
         }
+        intake.retry_at = None;
+        intake.window.target_connected(true, INTAKE_WINDOW);
+        true
     }
 
     /// Moves the intake window's actions to the spool and the source, feeds the outlet window
@@ -314,11 +318,12 @@ impl Machine {
         }
     }
 
-    /// With a spool: may the source be read (intake window room, spool not full)?
+    /// With a spool: may the source be read as far as the spool goes (open, not full, no failed
+    /// group waiting)? The intake window's room is `source_window()`'s, checked beside it.
     pub(super) fn intake_open(&self) -> bool {
         self.intake
             .as_ref()
-            .is_none_or(|i| i.opened && !i.full && i.retry_at.is_none() && i.window.can_accept())
+            .is_none_or(|i| i.opened && !i.full && i.retry_at.is_none())
     }
 
     /// Nothing taken from the source is still to be made durable or acknowledged to it.

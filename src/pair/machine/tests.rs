@@ -1173,6 +1173,26 @@ impl H {
         }
     }
 
+    /// The PUBACKs the machine wrote to the source, by packet id (anything else fails).
+    fn source_pubacks(&mut self) -> Vec<u16> {
+        self.out(Role::Source)
+            .into_iter()
+            .map(|p| match p {
+                v4::Packet::PubAck(a) => a.pkid,
+                other => panic!("expected PUBACK, got {other:?}"),
+            })
+            .collect()
+    }
+
+    /// The target acknowledges every PUBLISH in `packets`.
+    fn target_acks(&mut self, packets: &[v4::Packet]) {
+        for p in packets {
+            if let v4::Packet::Publish(p) = p {
+                self.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(p.pkid)));
+            }
+        }
+    }
+
     fn payloads(packets: &[v4::Packet]) -> Vec<String> {
         packets
             .iter()
@@ -1194,14 +1214,7 @@ fn with_a_spool_the_source_is_acknowledged_once_durable_while_the_target_is_down
     );
     assert_eq!(h.spool.records.len(), 50);
     h.sync();
-    let acks: Vec<u16> = h
-        .out(Role::Source)
-        .into_iter()
-        .map(|p| match p {
-            v4::Packet::PubAck(a) => a.pkid,
-            other => panic!("{other:?}"),
-        })
-        .collect();
+    let acks: Vec<u16> = h.source_pubacks();
     assert_eq!(
         acks,
         (1..=50).collect::<Vec<_>>(),
@@ -1216,11 +1229,7 @@ fn with_a_spool_the_source_is_acknowledged_once_durable_while_the_target_is_down
         assert!(!out.is_empty(), "stalled after {} of 50", sent.len());
         assert!(out.len() <= 20, "over the target's window: {}", out.len());
         sent.extend(H::payloads(&out));
-        for p in out {
-            if let v4::Packet::Publish(p) = p {
-                h.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(p.pkid)));
-            }
-        }
+        h.target_acks(&out);
     }
     let expected: Vec<String> = (1..=50).map(|i| format!("m{i}")).collect();
     assert_eq!(sent, expected);
@@ -1329,11 +1338,7 @@ fn a_backlog_larger_than_memory_is_read_back_from_the_spool_in_order() {
         let out = h.out(Role::Target);
         assert!(!out.is_empty(), "stalled after {} of 1500", sent.len());
         sent.extend(H::payloads(&out));
-        for p in out {
-            if let v4::Packet::Publish(p) = p {
-                h.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(p.pkid)));
-            }
-        }
+        h.target_acks(&out);
     }
     let expected: Vec<String> = (1..=1500).map(|i| format!("m{i}")).collect();
     assert_eq!(sent, expected, "in the order taken");
@@ -1352,11 +1357,8 @@ fn a_target_that_keeps_up_is_fed_from_memory_without_reading_back() {
         h.publish_n(10, QoS::AtLeastOnce);
         h.sync();
         h.out(Role::Source);
-        for p in h.out(Role::Target) {
-            if let v4::Packet::Publish(p) = p {
-                h.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(p.pkid)));
-            }
-        }
+        let out = h.out(Role::Target);
+        h.target_acks(&out);
         assert_eq!(h.spool.acked.len(), 10 * (round + 1));
     }
     assert_eq!(h.spool.reads_served, 0);
@@ -1379,14 +1381,7 @@ fn a_failed_group_with_another_in_flight_is_appended_again_and_each_acked_once()
     h.m.spool_failed(h.now, first);
     h.pass();
     h.sync(); // group 2 durable
-    let acked: Vec<u16> = h
-        .out(Role::Source)
-        .into_iter()
-        .map(|p| match p {
-            v4::Packet::PubAck(a) => a.pkid,
-            other => panic!("{other:?}"),
-        })
-        .collect();
+    let acked: Vec<u16> = h.source_pubacks();
     assert!(
         acked.is_empty(),
         "acks wait their turn behind the failed group: {acked:?}"
@@ -1394,13 +1389,6 @@ fn a_failed_group_with_another_in_flight_is_appended_again_and_each_acked_once()
     h.sleep(); // the pause: the failed group goes again
     assert_eq!(h.spool.records.len(), 5);
     h.sync();
-    let acked: Vec<u16> = h
-        .out(Role::Source)
-        .into_iter()
-        .map(|p| match p {
-            v4::Packet::PubAck(a) => a.pkid,
-            other => panic!("{other:?}"),
-        })
-        .collect();
+    let acked: Vec<u16> = h.source_pubacks();
     assert_eq!(acked, [1, 2, 3, 4, 5], "each once, in arrival order");
 }
