@@ -65,7 +65,10 @@ async fn mirror(pa: Proto, pb: Proto) {
             .is_some_and(|s| s.success())
     );
     let log = bridge.log();
-    let final_lines: Vec<_> = log.lines().filter(|l| l.contains("final")).collect();
+    let final_lines: Vec<_> = log
+        .lines()
+        .filter(|l| l.contains(" final route="))
+        .collect();
     assert_eq!(final_lines.len(), 2, "{log}");
     for l in final_lines {
         assert!(

@@ -248,7 +248,7 @@ async fn slow_target_never_exceeds_the_window_and_memory_stays_bounded() {
     let log = bridge.log();
     let last = log
         .lines()
-        .rfind(|l| l.contains("final"))
+        .rfind(|l| l.contains(" final route="))
         .expect("final line");
     let max = log_field(last, "in_flight_max").unwrap();
     let window = log_field(last, "window").unwrap();
