@@ -1644,7 +1644,7 @@ impl Machine {
         loop {
             let fed = self.spool_pass();
             self.apply_window_actions(now);
-            if !fed {
+            if !fed && !self.intake_has_actions() {
                 break;
             }
         }

@@ -265,6 +265,11 @@ impl Window {
             .map(|s| &mut s.message)
     }
 
+    /// Whether `poll_action` has something.
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
+    }
+
     /// Next action for the driver, in order.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()

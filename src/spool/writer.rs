@@ -1,8 +1,10 @@
 //! The thread that owns a route's spool logs (one per pair) and does their file I/O, off the
 //! async runtime. Pairs send commands; the thread takes every command that is waiting, applies
 //! them, makes each touched log durable with one sync, and only then answers: appends that
-//! arrive while a sync runs are grouped into the next one, so the number of fsyncs per second
-//! is bounded by the disk's sync latency, not by the message rate.
+//! arrive while a sync runs, or within `GROUP_EVERY` of the last one, are grouped into the next
+//! one, so a log is synced at most 500 times a second whatever the message rate (and the pair
+//! and this thread wake each other as rarely). A healthy target does not wait for it: the pair
+//! acknowledges its source on the target's ack when that comes first.
 //!
 //! It decides nothing about messages: what to append, when to acknowledge the source and what
 //! to forward are the pair machine's. An I/O error fails the group it happened in (the pair is
@@ -24,6 +26,8 @@ use tracing::{error, warn};
 
 use super::{Log, LogOptions, Record};
 
+/// A group is synced at most this often: what arrives in between waits for the next one.
+const GROUP_EVERY: std::time::Duration = std::time::Duration::from_millis(2);
 /// How often at most a moved cursor is written (each write is a file write and a rename).
 const CURSOR_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -176,7 +180,12 @@ fn now_ms() -> u64 {
 
 fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Receiver<Command>) {
     let mut logs: std::collections::BTreeMap<usize, OpenLog> = Default::default();
+    let mut synced_at: Option<std::time::Instant> = None;
     loop {
+        if let Some(at) = synced_at.take() {
+            // Commands sent while this thread sleeps wake nobody; they make the next group.
+            std::thread::sleep(GROUP_EVERY.saturating_sub(at.elapsed()));
+        }
         // Woken by a command, or once a second to write cursors that moved.
         let mut batch = match rx.recv_timeout(CURSOR_EVERY) {
             Ok(first) => vec![first],
@@ -268,6 +277,7 @@ fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Re
             if o.dirty {
                 o.dirty = false;
                 let appended = std::mem::take(&mut o.appended);
+                synced_at = Some(std::time::Instant::now());
                 match o.log.sync() {
                     Ok(()) => {
                         o.gauges.fsyncs.fetch_add(1, Relaxed);

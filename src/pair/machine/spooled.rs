@@ -6,7 +6,8 @@
 //! ```
 //!
 //! The intake window is an ordinary `Window` whose "target" is the spool: a message is
-//! "published" by appending it, and "acknowledged" when the spool says it is durable, so every
+//! "published" by appending it, and "acknowledged" when the spool says it is durable or the
+//! target acknowledged it, whichever comes first (a healthy target does not wait for fsync), so every
 //! rule the window keeps towards the source (acks in arrival order, redeliveries recognised,
 //! QoS 2 exactly once while the process runs, a lost source session noticed) holds unchanged.
 //! The outlet window is the pair's usual `window`, fed from the spool instead of the source; its
@@ -39,9 +40,11 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// The spool side of a pair's state.
 pub struct Intake {
     window: Window,
-    /// Per append sent to the spool and not yet answered, in order: the intake window's packet
-    /// id and QoS (`None`: a QoS 0 message, nothing to acknowledge).
+    /// Per append sent to the spool and not yet answered, in order (consecutive sequence
+    /// numbers from `appending_first`): the intake window's packet id and QoS, `None` once
+    /// there is nothing to acknowledge (QoS 0, or released early by the target's ack).
     appending: VecDeque<Option<(u16, Qos)>>,
+    appending_first: u64,
     to_append: Vec<(u64, Message)>,
     /// The log is open: `next_seq` numbers the next append.
     opened: bool,
@@ -71,6 +74,7 @@ impl Intake {
         Box::new(Intake {
             window,
             appending: VecDeque::new(),
+            appending_first: 0,
             to_append: Vec::new(),
             opened: false,
             next_seq: 0,
@@ -105,7 +109,7 @@ impl Intake {
 
     /// Numbers a message for the spool; while the outlet has read everything before it, it
     /// is also kept in memory for the outlet (and not read back from disk).
-    fn append(&mut self, m: Message) {
+    fn append(&mut self, m: Message) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         if self.next_unread == seq && self.loaded.len() < READ_AHEAD {
@@ -113,6 +117,44 @@ impl Intake {
             self.loaded.push_back((seq, m.clone()));
         }
         self.to_append.push((seq, m));
+        seq
+    }
+
+    /// Queues an append's acknowledgement towards the source (`None`: nothing to acknowledge).
+    fn appending_push(&mut self, seq: u64, ack: Option<(u16, Qos)>) {
+        if self.appending.is_empty() {
+            self.appending_first = seq;
+        }
+        debug_assert_eq!(self.appending_first + self.appending.len() as u64, seq);
+        self.appending.push_back(ack);
+    }
+
+    fn appending_pop(&mut self) -> Option<(u16, Qos)> {
+        let ack = self.appending.pop_front()?;
+        self.appending_first += 1;
+        ack
+    }
+
+    /// The target acknowledged record `seq` (or the outlet is otherwise done with it) before
+    /// the spool said it is durable: the source is acknowledged now; the spool's answer then
+    /// finds nothing left to do for it.
+    fn release(&mut self, seq: u64) {
+        let Some(at) = seq.checked_sub(self.appending_first) else {
+            return;
+        };
+        let Some(slot) = self.appending.get_mut(at as usize) else {
+            return;
+        };
+        match slot.take() {
+            Some((pkid, Qos::ExactlyOnce)) => self.window.target_pubrec(pkid, 0),
+            Some((pkid, _)) => self.window.target_puback(pkid, 0),
+            None => {}
+        }
+    }
+
+    /// The intake window has actions for `spool_pass`.
+    fn has_actions(&self) -> bool {
+        self.window.has_actions()
     }
 
     fn next_outlet_id(&mut self) -> u16 {
@@ -160,7 +202,7 @@ impl Machine {
         };
         intake.dry = false;
         for _ in 0..n {
-            match intake.appending.pop_front().flatten() {
+            match intake.appending_pop() {
                 Some((pkid, Qos::ExactlyOnce)) => {
                     intake.window.target_pubrec(pkid, 0);
                     // The spool has it: the QoS 2 exchange with our "target" ends here (its
@@ -180,7 +222,7 @@ impl Machine {
             return;
         };
         for _ in 0..n {
-            intake.appending.pop_front();
+            intake.appending_pop();
         }
         // As a target connection lost: what the intake window holds unacknowledged goes again
         // once the pause is over; groups still in flight are answered as they come.
@@ -238,13 +280,13 @@ impl Machine {
                 Action::SendPublish { pkid, .. } => {
                     if let Some(m) = intake.window.held(pkid) {
                         let (qos, m) = (m.qos, m.clone());
-                        intake.append(m);
-                        intake.appending.push_back(Some((pkid, qos)));
+                        let seq = intake.append(m);
+                        intake.appending_push(seq, Some((pkid, qos)));
                     }
                 }
                 Action::SendQos0(m) => {
-                    intake.append(m);
-                    intake.appending.push_back(None);
+                    let seq = intake.append(m);
+                    intake.appending_push(seq, None);
                 }
                 Action::SendPubRel(pkid) => intake.window.target_pubcomp(pkid),
                 Action::AckSource(ack) => write_ack(self.source.codec, &mut self.source.wbuf, ack),
@@ -299,13 +341,25 @@ impl Machine {
             return;
         };
         match ack {
-            SourceAck::PubRec(id) => self.window.source_pubrel(id),
+            SourceAck::PubRec(id) => {
+                // The target took responsibility for it (PUBREC): the source may be answered.
+                if let Some(&seq) = intake.outlet.get(&id) {
+                    intake.release(seq);
+                }
+                self.window.source_pubrel(id);
+            }
             SourceAck::PubAck(id) | SourceAck::PubComp(id) => {
                 if let Some(seq) = intake.outlet.remove(&id) {
+                    intake.release(seq);
                     intake.to_ack.push(seq);
                 }
             }
         }
+    }
+
+    /// The intake window has work that `spool_pass` has not seen (a release by the target).
+    pub(super) fn intake_has_actions(&self) -> bool {
+        self.intake.as_ref().is_some_and(|i| i.has_actions())
     }
 
     /// Acks for the spool gathered in this pass go out as one event.

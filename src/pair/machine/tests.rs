@@ -1392,3 +1392,50 @@ fn a_failed_group_with_another_in_flight_is_appended_again_and_each_acked_once()
     let acked: Vec<u16> = h.source_pubacks();
     assert_eq!(acked, [1, 2, 3, 4, 5], "each once, in arrival order");
 }
+
+#[test]
+fn a_healthy_target_acknowledges_the_source_before_the_spool_is_durable() {
+    let mut h = H::spooled(true);
+    h.publish_n(10, QoS::AtLeastOnce);
+    assert!(h.out(Role::Source).is_empty(), "nothing taken yet");
+    let out = h.out(Role::Target);
+    assert_eq!(out.len(), 10);
+    // The first half acknowledged by the target, before any sync: their sources are answered.
+    h.target_acks(&out[..5]);
+    assert_eq!(h.source_pubacks(), [1, 2, 3, 4, 5]);
+    // The spool says the group is durable: the rest is answered, the first half not again.
+    h.sync();
+    assert_eq!(h.source_pubacks(), [6, 7, 8, 9, 10]);
+    h.target_acks(&out[5..]);
+    assert!(h.out(Role::Source).is_empty(), "each acknowledged once");
+    assert!(h.spool.records.is_empty(), "every record went");
+    assert_eq!(h.spool.acked.len(), 10);
+    // The source reuses the packet ids: a new message under id 1 waits for its own sync or ack.
+    h.publish_n(1, QoS::AtLeastOnce);
+    assert!(h.out(Role::Source).is_empty());
+    h.sync();
+    assert_eq!(h.source_pubacks(), [1]);
+}
+
+#[test]
+fn with_a_spool_a_qos2_pubrec_from_the_target_releases_the_source_before_the_sync() {
+    let mut h = H::spooled(true);
+    h.publish_n(1, QoS::ExactlyOnce);
+    let out = h.out(Role::Target);
+    let pkid = match out.as_slice() {
+        [v4::Packet::Publish(p)] if p.qos == QoS::ExactlyOnce => p.pkid,
+        other => panic!("{other:?}"),
+    };
+    h.feed(Role::Target, v4::Packet::PubRec(v4::PubRec::new(pkid)));
+    assert_eq!(
+        h.out(Role::Source),
+        vec![v4::Packet::PubRec(v4::PubRec::new(1))]
+    );
+    h.sync();
+    assert!(h.out(Role::Source).is_empty(), "not answered twice");
+    h.feed(Role::Source, v4::Packet::PubRel(v4::PubRel::new(1)));
+    assert_eq!(
+        h.out(Role::Source),
+        vec![v4::Packet::PubComp(v4::PubComp::new(1))]
+    );
+}
