@@ -517,11 +517,7 @@ impl Machine {
         } else if self.parked(now) {
             return Some(Ended::Parked);
         }
-        if self.intake.is_none() {
-            // Lingering batches reads against the target's window; with a spool the source
-            // is read against the intake's, and waits for no target ack.
-            self.linger(now);
-        }
+        self.linger(now);
         None
     }
 
@@ -850,7 +846,9 @@ impl Machine {
     fn linger(&mut self, now: Instant) {
         let pass = linger::Pass {
             taken: std::mem::take(&mut self.source_batch),
-            acks: std::mem::take(&mut self.target_acks),
+            // With a spool the source waits for no target ack: a full window does not stop
+            // its reading (lingering under load, which batches both sockets, still applies).
+            acks: std::mem::take(&mut self.target_acks) * usize::from(self.intake.is_none()),
             window: self.window.window(),
             free: self.window.free(),
             draining: self.draining,

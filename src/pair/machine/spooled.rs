@@ -32,8 +32,12 @@ use crate::{
 /// Receive Maximum. Sized for group commit (one fsync takes what arrived during the last), not
 /// for the target's window.
 pub const INTAKE_WINDOW: usize = 1024;
-/// Records read ahead of the outlet window, at most.
-const READ_AHEAD: usize = 256;
+/// Messages held in memory ahead of the outlet window, at most (as many as the intake takes
+/// in flight: a healthy target is fed from memory, nothing read back), and bytes of them.
+const READ_AHEAD: usize = INTAKE_WINDOW;
+const READ_AHEAD_BYTES: usize = 4 << 20;
+/// Records asked for in one read from disk, at most.
+const READ_BATCH: usize = 256;
 /// After a failed sync, the pause before the group is appended again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -53,8 +57,9 @@ pub struct Intake {
     /// outlet keeps up, appends go to `loaded` straight from memory and nothing is read back.
     next_unread: u64,
     to_ack: Vec<u64>,
-    /// Records read and not yet given to the outlet window (seq, message).
+    /// Records read and not yet given to the outlet window (seq, message), and their bytes.
     loaded: VecDeque<(u64, Message)>,
+    loaded_bytes: usize,
     reading: bool,
     /// The last read found nothing: wait for new durable records before asking again.
     dry: bool,
@@ -81,6 +86,7 @@ impl Intake {
             next_unread: 0,
             to_ack: Vec::new(),
             loaded: VecDeque::new(),
+            loaded_bytes: 0,
             reading: false,
             dry: false,
             outlet: IdMap::default(),
@@ -112,12 +118,27 @@ impl Intake {
     fn append(&mut self, m: Message) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
-        if self.next_unread == seq && self.loaded.len() < READ_AHEAD {
+        if self.next_unread == seq && self.has_room_ahead() {
             self.next_unread = seq + 1;
-            self.loaded.push_back((seq, m.clone()));
+            self.load(seq, m.clone());
         }
         self.to_append.push((seq, m));
         seq
+    }
+
+    fn has_room_ahead(&self) -> bool {
+        self.loaded.len() < READ_AHEAD && self.loaded_bytes < READ_AHEAD_BYTES
+    }
+
+    fn load(&mut self, seq: u64, m: Message) {
+        self.loaded_bytes += size(&m);
+        self.loaded.push_back((seq, m));
+    }
+
+    fn unload(&mut self) -> Option<(u64, Message)> {
+        let (seq, m) = self.loaded.pop_front()?;
+        self.loaded_bytes -= size(&m);
+        Some((seq, m))
     }
 
     /// Queues an append's acknowledgement towards the source (`None`: nothing to acknowledge).
@@ -240,7 +261,7 @@ impl Machine {
         for (seq, m) in records {
             if seq >= intake.next_unread {
                 intake.next_unread = seq + 1;
-                intake.loaded.push_back((seq, m));
+                intake.load(seq, m);
             }
         }
         self.apply_actions(now);
@@ -302,7 +323,7 @@ impl Machine {
             if m.qos == Qos::AtMostOnce && !self.target.is_up() {
                 break;
             }
-            let (seq, m) = intake.loaded.pop_front().expect("checked");
+            let (seq, m) = intake.unload().expect("checked");
             fed = true;
             if m.qos == Qos::AtMostOnce {
                 // Written (or counted dropped) by the outlet right away: the record may go.
@@ -324,9 +345,10 @@ impl Machine {
             && !intake.dry
             && intake.next_unread < intake.next_seq
             && intake.loaded.len() < READ_AHEAD / 2
+            && intake.loaded_bytes < READ_AHEAD_BYTES / 2
         {
             intake.reading = true;
-            let max = READ_AHEAD - intake.loaded.len();
+            let max = (READ_AHEAD - intake.loaded.len()).min(READ_BATCH);
             let from = intake.next_unread;
             self.events
                 .push_back(Event::Spool(SpoolOp::Read { from, max }));
@@ -384,4 +406,9 @@ impl Machine {
     pub(super) fn intake_drained(&self) -> bool {
         self.intake.as_ref().is_none_or(|i| i.in_flight() == 0)
     }
+}
+
+/// What a message held ahead counts against `READ_AHEAD_BYTES`.
+fn size(m: &Message) -> usize {
+    m.topic.len() + m.payload.len()
 }
