@@ -103,6 +103,9 @@ struct OpenLog {
     replies: UnboundedSender<Reply>,
     gauges: Arc<LogGauges>,
     appended: usize,
+    /// Appends waiting for the next sync, not yet given to the log: a record the target
+    /// acknowledged meanwhile (`None`) is never written (a healthy target's usual case).
+    staged: Vec<(u64, Option<Record>)>,
     /// Appends wait for a sync.
     dirty: bool,
     /// Acks applied since the gauges were last published.
@@ -220,6 +223,7 @@ fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Re
                                 replies,
                                 gauges,
                                 appended: 0,
+                                staged: Vec::new(),
                                 dirty: false,
                                 acked: false,
                                 cursor_saved: std::time::Instant::now(),
@@ -240,23 +244,12 @@ fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Re
                 }
                 Command::Append(pair, records) => {
                     if let Some(o) = logs.get_mut(&pair) {
-                        let now = now_ms();
-                        for mut r in records {
-                            r.stored_at_ms = now;
-                            o.log.append(r);
-                            o.appended += 1;
-                        }
-                        o.dirty = true;
+                        o.stage(records);
                     }
                 }
                 Command::Ack(pair, seqs) => {
                     if let Some(o) = logs.get_mut(&pair) {
-                        for seq in seqs {
-                            if let Err(e) = o.log.ack(seq) {
-                                warn!(dir = %o.log.dir().display(), error = %e, "spool: cannot delete an acknowledged segment");
-                            }
-                        }
-                        o.acked = true;
+                        o.ack(seqs);
                     }
                 }
                 Command::Read(pair, from, max) => {
@@ -266,6 +259,7 @@ fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Re
                 }
                 Command::Close(pair) => {
                     if let Some(mut o) = logs.remove(&pair) {
+                        o.unstage();
                         let _ = o.log.sync();
                         let _ = o.log.save_cursor();
                     }
@@ -277,6 +271,7 @@ fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Re
             if o.dirty {
                 o.dirty = false;
                 let appended = std::mem::take(&mut o.appended);
+                o.unstage();
                 synced_at = Some(std::time::Instant::now());
                 match o.log.sync() {
                     Ok(()) => {
@@ -317,6 +312,43 @@ fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Re
             for r in replies {
                 let _ = o.replies.send(r);
             }
+        }
+    }
+}
+
+impl OpenLog {
+    /// Appends wait here for the next sync.
+    fn stage(&mut self, records: Vec<Record>) {
+        let now = now_ms();
+        for mut r in records {
+            r.stored_at_ms = now;
+            self.staged.push((r.seq, Some(r)));
+            self.appended += 1;
+        }
+        self.dirty = true;
+    }
+
+    /// The target has these records: a staged one is never written, a written one may go.
+    fn ack(&mut self, seqs: Vec<u64>) {
+        for seq in seqs {
+            // The pair numbers its appends from the log's `next_seq` on, in increasing order.
+            if seq >= self.log.next_seq()
+                && let Ok(at) = self.staged.binary_search_by_key(&seq, |s| s.0)
+            {
+                self.staged[at].1 = None;
+                continue;
+            }
+            if let Err(e) = self.log.ack(seq) {
+                warn!(dir = %self.log.dir().display(), error = %e, "spool: cannot delete an acknowledged segment");
+            }
+        }
+        self.acked = true;
+    }
+
+    /// Gives the staged appends the target did not acknowledge meanwhile to the log.
+    fn unstage(&mut self) {
+        for r in self.staged.drain(..).filter_map(|(_, r)| r) {
+            self.log.append(r);
         }
     }
 }
@@ -406,6 +438,54 @@ mod tests {
         spool.close(0);
         drop(spool);
         thread.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn what_the_target_acknowledged_before_the_sync_is_never_written() {
+        let dir =
+            std::env::temp_dir().join(format!("mqbridge-spool-staged-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut o = OpenLog {
+            log: Log::open(&dir, LogOptions::default()).unwrap(),
+            replies: unbounded_channel().0,
+            gauges: Arc::default(),
+            appended: 0,
+            staged: Vec::new(),
+            dirty: false,
+            acked: false,
+            cursor_saved: std::time::Instant::now(),
+            cursor_moved: false,
+            reads: Vec::new(),
+        };
+        let numbered = |seqs: std::ops::RangeInclusive<u64>| {
+            seqs.map(|seq| Record {
+                seq,
+                ..msg(seq as u32)
+            })
+            .collect::<Vec<_>>()
+        };
+        o.stage(numbered(1..=10));
+        o.ack(vec![1, 2, 3, 5, 10]);
+        o.unstage();
+        o.log.sync().unwrap();
+        let one = o.log.bytes() / 5;
+        assert_eq!(o.log.len(), 5, "4, 6, 7, 8, 9 are kept");
+        assert_eq!(o.log.bytes(), 5 * one, "and only they were written");
+        let kept: Vec<u64> = o.log.read(100).unwrap().iter().map(|r| r.seq).collect();
+        assert_eq!(kept, [4, 6, 7, 8, 9]);
+        // Acks of written records delete them as before; the numbering goes on after 10.
+        o.ack(vec![4, 6, 7, 8, 9]);
+        assert!(o.log.is_empty());
+        assert_eq!(
+            o.log.next_seq(),
+            10,
+            "10 was never written: the next append may take it"
+        );
+        o.stage(numbered(11..=11));
+        o.unstage();
+        o.log.sync().unwrap();
+        assert_eq!(o.log.len(), 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
