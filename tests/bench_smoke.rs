@@ -1,6 +1,6 @@
 //! The benchmark of issue #6 still runs: `examples/bench` in `--quick` mode, one QoS 1 case
-//! (direct, mosquitto's bridge, mqbridge pool 1) against real mosquitto brokers. Its Markdown
-//! table must parse, and mqbridge must deliver every message.
+//! (direct, mosquitto's bridge, mqbridge pool 1 with and without a spool) against real mosquitto
+//! brokers. Its Markdown tables must parse, and mqbridge must deliver every message.
 
 // The benchmark's code, compiled into this test so that no separately built example is needed.
 #[allow(dead_code)]
@@ -9,7 +9,15 @@ mod harness;
 
 use std::path::Path;
 
-/// The Markdown table's rows as cells, header first, without the alignment row.
+/// The Markdown tables' rows as cells, header first, without the alignment rows.
+fn tables(markdown: &str) -> Vec<Vec<Vec<String>>> {
+    markdown
+        .split("\n\n")
+        .map(table)
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
 fn table(markdown: &str) -> Vec<Vec<String>> {
     markdown
         .lines()
@@ -46,7 +54,13 @@ fn quick_benchmark_runs_and_mqbridge_loses_nothing() {
     let json = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-smoke.json");
     let report = quick("--qos 1 --payload 64 --pools 1 --idle-timeout 10s", &json);
 
-    let rows = table(&report.markdown);
+    let tables = tables(&report.markdown);
+    assert_eq!(
+        tables.len(),
+        2,
+        "the main table and spool on / off: {tables:?}"
+    );
+    let rows = &tables[0];
     let header = &rows[0];
     let col = |name: &str| {
         header
@@ -57,8 +71,8 @@ fn quick_benchmark_runs_and_mqbridge_loses_nothing() {
     let (path, rate, lost) = (col("path"), col("msg/s"), col("lost / dup"));
     assert_eq!(
         rows.len(),
-        4,
-        "header + direct, mosquitto, mqbridge: {rows:?}"
+        5,
+        "header + direct, mosquitto, mqbridge, mqbridge spool: {rows:?}"
     );
     for row in &rows[1..] {
         assert_eq!(row.len(), header.len(), "ragged row {row:?}");
@@ -71,24 +85,33 @@ fn quick_benchmark_runs_and_mqbridge_loses_nothing() {
             });
         assert!(msgs > 0.0, "{row:?}");
     }
-    let mqbridge = rows[1..]
+    let mqbridge: Vec<_> = rows[1..]
         .iter()
-        .find(|r| r[path].starts_with("mqbridge"))
-        .expect("an mqbridge row");
-    let lost_count: u64 = mqbridge[lost]
-        .split(" / ")
-        .next()
-        .and_then(|n| n.replace(',', "").parse().ok())
-        .unwrap_or_else(|| panic!("lost / dup {:?} does not parse", mqbridge[lost]));
-    assert_eq!(
-        lost_count, 0,
-        "mqbridge lost messages at QoS 1: {mqbridge:?}"
-    );
+        .filter(|r| r[path].starts_with("mqbridge"))
+        .collect();
+    assert_eq!(mqbridge.len(), 2, "{rows:?}");
+    for row in mqbridge {
+        let lost_count: u64 = row[lost]
+            .split(" / ")
+            .next()
+            .and_then(|n| n.replace(',', "").parse().ok())
+            .unwrap_or_else(|| panic!("lost / dup {:?} does not parse", row[lost]));
+        assert_eq!(lost_count, 0, "mqbridge lost messages at QoS 1: {row:?}");
+    }
+    // Spool on against spool off: one row, a ratio and fsyncs that are numbers.
+    let spool = &tables[1];
+    assert_eq!(spool.len(), 2, "{spool:?}");
+    let col = |name: &str| spool[0].iter().position(|h| h == name).expect(name);
+    let ratio: f64 = spool[1][col("× spool off")].parse().expect("a ratio");
+    let fsyncs: f64 = spool[1][col("fsyncs/s")]
+        .parse()
+        .expect("fsyncs per second");
+    assert!(ratio > 0.0 && fsyncs >= 0.0, "{spool:?}");
 
     let written = std::fs::read_to_string(&json).expect("the JSON file");
     assert!(written.contains("\"path\": \"mqbridge\""), "{written}");
     assert!(report.runs.iter().all(|r| r.count == r.distinct + r.lost()));
-    assert_eq!(report.summary.len(), 3);
+    assert_eq!(report.summary.len(), 4);
 }
 
 /// `--congestion`: the run happens in a network namespace of its own with the algorithm asked

@@ -41,8 +41,9 @@ pub struct Opts {
     /// mqbridge pool sizes (pairs).
     #[arg(long, value_delimiter = ',', default_values_t = vec![1u16, 2, 4])]
     pub pools: Vec<u16>,
-    /// Paths to measure: direct, mosquitto, mqbridge.
-    #[arg(long, value_delimiter = ',', default_values_t = vec!["direct".to_string(), "mosquitto".into(), "mqbridge".into()])]
+    /// Paths to measure: direct, mosquitto, mqbridge, mqbridge-spool (mqbridge with
+    /// `spool = true` on its route, compared with mqbridge in a table of its own).
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["direct".to_string(), "mosquitto".into(), "mqbridge".into(), "mqbridge-spool".into()])]
     pub paths: Vec<String>,
     /// Repetitions of every case (default 5, 1 with --quick); the table shows medians.
     #[arg(long)]

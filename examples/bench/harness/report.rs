@@ -82,6 +82,9 @@ pub struct Summary {
     pub p99_ms: f64,
     pub lost: u64,
     pub duplicates: u64,
+    /// Spool rows: this rate over the same pool's without a spool, and fsyncs per second.
+    pub vs_spool_off: Option<f64>,
+    pub fsyncs_per_s: Option<f64>,
 }
 
 pub struct Report {
@@ -153,6 +156,8 @@ fn summarize(runs: &[Run]) -> Vec<Summary> {
                 p99_ms: med(&|r| r.p99_us as f64 / 1000.0),
                 lost: of.iter().map(|r| r.lost()).sum(),
                 duplicates: of.iter().map(|r| r.duplicates).sum(),
+                vs_spool_off: None,
+                fsyncs_per_s: opt(&|r| r.spool_fsyncs.map(|n| n as f64 / r.secs)),
             }
         })
         .collect();
@@ -169,6 +174,10 @@ fn summarize(runs: &[Run]) -> Vec<Summary> {
         let lossless = rows[i].lost == 0;
         rows[i].vs_direct = direct.filter(|_| lossless).map(|d| rows[i].rate / d);
         rows[i].vs_mosquitto = mosquitto.filter(|_| lossless).map(|m| rows[i].rate / m);
+        if let Path::MqbridgeSpool(pool) = rows[i].path {
+            let off = reference(&rows, qos, payload, Path::Mqbridge(pool));
+            rows[i].vs_spool_off = off.filter(|_| lossless).map(|o| rows[i].rate / o);
+        }
     }
     rows
 }
@@ -348,11 +357,65 @@ fn markdown(
          Command: `{}`",
         opts.idle_timeout, command
     );
+    spool_table(&mut out, rows);
     if let Some(check) = generator_check(runs) {
         let _ = writeln!(out);
         let _ = writeln!(out, "{check}");
     }
     out
+}
+
+/// Spool on against spool off, per pool (SPEC 4.9: a healthy target, what durability costs).
+fn spool_table(out: &mut String, rows: &[Summary]) {
+    let spooled: Vec<(&Summary, &Summary)> = rows
+        .iter()
+        .filter_map(|on| {
+            let Path::MqbridgeSpool(pool) = on.path else {
+                return None;
+            };
+            let off = rows.iter().find(|r| {
+                (r.qos, r.payload, r.path) == (on.qos, on.payload, Path::Mqbridge(pool))
+            })?;
+            Some((on, off))
+        })
+        .collect();
+    if spooled.is_empty() {
+        return;
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "| QoS | payload | pool | spool off msg/s | spool on msg/s | × spool off | fsyncs/s | \
+         CPU mqbridge off / on | mqbridge peak RSS off / on |"
+    );
+    let _ = writeln!(
+        out,
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    let rss = |r: &Summary| {
+        r.mqbridge_peak_rss_kib
+            .map_or("–".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+    };
+    for (on, off) in spooled {
+        let pool = match on.path {
+            Path::MqbridgeSpool(p) => p,
+            _ => unreachable!("filtered"),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {pool} | {} | {} | {} | {} | {} / {} | {} / {} |",
+            on.qos,
+            size(on.payload),
+            thousands(off.rate),
+            thousands(on.rate),
+            opt(on.vs_spool_off, 2),
+            opt(on.fsyncs_per_s.map(f64::round), 0),
+            opt(off.cpu_mqbridge, 3),
+            opt(on.cpu_mqbridge, 3),
+            rss(off),
+            rss(on),
+        );
+    }
 }
 
 fn esc(s: &str) -> String {
@@ -447,6 +510,8 @@ fn json(
                 ("msgs_per_sec", num(r.rate)),
                 ("vs_direct", onum(r.vs_direct)),
                 ("vs_mosquitto", onum(r.vs_mosquitto)),
+                ("vs_spool_off", onum(r.vs_spool_off)),
+                ("fsyncs_per_s", onum(r.fsyncs_per_s)),
                 (
                     "cpu_s_per_100k",
                     obj(&[
