@@ -60,13 +60,13 @@ pub fn start(
         let (spool, _thread) = Spool::start(sp.dir.clone(), per_pair, options);
         spool
     });
-    let gauges: Vec<Arc<LogGauges>> = (0..route.pool_size_max)
+    let mut gauges: Vec<Arc<LogGauges>> = (0..route.pool_size_max)
         .map(|_| Arc::new(LogGauges::default()))
         .collect();
     let mut pairs = Vec::new();
     let mut tasks = Vec::new();
     let mut switches = Vec::new();
-    for (index, pair_gauges) in gauges.iter().enumerate() {
+    for (index, pair_gauges) in gauges.clone().iter().enumerate() {
         let stats = Arc::new(PairStats::default());
         let spec = PairSpec {
             route: plan.clone(),
@@ -92,7 +92,18 @@ pub fn start(
         )));
     }
     // Indexes past the pool that an earlier run (or the config before a reload) ran may still
-    // hold subscribed sessions, which the broker keeps feeding: clean them up (SPEC 4.1).
+    // hold subscribed sessions, which the broker keeps feeding: clean them up (SPEC 4.1). With a
+    // spool, an index past the pool that left a spool directory is retired with it: its backlog
+    // is forwarded before it ends (SPEC 4.9: nothing acknowledged is orphaned).
+    let retired_spools: Vec<(usize, Arc<LogGauges>)> = match (&spool, &route.spool) {
+        (Some(_), Some(sp)) => spool_indexes(&sp.dir)
+            .into_iter()
+            .filter(|&i| i >= route.pool_size_max)
+            .map(|i| (i, Arc::new(LogGauges::default())))
+            .collect(),
+        _ => Vec::new(),
+    };
+    gauges.extend(retired_spools.iter().map(|(_, g)| g.clone()));
     let sweep_from = PairSpec {
         route: plan.clone(),
         index: route.pool_size_max,
@@ -107,6 +118,7 @@ pub fn start(
     tasks.push(tokio::spawn(sweep(
         bridge.clone(),
         sweep_from,
+        spool.clone().map(|spool| (spool, retired_spools)),
         shutdown.clone(),
     )));
     if route.pool_auto {
@@ -132,25 +144,55 @@ pub fn start(
 /// reports a session for every client id.
 const SWEEP_LIMIT: usize = 1024;
 
-/// Retires indexes `first.index`, `first.index + 1`, … until one whose source had no session.
-/// MQTT 3.1 cannot tell, so on 3.1 only the first is looked at (see docs/GUARANTEES.md).
+/// Retires indexes `first.index`, `first.index + 1`, … until one whose source had no session
+/// and past every index that left a spool directory (`spools`: the route's spool thread and
+/// those indexes). MQTT 3.1 cannot tell, so on 3.1 only the first is looked at
+/// (see docs/GUARANTEES.md).
 async fn sweep(
     bridge: crate::config::BridgePlan,
     first: PairSpec,
+    spools: Option<(Spool, Vec<(usize, Arc<LogGauges>)>)>,
     shutdown: watch::Receiver<bool>,
 ) {
     let route = first.route.clone();
+    let last_spool = spools
+        .as_ref()
+        .and_then(|(_, s)| s.iter().map(|(i, _)| *i).max());
     for index in first.index..first.index + SWEEP_LIMIT {
+        let spool = spools.as_ref().and_then(|(spool, indexes)| {
+            let (_, gauges) = indexes.iter().find(|(i, _)| *i == index)?;
+            Some(SpoolLink {
+                spool: spool.clone(),
+                gauges: gauges.clone(),
+            })
+        });
         let spec = PairSpec {
             index,
             source_client_id: client_id(&bridge, &route, index, Side::Source),
             target_client_id: client_id(&bridge, &route, index, Side::Target),
+            spool,
             ..first.clone()
         };
-        if retire::retire(spec, shutdown.clone()).await != Some(true) {
+        let had_session = retire::retire(spec, shutdown.clone()).await;
+        if *shutdown.borrow() {
+            return;
+        }
+        if had_session != Some(true) && last_spool.is_none_or(|last| index >= last) {
             return;
         }
     }
+}
+
+/// The pair indexes that have a directory in a route's spool directory.
+fn spool_indexes(dir: &std::path::Path) -> Vec<usize> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
 }
 
 /// How often an auto-sized pool looks at its pairs.

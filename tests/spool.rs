@@ -352,6 +352,77 @@ async fn a_spool_that_would_be_orphaned_or_shared_stops_the_start() {
     bridge.stop_cleanly().await;
 }
 
+/// A pool made smaller while pair 1's spool holds messages: the start retires index 1 with its
+/// spool (forwards the backlog, then ends), instead of refusing or leaving it on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_smaller_pool_forwards_the_spool_of_the_pair_it_no_longer_runs() {
+    const N: u32 = 400;
+    let src = Mosquitto::start().await;
+    let mut dst = Mosquitto::start().await;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let cfg = spooled_route(&src, &dst, &admin); // pool 2
+    let mut bridge = start_ready(&cfg.toml(), 2).await;
+    dst.stop().await;
+    publish_numbered(src.port(), Proto::V311, |i| format!("in/{i}"), 1, 0, N, "p").await;
+    let spooled = wait_metrics(&admin, Duration::from_secs(20), |b| {
+        metric(b, "mqbridge_spool_messages") >= f64::from(N)
+    })
+    .await;
+    assert!(spooled, "{}", bridge.log());
+    bridge.stop_cleanly().await;
+    let pair1 = bridge.dir().join(format!("spool/test/t{}/r/1", src.port()));
+    let held = |dir: &std::path::Path| -> u64 {
+        std::fs::read_dir(dir)
+            .map(|es| {
+                es.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+                    .map(|e| e.metadata().map_or(0, |m| m.len()))
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    assert!(
+        held(&pair1) > 0,
+        "the shared subscription gave pair 1 a share"
+    );
+
+    dst.restart().await;
+    let collector = Collector::start(dst.port(), Proto::V5, "in/#", 1).await;
+    let mut smaller = cfg.clone();
+    smaller.pool_size = 1;
+    bridge.rewrite_config(&smaller.toml());
+    bridge.restart();
+    let all = collector
+        .wait_for(Duration::from_secs(30), |rx| {
+            count_ids(rx, "p", 0..N).missing.is_empty()
+        })
+        .await;
+    assert!(
+        all,
+        "{}\n{}",
+        count_ids(&collector.received(), "p", 0..N),
+        bridge.log()
+    );
+    let emptied = wait_metrics(&admin, Duration::from_secs(10), |b| {
+        metric(b, "mqbridge_spool_messages") == 0.0
+    })
+    .await;
+    assert!(emptied, "{}", bridge.log());
+    assert!(
+        bridge
+            .log()
+            .contains("its spool holds messages: forwarding them before it retires"),
+        "{}",
+        bridge.log()
+    );
+    assert_eq!(
+        held(&pair1),
+        0,
+        "index 1's spool is empty: its segments went"
+    );
+    bridge.stop_cleanly().await;
+}
+
 /// A spool damaged while the bridge was down (a byte flipped in one record, the last record cut
 /// short as a crash mid-write leaves it): the start skips exactly those two, counts them, and
 /// forwards every other message.

@@ -1847,13 +1847,17 @@ impl Machine {
     /// Parking is complete: the broker confirmed the UNSUBSCRIBE, and on a live source
     /// connection nothing more arrived for `PARK_QUIET` (what the session held was resent and
     /// taken), and nothing is held.
+    /// With a spool, also once the spool is empty: a pair leaving the pool forwards its
+    /// backlog first (waiting for the target if it is away), so nothing acknowledged to the
+    /// source is left in a directory no pair runs.
     fn parked(&self, now: Instant) -> bool {
         self.parking.as_ref().is_some_and(|p| {
-            p.nothing_held
+            (p.nothing_held
                 || (p.unsubscribed
                     && self.source.is_up()
                     && self.drained()
-                    && now.duration_since(self.last_source_read) >= PARK_QUIET)
+                    && now.duration_since(self.last_source_read) >= PARK_QUIET))
+                && self.spool_empty()
         })
     }
 

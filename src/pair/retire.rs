@@ -23,13 +23,21 @@ use crate::{
 /// reconnects), forwards what the session still delivers, then ends both sessions. Returns
 /// whether the source had a session for this index (`None` if shut down before it was known).
 /// MQTT 3.1 cannot report a session, so there it is always `Some(false)`.
+///
+/// With a spool holding messages for this index, the clean-up runs whatever the source kept:
+/// the pair forwards its spool to the target before it ends (the machine parks only once the
+/// spool is empty), so nothing acknowledged to the source is left behind.
 pub async fn retire(spec: PairSpec, mut shutdown: watch::Receiver<bool>) -> Option<bool> {
-    if spec.route.from.session_expiry.is_zero() {
+    let spooled = spool_holds_messages(&spec).await;
+    if spooled {
+        info!(route = %spec.route.name, pair = spec.index, "index {} is no longer in the pool but its spool holds messages: forwarding them before it retires", spec.index);
+    }
+    if spec.route.from.session_expiry.is_zero() && !spooled {
         return Some(false); // clean sessions: nothing outlives a connection
     }
     // Look first, at the source alone: most starts find nothing, and then no target connection
     // is made. MQTT 3.1 cannot report a session: there the full clean-up runs.
-    if spec.route.from.protocol != Protocol::V31 {
+    if spec.route.from.protocol != Protocol::V31 && !spooled {
         match source_session_present(&spec).await {
             Ok(true) => {}
             Ok(false) => return Some(false),
@@ -48,6 +56,22 @@ pub async fn retire(spec: PairSpec, mut shutdown: watch::Receiver<bool>) -> Opti
         }
     }
     ran.source_session
+}
+
+/// Whether this index's spool (if the route has one) holds messages.
+async fn spool_holds_messages(spec: &PairSpec) -> bool {
+    let (Some(_), Some(plan)) = (&spec.spool, &spec.route.spool) else {
+        return false;
+    };
+    let dir = plan.dir.join(spec.index.to_string());
+    if !dir.is_dir() {
+        return false;
+    }
+    tokio::task::spawn_blocking(move || crate::spool::startup::held(&dir))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .is_some_and(|n| n > 0)
 }
 
 /// Whether the source keeps a session for this index. A session the look itself created is

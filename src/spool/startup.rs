@@ -1,7 +1,8 @@
 //! What a start checks before any pair runs: every spool it will use can be locked (two
 //! processes never share one), and no spool that still holds messages is left without an owner
-//! (a route renamed or removed, `spool = false`, or a pool made smaller): those messages were
-//! acknowledged to their source, so the process refuses to start rather than orphan them.
+//! (a route renamed or removed, or `spool = false`): those messages were acknowledged to their
+//! source, so the process refuses to start rather than orphan them. A pool made smaller is no
+//! orphan: the route retires the indexes past it with their spools (forwarded first).
 
 use std::path::Path;
 
@@ -31,10 +32,9 @@ pub fn check(plan: &Plan) -> Result<(), String> {
                 .file_name()
                 .and_then(|n| n.to_str())
                 .and_then(|n| n.parse::<usize>().ok());
-            let owned = match (route, index) {
-                (Some(r), Some(i)) => i < r.pool_size_max,
-                _ => false,
-            };
+            // An index past the pool is retired with its spool: its backlog is forwarded
+            // before it ends (route.rs `sweep`).
+            let owned = route.is_some() && index.is_some();
             if owned {
                 // Ours to run: only proven free of another process.
                 Log::check_free(&pair).map_err(|e| e.to_string())?;
@@ -46,16 +46,12 @@ pub fn check(plan: &Plan) -> Result<(), String> {
                     None => {
                         format!("no route named \"{name}\" with spool = true in this configuration")
                     }
-                    Some(r) => format!(
-                        "route \"{name}\" now runs {} pairs, and this is pair {}",
-                        r.pool_size_max,
-                        index.map_or_else(|| "?".into(), |i| i.to_string())
-                    ),
+                    Some(_) => format!("\"{}\" is not a pair's directory", pair.display()),
                 };
                 return Err(format!(
                     "the spool in {} holds {held} messages acknowledged to their source, but {why}; \
-                     start once with the configuration that wrote it (the route, spool = true, its \
-                     pool size) until it has drained (mqbridge_spool_messages 0), or move the \
+                     start once with the configuration that wrote it (the route, spool = true) \
+                     until it has drained (mqbridge_spool_messages 0), or move the \
                      directory away if those messages are not wanted",
                     pair.display()
                 ));
@@ -78,7 +74,7 @@ fn pair_dirs(route_dir: &Path) -> Vec<std::path::PathBuf> {
 }
 
 /// Messages `dir`'s log holds (opening it proves no other process has it).
-fn held(dir: &Path) -> Result<u64, String> {
+pub fn held(dir: &Path) -> Result<u64, String> {
     let mut log = Log::open(dir, LogOptions::default()).map_err(|e| e.to_string())?;
     // Count what a reader would see: damaged records do not count.
     let mut n = 0;

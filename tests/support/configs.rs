@@ -5,6 +5,7 @@ use std::time::Duration;
 
 /// One route `src → dst` as TOML. `route_extra` is appended inside `[[routes]]` (before any
 /// `[[routes.rewrite]]`), `tail` after everything (rewrite rules, more tables).
+#[derive(Clone)]
 pub struct RouteConfig {
     pub name: &'static str,
     pub src_port: u16,

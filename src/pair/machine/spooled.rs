@@ -402,6 +402,20 @@ impl Machine {
             .is_none_or(|i| i.opened && !i.full && i.retry_at.is_none())
     }
 
+    /// Nothing is left in the spool: every record read and acknowledged by the target (or
+    /// no spool). A pair that leaves the pool waits for this (SPEC 4.9: nothing orphaned).
+    pub(super) fn spool_empty(&self) -> bool {
+        self.intake.as_ref().is_none_or(|i| {
+            i.opened
+                && !i.reading
+                && i.loaded.is_empty()
+                && i.outlet.is_empty()
+                && i.appending.is_empty()
+                && i.to_append.is_empty()
+                && (i.next_unread >= i.next_seq || i.dry)
+        })
+    }
+
     /// Nothing taken from the source is still to be made durable or acknowledged to it.
     pub(super) fn intake_drained(&self) -> bool {
         self.intake.as_ref().is_none_or(|i| i.in_flight() == 0)

@@ -1440,3 +1440,61 @@ fn with_a_spool_a_qos2_pubrec_from_the_target_releases_the_source_before_the_syn
         vec![v4::Packet::PubComp(v4::PubComp::new(1))]
     );
 }
+
+#[test]
+fn a_pair_leaving_the_pool_forwards_its_spool_before_it_parks() {
+    let mut h = H::spooled(false);
+    h.publish_n(30, QoS::AtLeastOnce);
+    h.sync();
+    assert_eq!(h.source_pubacks().len(), 30);
+    // The pool shrinks while the target is away: unsubscribed, and quiet for long after.
+    h.m.park();
+    let unsubscribe = h
+        .out(Role::Source)
+        .into_iter()
+        .find_map(|p| match p {
+            v4::Packet::Unsubscribe(u) => Some(u.pkid),
+            _ => None,
+        })
+        .expect("an UNSUBSCRIBE");
+    h.feed(
+        Role::Source,
+        v4::Packet::UnsubAck(v4::UnsubAck::new(unsubscribe)),
+    );
+    h.now += PARK_QUIET * 20;
+    h.m.handle_timeout(h.now);
+    assert_eq!(
+        h.m.handle_input(h.now),
+        None,
+        "30 messages in its spool: it does not end"
+    );
+    h.events();
+    // The target is back: the backlog goes out, and the pair ends once the target has all.
+    h.up(Role::Target, false);
+    let mut sent = Vec::new();
+    let ended = loop {
+        let out = h.out(Role::Target);
+        assert!(!out.is_empty(), "stalled after {} of 30", sent.len());
+        sent.extend(H::payloads(&out));
+        let mut ended = None;
+        for p in &out {
+            if let v4::Packet::Publish(p) = p {
+                let mut bytes = BytesMut::new();
+                v4::Packet::PubAck(v4::PubAck::new(p.pkid))
+                    .write(&mut bytes, MAX)
+                    .unwrap();
+                let n = bytes.len();
+                h.m.recv_buf(Role::Target).extend_from_slice(&bytes);
+                h.m.handle_read(h.now, Role::Target, n, n + 1);
+                ended = h.m.handle_input(h.now);
+                h.events();
+            }
+        }
+        if let Some(e) = ended {
+            break e;
+        }
+    };
+    assert_eq!(ended, Ended::Parked);
+    assert_eq!(sent.len(), 30, "every spooled message, then parked");
+    assert!(h.spool.records.is_empty());
+}
