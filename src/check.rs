@@ -241,12 +241,24 @@ fn write_route(out: &mut String, plan: &Plan, route: &RoutePlan) -> fmt::Result 
     match &route.spool {
         Some(spool) => writeln!(
             out,
-            "    spool: {} (one directory per pair), up to {} ({} per pair); acknowledges the source once on disk, keeps reading while the target is away",
+            "    spool: {} (one directory per pair), up to {} ({} per pair), {}; acknowledges the source once on disk or taken by the target, keeps reading while the target is away",
             spool.dir.display(),
             bytesize::ByteSize::b(spool.max_bytes).display().iec(),
             bytesize::ByteSize::b(spool.max_bytes / route.pool_size_max.max(1) as u64)
                 .display()
-                .iec()
+                .iec(),
+            match spool.max_age {
+                Some(age) => format!(
+                    "messages older than {} {}",
+                    humantime::format_duration(age),
+                    if route.dead_letter.is_some() {
+                        "dead-lettered"
+                    } else {
+                        "dropped (counted)"
+                    }
+                ),
+                None => "no age limit".into(),
+            }
         )?,
         None => writeln!(
             out,

@@ -95,7 +95,7 @@ pub fn start(
     // hold subscribed sessions, which the broker keeps feeding: clean them up (SPEC 4.1). With a
     // spool, an index past the pool that left a spool directory is retired with it: its backlog
     // is forwarded before it ends (SPEC 4.9: nothing acknowledged is orphaned).
-    let retired_spools: Vec<(usize, Arc<LogGauges>)> = match (&spool, &route.spool) {
+    let retired_spools: RetiredSpools = match (&spool, &route.spool) {
         (Some(_), Some(sp)) => spool_indexes(&sp.dir)
             .into_iter()
             .filter(|&i| i >= route.pool_size_max)
@@ -151,7 +151,7 @@ const SWEEP_LIMIT: usize = 1024;
 async fn sweep(
     bridge: crate::config::BridgePlan,
     first: PairSpec,
-    spools: Option<(Spool, Vec<(usize, Arc<LogGauges>)>)>,
+    spools: Option<(Spool, RetiredSpools)>,
     shutdown: watch::Receiver<bool>,
 ) {
     let route = first.route.clone();
@@ -182,6 +182,9 @@ async fn sweep(
         }
     }
 }
+
+/// Indexes past the pool that left a spool directory, each with its gauges.
+type RetiredSpools = Vec<(usize, Arc<LogGauges>)>;
 
 /// The pair indexes that have a directory in a route's spool directory.
 fn spool_indexes(dir: &std::path::Path) -> Vec<usize> {

@@ -559,8 +559,8 @@ fn binary_loop_analysis_prints_each_finding_once() {
     assert_eq!(lines.len(), 1, "{loops}");
 }
 
-/// `[spool]` (#15): `spool = true` needs the table, the table needs `dir`, and `max_age` (in
-/// SPEC 4.9, not built yet) is refused by name rather than silently ignored.
+/// `[spool]` (#15): `spool = true` needs the table, the table needs `dir`, and `max_age` is a
+/// duration of at least a second.
 #[test]
 fn spool_settings_are_checked_and_name_the_key() {
     let spooled = MINIMAL.replace("[[routes]]", "[[routes]]\nspool = true");
@@ -572,11 +572,23 @@ fn spool_settings_are_checked_and_name_the_key() {
     let err = error(&format!("{spooled}\n[spool]\nmax_bytes = \"1GiB\"\n"));
     assert!(err.contains("spool.dir"), "{err}");
     let err = error(&format!(
-        "{spooled}\n[spool]\ndir = \"s\"\nmax_age = \"7d\"\n"
+        "{spooled}\n[spool]\ndir = \"s\"\nmax_age = \"0s\"\n"
     ));
     assert!(
-        err.contains("spool.max_age") && err.contains("not supported yet"),
+        err.contains("spool.max_age") && err.contains("at least \"1s\""),
         "{err}"
+    );
+    let err = error(&format!(
+        "{spooled}\n[spool]\ndir = \"s\"\nmax_age = \"a week\"\n"
+    ));
+    assert!(err.contains("spool.max_age"), "{err}");
+    let plan = load(&format!(
+        "{spooled}\n[spool]\ndir = \"s\"\nmax_age = \"7d\"\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        plan.routes[0].spool.as_ref().and_then(|s| s.max_age),
+        Some(std::time::Duration::from_secs(7 * 86400))
     );
     let plan = load(&format!(
         "{spooled}\n[spool]\ndir = \"s\"\nmax_bytes = \"64MiB\"\n"

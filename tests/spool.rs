@@ -423,6 +423,93 @@ async fn a_smaller_pool_forwards_the_spool_of_the_pair_it_no_longer_runs() {
     bridge.stop_cleanly().await;
 }
 
+/// `spool.max_age`: messages that waited in the spool longer (the target away for longer) are
+/// dead-lettered on the source and counted, not forwarded; later ones are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spooled_messages_past_max_age_are_dead_lettered_not_forwarded() {
+    const N: u32 = 50;
+    let src = Mosquitto::start().await;
+    let mut dst = Mosquitto::start().await;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut cfg = spooled_route(&src, &dst, &admin);
+    cfg.pool_size = 1;
+    cfg.route_extra = "spool = true\ndead_letter = \"dl/r\"".into();
+    cfg.tail = cfg
+        .tail
+        .replace("dir = \"spool\"", "dir = \"spool\"\nmax_age = \"2s\"");
+    let bridge = start_ready(&cfg.toml(), 1).await;
+    let letters = Collector::start(src.port(), Proto::V5, "dl/r", 1).await;
+    dst.stop().await;
+    publish_numbered(src.port(), Proto::V311, |i| format!("in/{i}"), 1, 0, N, "a").await;
+    let spooled = wait_metrics(&admin, Duration::from_secs(20), |b| {
+        metric(b, "mqbridge_spool_messages") >= f64::from(N)
+    })
+    .await;
+    assert!(spooled, "{}", bridge.log());
+    // Older than max_age by the time the target is back.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    dst.restart().await;
+    let collector = Collector::start(dst.port(), Proto::V5, "in/#", 1).await;
+    let max_age_drops = |b: &str| -> f64 {
+        b.lines()
+            .filter(|l| {
+                l.starts_with("mqbridge_messages_dropped_total{")
+                    && l.contains("reason=\"max_age\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let counted = wait_metrics(&admin, Duration::from_secs(20), |b| {
+        max_age_drops(b) >= f64::from(N) && metric(b, "mqbridge_spool_messages") == 0.0
+    })
+    .await;
+    assert!(counted, "{}", bridge.log());
+    assert!(
+        letters
+            .wait_for_count(N as usize, Duration::from_secs(10))
+            .await,
+        "{} dead letters\n{}",
+        letters.received().len(),
+        bridge.log()
+    );
+    // Fresh messages go through once the target is back; none of the old ones did.
+    let target_up = wait_metrics(&admin, Duration::from_secs(20), |b| {
+        b.lines().any(|l| {
+            l.starts_with("mqbridge_connections_up{")
+                && l.contains("broker=\"dst\"")
+                && l.ends_with(" 1")
+        })
+    })
+    .await;
+    assert!(target_up, "{}", bridge.log());
+    publish_numbered(
+        src.port(),
+        Proto::V311,
+        |i| format!("in/{i}"),
+        1,
+        0,
+        10,
+        "b",
+    )
+    .await;
+    assert!(
+        collector
+            .wait_for(Duration::from_secs(10), |rx| count_ids(rx, "b", 0..10)
+                .missing
+                .is_empty())
+            .await,
+        "{}",
+        bridge.log()
+    );
+    let old = count_ids(&collector.received(), "a", 0..N);
+    assert_eq!(
+        old.missing.len(),
+        N as usize,
+        "none past max_age forwarded: {old}"
+    );
+    drop(bridge);
+}
+
 /// A spool damaged while the bridge was down (a byte flipped in one record, the last record cut
 /// short as a crash mid-write leaves it): the start skips exactly those two, counts them, and
 /// forwards every other message.

@@ -127,7 +127,7 @@ fn build_plan(config: schema::Config, cx: &Context) -> Result<Plan, ConfigError>
         let wants_spool = route.spool;
         let mut plan = route_plan(i, route, &bridge, &brokers)?;
         if wants_spool {
-            let Some((dir, max_bytes)) = &spool else {
+            let Some((dir, max_bytes, max_age)) = &spool else {
                 return Err(invalid(
                     format!("routes[{i}].spool"),
                     r#"is true but there is no [spool] table; add one with the directory, e.g. [spool] dir = "/var/lib/mqbridge""#,
@@ -136,6 +136,7 @@ fn build_plan(config: schema::Config, cx: &Context) -> Result<Plan, ConfigError>
             plan.spool = Some(crate::config::plan::SpoolPlan {
                 dir: dir.join(&plan.name),
                 max_bytes: *max_bytes,
+                max_age: *max_age,
             });
         }
         if let Some(first) = routes.iter().position(|r| r.name == plan.name) {
@@ -154,7 +155,7 @@ fn build_plan(config: schema::Config, cx: &Context) -> Result<Plan, ConfigError>
         admin_listen,
         brokers,
         routes,
-        spool_dir: spool.map(|(dir, _)| dir),
+        spool_dir: spool.map(|(dir, _, _)| dir),
     };
     if let Some(why) = crate::loops::analysis::uncuttable(&plan) {
         return Err(invalid("bridge.loop_digest_window", why));
@@ -167,7 +168,7 @@ fn spool_settings(
     spool: Option<schema::Spool>,
     bridge: &BridgePlan,
     cx: &Context,
-) -> Result<Option<(PathBuf, u64)>, ConfigError> {
+) -> Result<Option<(PathBuf, u64, Option<std::time::Duration>)>, ConfigError> {
     let Some(spool) = spool else {
         return Ok(None);
     };
@@ -183,11 +184,14 @@ fn spool_settings(
             r#"is empty; name a directory, e.g. dir = "/var/lib/mqbridge""#,
         ));
     }
-    if spool.max_age.is_some() {
+    if spool
+        .max_age
+        .is_some_and(|a| a < std::time::Duration::from_secs(1))
+    {
         return Err(invalid(
             "spool.max_age",
-            "is not supported yet: a spooled message stays until the target takes it or its \
-             Message Expiry runs out; remove the key (the spool is bounded by max_bytes)",
+            "is under a second: every spooled message would be dropped; use at least \"1s\" \
+             (e.g. \"7d\"), or remove the key to keep messages until the target takes them",
         ));
     }
     let max_bytes = spool.max_bytes.unwrap_or(1 << 30);
@@ -201,7 +205,7 @@ fn spool_settings(
         .resolve(Path::new(&dir))
         .join(&bridge.name)
         .join(&bridge.instance);
-    Ok(Some((dir, max_bytes)))
+    Ok(Some((dir, max_bytes, spool.max_age)))
 }
 
 /// More threads than this is a typo, not a machine.

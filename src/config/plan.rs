@@ -185,6 +185,8 @@ pub struct SpoolPlan {
     /// `<spool.dir>/<bridge.name>/<instance>/<route>`; each pair has a directory in it.
     pub dir: std::path::PathBuf,
     pub max_bytes: u64,
+    /// `spool.max_age`: older spooled messages are dead-lettered or dropped, not forwarded.
+    pub max_age: Option<std::time::Duration>,
 }
 
 /// Which side of a pair a connection is.

@@ -40,9 +40,10 @@ pub struct Spool {
     /// Per route; when full the route stops reading its source (never drops). Default 1 GiB.
     #[serde(default, deserialize_with = "parse::opt_byte_size")]
     pub max_bytes: Option<u64>,
-    /// SPEC 4.9's age limit: not built yet, so refused by name rather than ignored.
-    #[serde(default)]
-    pub max_age: Option<serde::de::IgnoredAny>,
+    /// A spooled message older than this is dead-lettered (or dropped) and counted instead of
+    /// forwarded. Default: none (a message stays until the target takes it or it expires).
+    #[serde(default, deserialize_with = "parse::opt_duration")]
+    pub max_age: Option<Duration>,
 }
 
 /// `[bridge]`
@@ -629,6 +630,10 @@ mod parse {
                     })
             })
             .transpose()
+    }
+
+    pub fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        duration(d).map(Some)
     }
 
     pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

@@ -154,6 +154,8 @@ pub enum DropReason {
     Loop,
     /// The target kept closing the connection over it.
     TargetDisconnects,
+    /// It waited in the spool longer than `spool.max_age`.
+    MaxAge,
 }
 
 impl DropReason {
@@ -165,6 +167,7 @@ impl DropReason {
             DropReason::Expired => "expired",
             DropReason::Loop => "loop",
             DropReason::TargetDisconnects => "target_disconnects",
+            DropReason::MaxAge => "max_age",
         }
     }
 
@@ -176,6 +179,7 @@ impl DropReason {
             DropReason::Expired => &s.dropped_expired,
             DropReason::Loop => &s.dropped_loop,
             DropReason::TargetDisconnects => &s.dropped_target_disconnects,
+            DropReason::MaxAge => &s.dropped_max_age,
         }
     }
 }
@@ -445,7 +449,10 @@ impl Machine {
                 }
                 w
             },
-            intake: spec.spool.is_some().then(spooled::Intake::new),
+            intake: spec
+                .spool
+                .is_some()
+                .then(|| spooled::Intake::new(route.spool.as_ref().and_then(|s| s.max_age))),
             source: Side::new(
                 Role::Source,
                 route.from.clone(),
@@ -773,6 +780,7 @@ impl Machine {
         let deadlines = [
             self.keep_alive_due(),
             self.intake.as_ref().and_then(|i| i.retry_at()),
+            self.intake.as_ref().and_then(|i| i.too_old_at()),
             self.probe.as_ref().and_then(ShareProbe::poll_timeout),
             self.retry_at,
             self.suback_deadline,
@@ -1640,7 +1648,7 @@ impl Machine {
     fn apply_actions(&mut self, now: Instant) {
         // With a spool, feeding the outlet may free room for more: go on until nothing moves.
         loop {
-            let fed = self.spool_pass();
+            let fed = self.spool_pass(now);
             self.apply_window_actions(now);
             if !fed && !self.intake_has_actions() {
                 break;

@@ -92,8 +92,10 @@ fn to_record(seq: u64, m: Message, now: std::time::Instant) -> Record {
     }
 }
 
-pub fn from_record(r: Record, now: std::time::Instant) -> (u64, Message) {
+/// A record read back: its number, its message and how long it has been in the spool.
+pub fn from_record(r: Record, now: std::time::Instant) -> (u64, Message, Duration) {
     let wall = wall_ms();
+    let age = Duration::from_millis(wall.saturating_sub(r.stored_at_ms));
     let message = Message {
         topic: r.topic,
         payload: r.payload,
@@ -104,7 +106,7 @@ pub fn from_record(r: Record, now: std::time::Instant) -> (u64, Message) {
             .expires_at_ms
             .map(|ms| now + Duration::from_millis(ms.saturating_sub(wall))),
     };
-    (r.seq, message)
+    (r.seq, message, age)
 }
 
 #[cfg(test)]
@@ -130,7 +132,9 @@ mod tests {
         let later = now + Duration::from_secs(10);
         let mut r = r;
         r.expires_at_ms = r.expires_at_ms.map(|t| t - 10_000);
-        let (_, back) = from_record(r, later);
+        r.stored_at_ms -= 10_000;
+        let (_, back, age) = from_record(r, later);
+        assert!((10_000..=10_100).contains(&age.as_millis()), "{age:?}");
         let remaining = back.remaining_expiry(later).unwrap();
         assert!((49..=50).contains(&remaining), "{remaining}");
         assert_eq!(

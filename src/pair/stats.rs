@@ -26,6 +26,8 @@ pub struct PairStats {
     pub stale_subscription: AtomicU64,
     /// Given up after the target closed the connection over them again and again.
     pub dropped_target_disconnects: AtomicU64,
+    /// Spooled longer than `spool.max_age`.
+    pub dropped_max_age: AtomicU64,
     /// Times the pair held back because of the target's per-connection quotas (load above
     /// the route's capacity).
     pub paced: AtomicU64,
@@ -89,7 +91,7 @@ impl PairStats {
 
     /// Messages not delivered, by the `reason` label of `mqbridge_messages_dropped_total`.
     /// Every reason is listed even at zero, so dashboards see the series from the start.
-    pub fn drops(&self) -> [(&'static str, u64); 9] {
+    pub fn drops(&self) -> [(&'static str, u64); 10] {
         let g = Self::get;
         [
             ("refused", g(&self.dropped_refused)),
@@ -101,6 +103,7 @@ impl PairStats {
             ("stale_subscription", g(&self.stale_subscription)),
             ("target_disconnects", g(&self.dropped_target_disconnects)),
             ("retained_copy", g(&self.retained_copies)),
+            ("max_age", g(&self.dropped_max_age)),
         ]
     }
 

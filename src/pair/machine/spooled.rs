@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Event, Machine, SpoolOp, write_ack};
+use super::{DropReason, Event, Machine, SpoolOp, write_ack};
 use crate::{
     config::Qos,
     message::Message,
@@ -38,6 +38,9 @@ const READ_AHEAD: usize = INTAKE_WINDOW;
 const READ_AHEAD_BYTES: usize = 4 << 20;
 /// Records asked for in one read from disk, at most.
 const READ_BATCH: usize = 256;
+/// Records past `spool.max_age` taken out in one pass at most, with a dead letter topic (the
+/// dead letter queue is bounded; the rest waits for room).
+const TOO_OLD_BATCH: usize = 64;
 /// After a failed sync, the pause before the group is appended again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -57,8 +60,9 @@ pub struct Intake {
     /// outlet keeps up, appends go to `loaded` straight from memory and nothing is read back.
     next_unread: u64,
     to_ack: Vec<u64>,
-    /// Records read and not yet given to the outlet window (seq, message), and their bytes.
-    loaded: VecDeque<(u64, Message)>,
+    /// Records read and not yet given to the outlet window (seq, message, when it is older than
+    /// `spool.max_age`), and their bytes.
+    loaded: VecDeque<(u64, Message, Option<Instant>)>,
     loaded_bytes: usize,
     reading: bool,
     /// The last read found nothing: wait for new durable records before asking again.
@@ -70,10 +74,12 @@ pub struct Intake {
     pub full: bool,
     /// A sync failed: the intake is appended again from here.
     retry_at: Option<Instant>,
+    /// `spool.max_age`.
+    max_age: Option<Duration>,
 }
 
 impl Intake {
-    pub fn new() -> Box<Intake> {
+    pub fn new(max_age: Option<Duration>) -> Box<Intake> {
         let mut window = Window::new(INTAKE_WINDOW);
         window.target_connected(false, INTAKE_WINDOW);
         Box::new(Intake {
@@ -93,6 +99,7 @@ impl Intake {
             next_id: 0,
             full: false,
             retry_at: None,
+            max_age,
         })
     }
 
@@ -113,14 +120,20 @@ impl Intake {
         self.retry_at
     }
 
+    /// When the oldest record held for the outlet passes `spool.max_age` (it is then taken
+    /// out, whether or not the target is there).
+    pub fn too_old_at(&self) -> Option<Instant> {
+        self.loaded.front().and_then(|(_, _, at)| *at)
+    }
+
     /// Numbers a message for the spool; while the outlet has read everything before it, it
     /// is also kept in memory for the outlet (and not read back from disk).
-    fn append(&mut self, m: Message) -> u64 {
+    fn append(&mut self, now: Instant, m: Message) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         if self.next_unread == seq && self.has_room_ahead() {
             self.next_unread = seq + 1;
-            self.load(seq, m.clone());
+            self.load(now, seq, m.clone(), Duration::ZERO);
         }
         self.to_append.push((seq, m));
         seq
@@ -130,13 +143,15 @@ impl Intake {
         self.loaded.len() < READ_AHEAD && self.loaded_bytes < READ_AHEAD_BYTES
     }
 
-    fn load(&mut self, seq: u64, m: Message) {
+    /// Holds a record for the outlet; `age`: how long it has been in the spool already.
+    fn load(&mut self, now: Instant, seq: u64, m: Message, age: Duration) {
         self.loaded_bytes += size(&m);
-        self.loaded.push_back((seq, m));
+        let too_old_at = self.max_age.map(|max| now + max.saturating_sub(age));
+        self.loaded.push_back((seq, m, too_old_at));
     }
 
     fn unload(&mut self) -> Option<(u64, Message)> {
-        let (seq, m) = self.loaded.pop_front()?;
+        let (seq, m, _) = self.loaded.pop_front()?;
         self.loaded_bytes -= size(&m);
         Some((seq, m))
     }
@@ -251,17 +266,18 @@ impl Machine {
         intake.retry_at = Some(now + RETRY_AFTER);
     }
 
-    /// Records the spool read, oldest first; empty: none more now.
-    pub fn spool_records(&mut self, now: Instant, records: Vec<(u64, Message)>) {
+    /// Records the spool read, oldest first, each with how long it has been in the spool;
+    /// empty: none more now.
+    pub fn spool_records(&mut self, now: Instant, records: Vec<(u64, Message, Duration)>) {
         let Some(intake) = self.intake.as_mut() else {
             return;
         };
         intake.reading = false;
         intake.dry = records.is_empty();
-        for (seq, m) in records {
+        for (seq, m, age) in records {
             if seq >= intake.next_unread {
                 intake.next_unread = seq + 1;
-                intake.load(seq, m);
+                intake.load(now, seq, m, age);
             }
         }
         self.apply_actions(now);
@@ -291,7 +307,7 @@ impl Machine {
     /// Moves the intake window's actions to the spool and the source, feeds the outlet window
     /// from what was read, and asks the I/O layer for what the spool must do. Returns whether
     /// it fed the outlet anything (whose actions then want applying).
-    pub(super) fn spool_pass(&mut self) -> bool {
+    pub(super) fn spool_pass(&mut self, now: Instant) -> bool {
         let Some(intake) = self.intake.as_mut() else {
             return false;
         };
@@ -301,12 +317,12 @@ impl Machine {
                 Action::SendPublish { pkid, .. } => {
                     if let Some(m) = intake.window.held(pkid) {
                         let (qos, m) = (m.qos, m.clone());
-                        let seq = intake.append(m);
+                        let seq = intake.append(now, m);
                         intake.appending_push(seq, Some((pkid, qos)));
                     }
                 }
                 Action::SendQos0(m) => {
-                    let seq = intake.append(m);
+                    let seq = intake.append(now, m);
                     intake.appending_push(seq, None);
                 }
                 Action::SendPubRel(pkid) => intake.window.target_pubcomp(pkid),
@@ -315,12 +331,24 @@ impl Machine {
                 Action::Refused { .. } | Action::Backoff { .. } => {}
             }
         }
-        // Feed the outlet: QoS 0 only while the target can take it now.
-        while self.window.can_accept() {
-            let Some((_, m)) = intake.loaded.front() else {
-                break;
-            };
-            if m.qos == Qos::AtMostOnce && !self.target.is_up() {
+        // Feed the outlet: QoS 0 only while the target can take it now. A record past
+        // `spool.max_age` is taken out instead (dead-lettered below, as many as the dead
+        // letter queue has room for).
+        let mut too_old = Vec::new();
+        while let Some((_, m, too_old_at)) = intake.loaded.front() {
+            if too_old_at.is_some_and(|t| now >= t) {
+                if self.spec.route.dead_letter.is_some()
+                    && (!self.dead_letters.has_room() || too_old.len() >= TOO_OLD_BATCH)
+                {
+                    break;
+                }
+                let (seq, m) = intake.unload().expect("checked");
+                intake.to_ack.push(seq);
+                too_old.push(m);
+                fed = true;
+                continue;
+            }
+            if !self.window.can_accept() || (m.qos == Qos::AtMostOnce && !self.target.is_up()) {
                 break;
             }
             let (seq, m) = intake.unload().expect("checked");
@@ -352,6 +380,16 @@ impl Machine {
             let from = intake.next_unread;
             self.events
                 .push_back(Event::Spool(SpoolOp::Read { from, max }));
+        }
+        for m in too_old {
+            self.drop_message(
+                now,
+                &m.topic,
+                &m.payload,
+                m.properties.as_deref(),
+                DropReason::MaxAge,
+                "it waited in the spool longer than spool.max_age",
+            );
         }
         fed
     }

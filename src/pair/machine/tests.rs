@@ -86,6 +86,8 @@ struct FakeSpool {
     reads_served: usize,
     acked: Vec<u64>,
     reads: VecDeque<(u64, usize)>,
+    /// How long every record read back has been in the spool (a previous run's backlog).
+    age: Duration,
 }
 
 impl H {
@@ -170,12 +172,12 @@ impl H {
         // Reads are answered with what is durable (after the events: an answer makes more).
         while let Some((from, n)) = self.spool.reads.pop_front() {
             let durable_below = self.spool.next - self.spool.unsynced as u64;
-            let batch: Vec<(u64, Message)> = self
+            let batch: Vec<(u64, Message, Duration)> = self
                 .spool
                 .records
                 .range(from..durable_below.max(from))
                 .take(n)
-                .map(|(s, m)| (*s, m.clone()))
+                .map(|(s, m)| (*s, m.clone(), self.spool.age))
                 .collect();
             self.spool.reads_served += batch.len();
             self.m.spool_records(self.now, batch);
@@ -1135,12 +1137,13 @@ fn dead_letters_keep_to_the_sources_receive_maximum_and_each_goes_before_its_ori
 impl H {
     /// A spooled pair: the source connects on its own and subscribes; the target is down.
     fn spooled(target_up: bool) -> H {
-        // `[spool]` last: it ends the route's table (the machine never touches the directory).
-        let mut h = H::with_route(
-            "",
-            "max_inflight = 20",
-            "spool = true\n[spool]\ndir = \"/nonexistent\"",
-        );
+        Self::spooled_with(target_up, "spool = true\n[spool]\ndir = \"/nonexistent\"")
+    }
+
+    /// `route`: the route's spool key and the `[spool]` table, last (it ends the route's
+    /// table; the machine never touches the directory).
+    fn spooled_with(target_up: bool, route: &str) -> H {
+        let mut h = H::with_route("", "max_inflight = 20", route);
         h.m.spool_opened(h.now, 1, 1);
         h.pass();
         assert!(
@@ -1496,5 +1499,63 @@ fn a_pair_leaving_the_pool_forwards_its_spool_before_it_parks() {
     };
     assert_eq!(ended, Ended::Parked);
     assert_eq!(sent.len(), 30, "every spooled message, then parked");
+    assert!(h.spool.records.is_empty());
+}
+
+#[test]
+fn spooled_messages_older_than_max_age_are_dead_lettered_not_forwarded() {
+    let route = "dead_letter = \"dl\"\nspool = true\n[spool]\ndir = \"/x\"\nmax_age = \"1h\"";
+    let mut h = H::spooled_with(false, route);
+    // Held in memory while the target is away for longer than max_age.
+    h.publish_n(5, QoS::AtLeastOnce);
+    h.sync();
+    assert_eq!(h.source_pubacks().len(), 5);
+    h.now += Duration::from_secs(3601);
+    h.up(Role::Target, false);
+    assert!(
+        H::payloads(&h.out(Role::Target)).is_empty(),
+        "nothing past max_age is forwarded"
+    );
+    assert_eq!(PairStats::get(&h.stats.dropped_max_age), 5);
+    let letters: Vec<String> = h
+        .out(Role::Source)
+        .into_iter()
+        .filter_map(|p| match p {
+            v4::Packet::Publish(p) if p.topic == "dl" => {
+                Some(String::from_utf8(p.payload.to_vec()).unwrap())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        letters,
+        ["m1", "m2", "m3", "m4", "m5"],
+        "dead-lettered in order"
+    );
+    assert!(h.spool.records.is_empty(), "their records went");
+    // A fresh message goes through.
+    h.publish_n(1, QoS::AtLeastOnce);
+    assert_eq!(H::payloads(&h.out(Role::Target)), ["m1"]);
+
+    // A previous run's backlog read back from disk counts the time it spent there.
+    let mut h = H::spooled_with(false, route);
+    for seq in 1..=3u64 {
+        let m = Message {
+            topic: "t/x".into(),
+            payload: bytes::Bytes::from(format!("old{seq}")),
+            qos: Qos::AtLeastOnce,
+            retain: false,
+            properties: None,
+            expires_at: None,
+        };
+        h.spool.records.insert(seq, m);
+    }
+    h.spool.next = 4;
+    h.spool.age = Duration::from_secs(2 * 3600);
+    h.m.spool_opened(h.now, 4, 1);
+    h.pass();
+    h.up(Role::Target, false);
+    assert!(H::payloads(&h.out(Role::Target)).is_empty());
+    assert_eq!(PairStats::get(&h.stats.dropped_max_age), 3);
     assert!(h.spool.records.is_empty());
 }
