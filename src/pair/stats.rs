@@ -217,7 +217,8 @@ mod tests {
                 "target_down_qos0",
                 "stale_subscription",
                 "target_disconnects",
-                "retained_copy"
+                "retained_copy",
+                "max_age"
             ]
         );
         PairStats::add(&s.retained_copies, 8);
