@@ -162,7 +162,7 @@ const ROUTE_FAMILIES: &[RouteFamily] = &[
     ),
     (
         "mqbridge_bytes_forwarded",
-        "Payload bytes written to the target.",
+        "Payload bytes the target took: acknowledged (QoS 1, 2; once, however often resent) or written (QoS 0).",
         MetricType::Counter,
         |s| s.bytes_forwarded,
     ),

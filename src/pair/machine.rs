@@ -1194,6 +1194,12 @@ impl Machine {
         self.target_progress = true;
         self.target_acks += 1;
         self.target.healthy = true;
+        if reason < 0x80 {
+            // Bytes forwarded are what the target took: counted once, at its first ack (the
+            // slot is still `Published`), however often the message was written.
+            let taken = self.window.held_mut(pkid).map(|m| m.payload.len());
+            PairStats::add(&self.spec.stats.bytes_forwarded, taken.unwrap_or(0) as u64);
+        }
         if let Some(at) = self.sent_at.remove(&pkid)
             && reason < 0x80
         {
@@ -1687,7 +1693,6 @@ impl Machine {
                         );
                         continue;
                     }
-                    PairStats::add(&self.spec.stats.bytes_forwarded, m.payload.len() as u64);
                     let size = m.encoded_size_bound();
                     self.target_pacer.spend(now, 1, size);
                     self.target

@@ -451,6 +451,33 @@ fn a_resumed_target_session_gets_what_it_held_again_with_dup() {
 }
 
 #[test]
+fn bytes_forwarded_counts_what_the_target_acknowledged_once() {
+    let mut h = H::ready("", "");
+    h.publish(9, QoS::AtLeastOnce, "0123456789");
+    let pkid = match h.out(Role::Target).as_slice() {
+        [v4::Packet::Publish(p)] => p.pkid,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        PairStats::get(&h.stats.bytes_forwarded),
+        0,
+        "written is not forwarded"
+    );
+    // Lost before its ack and resent twice: still counted once, when the target acknowledges.
+    for _ in 0..2 {
+        h.lose(Role::Target);
+        while h.connects.is_empty() {
+            h.sleep();
+        }
+        h.up(Role::Target, true);
+        assert_eq!(h.out(Role::Target).len(), 1, "the resend");
+    }
+    h.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(pkid)));
+    h.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(pkid))); // a repeated ack
+    assert_eq!(PairStats::get(&h.stats.bytes_forwarded), 10);
+}
+
+#[test]
 fn an_idle_pair_sleeps() {
     let mut h = H::ready("keep_alive = \"60s\"", "keep_alive = \"60s\"");
     for _ in 0..100 {
