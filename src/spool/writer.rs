@@ -218,18 +218,7 @@ fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Re
                                 next_seq: log.next_seq(),
                                 first_unacked: log.first_unacked(),
                             };
-                            let mut o = OpenLog {
-                                log,
-                                replies,
-                                gauges,
-                                appended: 0,
-                                staged: Vec::new(),
-                                dirty: false,
-                                acked: false,
-                                cursor_saved: std::time::Instant::now(),
-                                cursor_moved: false,
-                                reads: Vec::new(),
-                            };
+                            let mut o = OpenLog::new(log, replies, gauges);
                             publish_gauges(&mut o, max_bytes);
                             logs.insert(pair, o);
                             let _ = opened.send(Ok(at));
@@ -317,6 +306,21 @@ fn run(dir: &std::path::Path, max_bytes: u64, options: LogOptions, rx: &mpsc::Re
 }
 
 impl OpenLog {
+    fn new(log: Log, replies: UnboundedSender<Reply>, gauges: Arc<LogGauges>) -> OpenLog {
+        OpenLog {
+            log,
+            replies,
+            gauges,
+            appended: 0,
+            staged: Vec::new(),
+            dirty: false,
+            acked: false,
+            cursor_saved: std::time::Instant::now(),
+            cursor_moved: false,
+            reads: Vec::new(),
+        }
+    }
+
     /// Appends wait here for the next sync.
     fn stage(&mut self, records: Vec<Record>) {
         let now = now_ms();
@@ -446,18 +450,11 @@ mod tests {
         let dir =
             std::env::temp_dir().join(format!("mqbridge-spool-staged-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let mut o = OpenLog {
-            log: Log::open(&dir, LogOptions::default()).unwrap(),
-            replies: unbounded_channel().0,
-            gauges: Arc::default(),
-            appended: 0,
-            staged: Vec::new(),
-            dirty: false,
-            acked: false,
-            cursor_saved: std::time::Instant::now(),
-            cursor_moved: false,
-            reads: Vec::new(),
-        };
+        let mut o = OpenLog::new(
+            Log::open(&dir, LogOptions::default()).unwrap(),
+            unbounded_channel().0,
+            Arc::default(),
+        );
         let numbered = |seqs: std::ops::RangeInclusive<u64>| {
             seqs.map(|seq| Record {
                 seq,
