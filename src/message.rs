@@ -39,9 +39,18 @@ pub struct Message {
     /// When its Message Expiry Interval runs out (set when received with one). The interval
     /// forwarded is what is left of it, so time held in the bridge counts (SPEC 4.4).
     pub expires_at: Option<std::time::Instant>,
+    /// The topic as received from the source, when the route rewrote it: what a dead letter
+    /// names (`mqbridge-original-topic`). Not kept on disk by the spool (a message read back
+    /// from it names its rewritten topic).
+    pub source_topic: Option<String>,
 }
 
 impl Message {
+    /// The topic as received from the source.
+    pub fn source_topic(&self) -> &str {
+        self.source_topic.as_deref().unwrap_or(&self.topic)
+    }
+
     /// Seconds left before expiry at `now`: `None` without expiry, `Some(0)` once expired.
     pub fn remaining_expiry(&self, now: std::time::Instant) -> Option<u32> {
         self.expires_at.map(|at| {

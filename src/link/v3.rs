@@ -191,6 +191,7 @@ mod tests {
                 retain,
                 properties: None,
                 expires_at: None,
+                source_topic: None,
             };
             let mut buf = BytesMut::new();
             encode_publish(42, dup, &m, &mut buf);

@@ -1126,7 +1126,7 @@ impl Machine {
             );
             self.drop_message(
                 now,
-                &m.topic,
+                m.source_topic(),
                 &m.payload,
                 m.properties.as_deref(),
                 DropReason::TargetDisconnects,
@@ -1360,6 +1360,7 @@ impl Machine {
                     retain: false,
                     properties: None,
                     expires_at: None,
+                    source_topic: None,
                 };
                 self.source.codec.publish(0, false, &m, None, buf);
             }
@@ -1422,8 +1423,12 @@ impl Machine {
             PairStats::add(&self.spec.stats.dropped_loop, 1);
             return self.discard(&p);
         }
+        let mut rewritten = false;
         let topic = match route.rewrite.apply(&p.topic) {
-            Ok(std::borrow::Cow::Owned(t)) => t,
+            Ok(std::borrow::Cow::Owned(t)) => {
+                rewritten = true;
+                t
+            }
             // Unchanged: the received topic moves on as it is, no copy.
             // Checked: a broken source may send a wildcard or NUL, which the target would refuse
             // by closing the connection.
@@ -1484,6 +1489,7 @@ impl Machine {
             retain: p.retain && route.retain == RetainMode::AsPublished,
             properties,
             expires_at,
+            source_topic: None,
         };
         if message.retain && !self.target_retain {
             // RETAIN 1 to a broker without retained messages is a protocol error (it would
@@ -1513,6 +1519,10 @@ impl Machine {
                 &message.topic,
                 &message.payload,
             );
+        }
+        if rewritten {
+            // Kept for a dead letter, which names the topic as received (moved, not copied).
+            message.source_topic = Some(std::mem::take(&mut p.topic));
         }
         let pkid = (p.qos != Qos::AtMostOnce).then_some(p.pkid);
         self.source_window()
@@ -1614,6 +1624,7 @@ impl Machine {
                 ..Default::default()
             })),
             expires_at: None,
+            source_topic: None,
         };
         match self.dead_letters.push(DeadLetter { message, original }) {
             Ok(()) => original.is_some(),
@@ -1680,8 +1691,11 @@ impl Machine {
                         expiry = Some(1);
                     }
                     if expiry == Some(0) {
-                        let (topic, payload, props) =
-                            (m.topic.clone(), m.payload.clone(), m.properties.clone());
+                        let (topic, payload, props) = (
+                            m.source_topic().to_string(),
+                            m.payload.clone(),
+                            m.properties.clone(),
+                        );
                         self.window.expired(pkid);
                         self.drop_message(
                             now,
@@ -1732,7 +1746,7 @@ impl Machine {
                     );
                     self.drop_message(
                         now,
-                        &message.topic,
+                        message.source_topic(),
                         &message.payload,
                         message.properties.as_deref(),
                         DropReason::Refused,
@@ -1749,7 +1763,7 @@ impl Machine {
         if expiry == Some(0) {
             self.drop_message(
                 now,
-                &m.topic,
+                m.source_topic(),
                 &m.payload,
                 m.properties.as_deref(),
                 DropReason::Expired,
@@ -1795,7 +1809,8 @@ impl Machine {
             let m = m.clone();
             self.window.settle_unsent(pkid, Unsent::TooLarge);
             let props = m.properties.as_deref();
-            self.drop_message(now, &m.topic, &m.payload, props, DropReason::TooLarge, &why);
+            let topic = m.source_topic();
+            self.drop_message(now, topic, &m.payload, props, DropReason::TooLarge, &why);
             return false;
         }
         if m.qos > max_qos {

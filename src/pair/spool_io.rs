@@ -105,6 +105,7 @@ pub fn from_record(r: Record, now: std::time::Instant) -> (u64, Message, Duratio
         expires_at: r
             .expires_at_ms
             .map(|ms| now + Duration::from_millis(ms.saturating_sub(wall))),
+        source_topic: None,
     };
     (r.seq, message, age)
 }
@@ -124,6 +125,7 @@ mod tests {
             retain: true,
             properties: None,
             expires_at: Some(now + Duration::from_secs(60)),
+            source_topic: None,
         };
         let r = to_record(1, m.clone(), now);
         let left = r.expires_at_ms.unwrap() - wall_ms();

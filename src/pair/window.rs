@@ -825,6 +825,7 @@ mod tests {
             retain: false,
             properties: None,
             expires_at: None,
+            source_topic: None,
         }
     }
 

@@ -384,7 +384,7 @@ impl Machine {
         for m in too_old {
             self.drop_message(
                 now,
-                &m.topic,
+                m.source_topic(),
                 &m.payload,
                 m.properties.as_deref(),
                 DropReason::MaxAge,

@@ -802,6 +802,7 @@ impl H {
                 ..Default::default()
             })),
             expires_at: None,
+            source_topic: None,
         };
         let mut bytes = BytesMut::new();
         Codec::new(Protocol::V5, link::DEFAULT_MAX_INCOMING)
@@ -938,6 +939,56 @@ fn a_stalled_target_cut_by_keep_alive_is_no_evidence_against_the_message() {
     }
     assert_eq!(PairStats::get(&h.stats.dropped_target_disconnects), 0);
     assert_eq!(h.m.in_flight(), 1, "still held, still resent");
+}
+
+#[test]
+fn a_dead_letter_names_the_topic_as_received_not_as_rewritten() {
+    let route = "dead_letter = \"dl\"\n[[routes.rewrite]]\nmatch = \"t/#\"\nto = \"out/{1}\"";
+    let mut h = H::with_route("", "", route);
+    h.pass();
+    h.up(Role::Target, false);
+    h.up(Role::Source, false);
+    let pkid = match h.out(Role::Source).as_slice() {
+        [v4::Packet::Subscribe(s)] => s.pkid,
+        other => panic!("expected SUBSCRIBE, got {other:?}"),
+    };
+    h.feed(
+        Role::Source,
+        v4::Packet::SubAck(v4::SubAck::new(
+            pkid,
+            vec![v4::SubscribeReasonCode::Success(QoS::ExactlyOnce)],
+        )),
+    );
+    h.publish(1, QoS::AtLeastOnce, "poison");
+    // The source goes away (its dead letter then waits in the queue, headers and all), and the
+    // target closes the connection on the message until it is given up on.
+    h.lose(Role::Source);
+    for _ in 0..POISON_AFTER {
+        let out = h.out(Role::Target);
+        assert!(
+            out.iter()
+                .any(|p| matches!(p, v4::Packet::Publish(p) if p.topic == "out/x")),
+            "{out:?}"
+        );
+        h.now += Duration::from_millis(20);
+        h.lose(Role::Target);
+        // (The source's reconnect is asked for too and left unanswered.)
+        while !h.connects.iter().any(|(r, _)| *r == Role::Target) {
+            h.sleep();
+        }
+        h.up(Role::Target, true);
+    }
+    assert_eq!(PairStats::get(&h.stats.dropped_target_disconnects), 1);
+    let letter =
+        h.m.dead_letters
+            .queued_letters()
+            .next()
+            .expect("a dead letter");
+    let headers = &letter.properties.as_ref().unwrap().user_properties;
+    assert!(
+        headers.contains(&("mqbridge-original-topic".into(), "t/x".into())),
+        "{headers:?}"
+    );
 }
 
 #[test]
@@ -1106,6 +1157,7 @@ fn dead_letters_keep_to_the_sources_receive_maximum_and_each_goes_before_its_ori
             retain: false,
             properties: None,
             expires_at: None,
+            source_topic: None,
         };
         let mut bytes = BytesMut::new();
         codec.publish(pkid, false, &m, None, &mut bytes);
@@ -1574,6 +1626,7 @@ fn spooled_messages_older_than_max_age_are_dead_lettered_not_forwarded() {
             retain: false,
             properties: None,
             expires_at: None,
+            source_topic: None,
         };
         h.spool.records.insert(seq, m);
     }
