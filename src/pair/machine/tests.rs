@@ -226,7 +226,12 @@ impl H {
 
     /// Both sides connected, subscribed, ready.
     fn ready(source: &str, target: &str) -> H {
-        let mut h = H::new(source, target);
+        Self::ready_route(source, target, "")
+    }
+
+    /// As `ready`, with `route` added to the route's table.
+    fn ready_route(source: &str, target: &str, route: &str) -> H {
+        let mut h = H::with_route(source, target, route);
         h.pass();
         h.up(Role::Target, false);
         h.up(Role::Source, false);
@@ -944,21 +949,7 @@ fn a_stalled_target_cut_by_keep_alive_is_no_evidence_against_the_message() {
 #[test]
 fn a_dead_letter_names_the_topic_as_received_not_as_rewritten() {
     let route = "dead_letter = \"dl\"\n[[routes.rewrite]]\nmatch = \"t/#\"\nto = \"out/{1}\"";
-    let mut h = H::with_route("", "", route);
-    h.pass();
-    h.up(Role::Target, false);
-    h.up(Role::Source, false);
-    let pkid = match h.out(Role::Source).as_slice() {
-        [v4::Packet::Subscribe(s)] => s.pkid,
-        other => panic!("expected SUBSCRIBE, got {other:?}"),
-    };
-    h.feed(
-        Role::Source,
-        v4::Packet::SubAck(v4::SubAck::new(
-            pkid,
-            vec![v4::SubscribeReasonCode::Success(QoS::ExactlyOnce)],
-        )),
-    );
+    let mut h = H::ready_route("", "", route);
     h.publish(1, QoS::AtLeastOnce, "poison");
     // The source goes away (its dead letter then waits in the queue, headers and all), and the
     // target closes the connection on the message until it is given up on.
