@@ -15,7 +15,7 @@ use crate::{
     config::{Plan, RoutePlan, Side, client_id},
     loops::{EchoDigest, analysis},
     pair::{PairSpec, driver, retire, spec::SpoolLink, stats::PairStats},
-    spool::{LogGauges, LogOptions, Spool},
+    spool::{LogGauges, LogOptions, Spool, startup},
 };
 
 /// A running route: its pairs' stats and tasks.
@@ -66,7 +66,7 @@ pub fn start(
     let mut pairs = Vec::new();
     let mut tasks = Vec::new();
     let mut switches = Vec::new();
-    for (index, pair_gauges) in gauges.clone().iter().enumerate() {
+    for (index, pair_gauges) in gauges.iter().enumerate() {
         let stats = Arc::new(PairStats::default());
         let spec = PairSpec {
             route: plan.clone(),
@@ -96,8 +96,9 @@ pub fn start(
     // spool, an index past the pool that left a spool directory is retired with it: its backlog
     // is forwarded before it ends (SPEC 4.9: nothing acknowledged is orphaned).
     let retired_spools: RetiredSpools = match (&spool, &route.spool) {
-        (Some(_), Some(sp)) => spool_indexes(&sp.dir)
-            .into_iter()
+        (Some(_), Some(sp)) => startup::pair_dirs(&sp.dir)
+            .iter()
+            .filter_map(|dir| startup::pair_index(dir))
             .filter(|&i| i >= route.pool_size_max)
             .map(|i| (i, Arc::new(LogGauges::default())))
             .collect(),
@@ -185,18 +186,6 @@ async fn sweep(
 
 /// Indexes past the pool that left a spool directory, each with its gauges.
 type RetiredSpools = Vec<(usize, Arc<LogGauges>)>;
-
-/// The pair indexes that have a directory in a route's spool directory.
-fn spool_indexes(dir: &std::path::Path) -> Vec<usize> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter(|e| e.path().is_dir())
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect()
-}
 
 /// How often an auto-sized pool looks at its pairs.
 const SIZING_TICK: Duration = Duration::from_secs(1);

@@ -63,11 +63,7 @@ async fn a_long_target_outage_through_a_spool_loses_nothing_and_memory_stays_fla
         Collector::start_persistent(dst.port(), Proto::V5, "outage-collector", &[("in/#", 1)])
             .await;
     let admin = format!("127.0.0.1:{}", free_port());
-    let mut cfg = RouteConfig::new(src.port(), Proto::V311, dst.port(), Proto::V5);
-    cfg.pool_size = 2;
-    cfg.qos = 1;
-    cfg.route_extra = "spool = true".into();
-    cfg.tail = format!("[spool]\ndir = \"spool\"\n\n[admin]\nlisten = \"{admin}\"\n");
+    let cfg = RouteConfig::spooled(src.port(), dst.port(), &admin);
     let mut bridge = start_ready(&cfg.toml(), 2).await;
     let pid = bridge.pid().unwrap();
     let spool_dir = bridge.dir().join("spool");

@@ -14,12 +14,7 @@ const RATE_PACE: Duration = Duration::from_millis(1); // 1,000 msg/s
 /// target the test stops for 10 s and starts again. The target keeps a deep queue for the
 /// test's own subscriber only: the backlog reaches it as one burst, faster than it reads.
 fn spooled_route(src: &Mosquitto, dst: &Mosquitto, admin: &str) -> RouteConfig {
-    let mut cfg = RouteConfig::new(src.port(), Proto::V311, dst.port(), Proto::V5);
-    cfg.pool_size = 2;
-    cfg.qos = 1;
-    cfg.route_extra = "spool = true".into();
-    cfg.tail = format!("[spool]\ndir = \"spool\"\n\n[admin]\nlisten = \"{admin}\"\n");
-    cfg
+    RouteConfig::spooled(src.port(), dst.port(), admin)
 }
 
 /// Waits until the bridge's `/metrics` at `admin` satisfies `ok`.

@@ -852,11 +852,12 @@ impl Machine {
 
     /// Starts, extends or ends lingering after a pass (`pair::linger` decides).
     fn linger(&mut self, now: Instant) {
+        let acks = std::mem::take(&mut self.target_acks);
         let pass = linger::Pass {
             taken: std::mem::take(&mut self.source_batch),
             // With a spool the source waits for no target ack: a full window does not stop
             // its reading (lingering under load, which batches both sockets, still applies).
-            acks: std::mem::take(&mut self.target_acks) * usize::from(self.intake.is_none()),
+            acks: if self.intake.is_some() { 0 } else { acks },
             window: self.window.window(),
             free: self.window.free(),
             draining: self.draining,

@@ -67,11 +67,13 @@ async fn spool_holds_messages(spec: &PairSpec) -> bool {
     if !dir.is_dir() {
         return false;
     }
-    tokio::task::spawn_blocking(move || crate::spool::startup::held(&dir))
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .is_some_and(|n| n > 0)
+    // Opening scans the segments: what it finds unacknowledged is held.
+    tokio::task::spawn_blocking(move || {
+        crate::spool::Log::open(&dir, crate::spool::LogOptions::default())
+            .is_ok_and(|log| !log.is_empty())
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// Whether the source keeps a session for this index. A session the look itself created is

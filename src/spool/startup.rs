@@ -28,10 +28,7 @@ pub fn check(plan: &Plan) -> Result<(), String> {
             .iter()
             .find(|r| r.name == name && r.spool.is_some());
         for pair in pair_dirs(&path) {
-            let index = pair
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.parse::<usize>().ok());
+            let index = pair_index(&pair);
             // An index past the pool is retired with its spool: its backlog is forwarded
             // before it ends (route.rs `sweep`).
             let owned = route.is_some() && index.is_some();
@@ -61,7 +58,13 @@ pub fn check(plan: &Plan) -> Result<(), String> {
     Ok(())
 }
 
-fn pair_dirs(route_dir: &Path) -> Vec<std::path::PathBuf> {
+/// The pool index a pair's directory is named by (`None`: not a pair's directory).
+pub fn pair_index(pair_dir: &Path) -> Option<usize> {
+    pair_dir.file_name()?.to_str()?.parse().ok()
+}
+
+/// The directories in a route's spool directory (one per pair index it ever ran).
+pub fn pair_dirs(route_dir: &Path) -> Vec<std::path::PathBuf> {
     std::fs::read_dir(route_dir)
         .map(|entries| {
             entries
@@ -74,7 +77,7 @@ fn pair_dirs(route_dir: &Path) -> Vec<std::path::PathBuf> {
 }
 
 /// Messages `dir`'s log holds (opening it proves no other process has it).
-pub fn held(dir: &Path) -> Result<u64, String> {
+fn held(dir: &Path) -> Result<u64, String> {
     let mut log = Log::open(dir, LogOptions::default()).map_err(|e| e.to_string())?;
     // Count what a reader would see: damaged records do not count.
     let mut n = 0;

@@ -31,6 +31,17 @@ pub struct RouteConfig {
 }
 
 impl RouteConfig {
+    /// A pool-2 QoS 1 route from a 3.1.1 source to a v5 target with `spool = true`, its spool
+    /// in the bridge's directory and an admin endpoint on `admin` (the spool tests' route).
+    pub fn spooled(src_port: u16, dst_port: u16, admin: &str) -> Self {
+        let mut cfg = RouteConfig::new(src_port, Proto::V311, dst_port, Proto::V5);
+        cfg.pool_size = 2;
+        cfg.qos = 1;
+        cfg.route_extra = "spool = true".into();
+        cfg.tail = format!("[spool]\ndir = \"spool\"\n\n[admin]\nlisten = \"{admin}\"\n");
+        cfg
+    }
+
     pub fn new(src_port: u16, src_proto: Proto, dst_port: u16, dst_proto: Proto) -> Self {
         RouteConfig {
             name: "r",
