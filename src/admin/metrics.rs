@@ -558,3 +558,6 @@ mod tests {
         parked.abort();
     }
 }
+
+#[cfg(test)]
+mod dashboard_tests;
