@@ -605,3 +605,25 @@ fn spool_settings_are_checked_and_name_the_key() {
         spool.dir.display()
     );
 }
+
+/// Two broker entries at one address (one broker declared twice) gave the source and target
+/// connections one client id: each took the other's session, for ever (#16).
+#[test]
+fn one_broker_declared_twice_gets_two_client_ids() {
+    use mqbridge::config::{Side, client_id};
+    let twice = MINIMAL.replace("mqtt://127.0.0.1:1884", "mqtt://127.0.0.1:21883")
+        + "\n[[routes.rewrite]]\nmatch = \"a/+/#\"\nto = \"b/{1}/{2}\"\n";
+    let plan = load(&twice).unwrap();
+    let route = &plan.routes[0];
+    let source = client_id(&plan.bridge, route, 0, Side::Source);
+    let target = client_id(&plan.bridge, route, 0, Side::Target);
+    assert_eq!(source, "edge-1-pod-0-up-0");
+    assert_eq!(target, "edge-1-pod-0-up-0-t");
+    // Two brokers: ids as before (sessions of running deployments are kept).
+    let plan = load(MINIMAL).unwrap();
+    let route = &plan.routes[0];
+    assert_eq!(
+        client_id(&plan.bridge, route, 0, Side::Target),
+        client_id(&plan.bridge, route, 0, Side::Source)
+    );
+}

@@ -243,8 +243,9 @@ pub struct Plan {
 /// Stable client id of one connection of one pair: `<prefix>-<instance>-<route>-<index>`.
 ///
 /// Stable across restarts so persistent sessions resume; the instance keeps replicas of one
-/// config apart. When a route bridges a broker to itself, the target side gets a `-t` suffix so
-/// the two connections do not take each other's session. MQTT 3.1 allows at most 23 characters:
+/// config apart. When a route bridges a broker to itself (one broker entry, or two at the same
+/// host and port with the same prefix), the target side gets a `-t` suffix so the two
+/// connections do not take each other's session. MQTT 3.1 allows at most 23 characters:
 /// longer ids are cut and end in a stable hash of the full id.
 pub fn client_id(bridge: &BridgePlan, route: &RoutePlan, index: usize, side: Side) -> String {
     let broker = match side {
@@ -255,7 +256,13 @@ pub fn client_id(bridge: &BridgePlan, route: &RoutePlan, index: usize, side: Sid
         "{}-{}-{}-{}",
         broker.client_id_prefix, bridge.instance, route.name, index
     );
-    if side == Side::Target && route.from.name == route.to.name {
+    // By address, not by name: two broker entries for one broker (a route that rewrites into
+    // the broker it reads, declared twice) must not share ids either.
+    let same_broker = route.from.name == route.to.name
+        || (route.from.host == route.to.host
+            && route.from.port == route.to.port
+            && route.from.client_id_prefix == route.to.client_id_prefix);
+    if side == Side::Target && same_broker {
         id.push_str("-t");
     }
     if broker.protocol == Protocol::V31 && id.len() > 23 {

@@ -34,8 +34,10 @@ pub enum LinkError {
     Closed,
     #[error("protocol error: {0}")]
     Protocol(String),
-    #[error("the broker refused the connection: {0}")]
-    Refused(String),
+    /// A CONNACK refusal: `what` in words with its code, `hint` what to change (starts with
+    /// "; " when there is one).
+    #[error("the broker refused the connection: {what}{hint}")]
+    Refused { what: String, hint: String },
     #[error("no CONNACK within {0:?}")]
     Timeout(Duration),
     #[error("{step} with {addr} did not finish within {after:?}")]
@@ -57,11 +59,27 @@ pub enum LinkError {
     /// message names the broker and the file.
     #[error("{0}")]
     TlsConfig(String),
-    #[error("WebSocket handshake with {url} failed: {source}")]
+    #[error("WebSocket handshake with {url} failed: {source}{hint}")]
     WebSocket {
         url: String,
         source: Box<tokio_tungstenite::tungstenite::Error>,
+        /// What to do about it, when known (starts with a space).
+        hint: &'static str,
     },
+}
+
+impl LinkError {
+    /// Whether retrying cannot help until the operator changes something (a refusal that names
+    /// a key, a TLS or WebSocket set-up that does not match the port): logged as an error, not
+    /// a warning.
+    pub fn needs_the_operator(&self) -> bool {
+        match self {
+            LinkError::Refused { hint, .. } => !hint.is_empty(),
+            LinkError::Tls { hint, .. } | LinkError::WebSocket { hint, .. } => !hint.is_empty(),
+            LinkError::TlsConfig(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// What the broker said in its CONNACK.
@@ -345,6 +363,18 @@ pub async fn connect(broker: &BrokerPlan, params: &ConnectParams) -> Result<Conn
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
     let connack = tokio::time::timeout(CONNACK_TIMEOUT, async {
         loop {
+            if let Some(code) = v3_answer_to_v5(broker.protocol, &rbuf) {
+                return Err(LinkError::Refused {
+                    what: format!(
+                        "it answered MQTT 5's CONNECT with an MQTT 3.1.1 CONNACK ({})",
+                        refusal_words(Protocol::V311, code, None)
+                    ),
+                    hint: format!(
+                        "; it does not speak MQTT 5: set brokers.{}.protocol = \"3.1.1\"",
+                        broker.name
+                    ),
+                });
+            }
             if let Some(packet) = codec.decode(&mut rbuf)? {
                 return match packet {
                     Inbound::ConnAck(c) => Ok(c),
@@ -361,7 +391,7 @@ pub async fn connect(broker: &BrokerPlan, params: &ConnectParams) -> Result<Conn
     .await
     .map_err(|_| LinkError::Timeout(CONNACK_TIMEOUT))??;
     if connack.code != 0 {
-        return Err(LinkError::Refused(refusal(broker.protocol, &connack)));
+        return Err(refusal(broker, params, &connack));
     }
     Ok(Connection {
         reader,
@@ -418,9 +448,16 @@ pub fn reason_name(code: u8) -> &'static str {
     }
 }
 
-/// A CONNACK refusal in words.
-fn refusal(protocol: Protocol, c: &ConnAckInfo) -> String {
-    let words = match (protocol, c.code) {
+/// A 3.x CONNACK (remaining length 2; a v5 one has at least 3) in answer to our v5 CONNECT:
+/// the broker does not speak MQTT 5 (NATS, RabbitMQ before 3.13). Its return code, once the
+/// four bytes are there.
+fn v3_answer_to_v5(protocol: Protocol, buf: &[u8]) -> Option<u8> {
+    (protocol == Protocol::V5 && buf.len() >= 4 && buf[0] == 0x20 && buf[1] == 0x02).then(|| buf[3])
+}
+
+/// A CONNACK's code in words, with the code and the broker's reason string.
+fn refusal_words(protocol: Protocol, code: u8, reason: Option<&str>) -> String {
+    let words = match (protocol, code) {
         (Protocol::V5, code) => reason_name(code),
         (_, 1) => "unsupported protocol version",
         (_, 2) => "client identifier not valid",
@@ -429,10 +466,53 @@ fn refusal(protocol: Protocol, c: &ConnAckInfo) -> String {
         (_, 5) => "not authorized",
         _ => "refused",
     };
-    match &c.reason {
-        Some(r) => format!("{words} (code {:#04x}: {r})", c.code),
-        None => format!("{words} (code {:#04x})", c.code),
+    match reason {
+        Some(r) => format!("{words} (code {code:#04x}: {r})"),
+        None => format!("{words} (code {code:#04x})"),
     }
+}
+
+/// A CONNACK refusal: in words, and what to change when the code points at our config.
+fn refusal(broker: &BrokerPlan, params: &ConnectParams, c: &ConnAckInfo) -> LinkError {
+    let name = &broker.name;
+    let v5 = broker.protocol.is_v5();
+    let what = refusal_words(broker.protocol, c.code, c.reason.as_deref());
+    let hint = match (v5, c.code) {
+        (false, 1) | (true, 0x84) => {
+            let other = match broker.protocol {
+                Protocol::V5 => "\"3.1.1\"",
+                Protocol::V311 => "\"5\" or \"3.1\"",
+                Protocol::V31 => "\"3.1.1\"",
+            };
+            format!(
+                "; it does not speak MQTT {}: set brokers.{name}.protocol = {other}",
+                broker.protocol
+            )
+        }
+        (false, 4 | 5) | (true, 0x86 | 0x87 | 0x8C) => {
+            let sent = match (&params.username, &params.password) {
+                (Some(u), Some(_)) => format!("username {u:?} and a password were sent"),
+                (Some(u), None) => format!("username {u:?} was sent without a password"),
+                (None, Some(_)) => "a password was sent without a username".to_string(),
+                (None, None) => "no credentials were sent".to_string(),
+            };
+            format!(
+                "; {sent}: check brokers.{name}.username and brokers.{name}.password \
+                 (and the broker's ACL for this client id)"
+            )
+        }
+        (false, 2) | (true, 0x85) => format!(
+            "; client id {:?}: check brokers.{name}.client_id_prefix (MQTT 3.1 allows 23 \
+             characters) and bridge.instance",
+            params.client_id
+        ),
+        (true, 0x8A) => format!(
+            "; client id {:?} is banned on this broker",
+            params.client_id
+        ),
+        _ => String::new(),
+    };
+    LinkError::Refused { what, hint }
 }
 
 /// The length of the frame at the start of `buf` (fixed header included), once its Remaining

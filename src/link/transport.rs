@@ -207,7 +207,18 @@ where
 /// What to do about the TLS failures an operator meets most, as a suffix to rustls's words.
 fn tls_hint(e: &io::Error) -> &'static str {
     use rustls::{AlertDescription as Alert, CertificateError as Cert, Error as Tls};
+    // A port that does not speak TLS closes on the ClientHello (mosquitto takes its first byte
+    // for an invalid packet) or answers with bytes that are no TLS record.
+    let plain_port = " (does this port speak TLS? a plain MQTT or WebSocket port closes at the \
+                      handshake: use mqtt:// or ws://, or the broker's TLS port)";
+    if matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+    ) {
+        return plain_port;
+    }
     match e.get_ref().and_then(|e| e.downcast_ref::<Tls>()) {
+        Some(Tls::InvalidMessage(_)) => plain_port,
         Some(Tls::InvalidCertificate(Cert::UnknownIssuer | Cert::BadSignature)) => {
             " (is tls.ca_file the CA that signed the broker's certificate?)"
         }
@@ -418,6 +429,7 @@ where
     let url = format!("{scheme}://{addr}{}", broker.path);
     let ws_error = |source| LinkError::WebSocket {
         url: url.clone(),
+        hint: ws_hint(&source),
         source: Box::new(source),
     };
     let mut request = url.as_str().into_client_request().map_err(ws_error)?;
@@ -433,6 +445,24 @@ where
     .await?
     .map_err(ws_error)?;
     Ok(ws)
+}
+
+/// What to do about a failed WebSocket upgrade, as a suffix to tungstenite's words.
+fn ws_hint(e: &tokio_tungstenite::tungstenite::Error) -> &'static str {
+    use tokio_tungstenite::tungstenite::{Error as Ws, error::ProtocolError};
+    const PLAIN_PORT: &str = " (does this port speak WebSocket? a plain MQTT port closes at the \
+                              HTTP upgrade: use mqtt://, or the broker's WebSocket port)";
+    match e {
+        // A plain MQTT port takes "GET …" for a malformed packet and closes.
+        Ws::Io(_) | Ws::ConnectionClosed | Ws::AlreadyClosed => PLAIN_PORT,
+        Ws::Protocol(ProtocolError::HandshakeIncomplete | ProtocolError::HttparseError(_)) => {
+            PLAIN_PORT
+        }
+        Ws::Http(_) => {
+            " (the server answered the upgrade with an HTTP error: check the URL's path)"
+        }
+        _ => "",
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -260,7 +260,7 @@ fn established(m: &mut Machine, role: Role, io: &mut Io, c: Result<Connection, L
             io.wake = c.wake_threshold;
             m.connected(now, role, c.connack, c.codec, c.rbuf);
         }
-        Err(e) => m.lost(now, role, &e),
+        Err(e) => m.cannot_connect(now, role, &e),
     }
 }
 

@@ -70,6 +70,11 @@ pub const POISON_AFTER: u32 = 5;
 /// A close counts against the message only this soon after a PUBLISH was written: a broker that
 /// chokes on a packet closes as it reads it, not a minute later (a proxy's idle timeout).
 const POISON_CLOSE_WITHIN: Duration = Duration::from_secs(5);
+/// Connections in a row that the broker closed this soon after accepting them look like
+/// another client taking the session over (two processes with one client id).
+const TAKEOVER_WITHIN: Duration = Duration::from_secs(5);
+/// How many such closes in a row before the pair says so (and again every `TAKEOVER_AFTER`).
+pub const TAKEOVER_AFTER: u32 = 3;
 /// A parking pair leaves once nothing arrived for this long.
 pub const PARK_QUIET: Duration = Duration::from_millis(500);
 const UNSUBSCRIBE_PKID: u16 = 900;
@@ -215,6 +220,8 @@ struct Side {
     connects: u64,
     /// The current connection's Server Keep Alive (v5 CONNACK).
     server_keep_alive: Option<Duration>,
+    /// Connections in a row the broker closed within `TAKEOVER_WITHIN` of accepting them.
+    quick_closes: u32,
 }
 
 impl Side {
@@ -236,6 +243,7 @@ impl Side {
             ping_sent: None,
             connects: 0,
             server_keep_alive: None,
+            quick_closes: 0,
         }
     }
 
@@ -269,17 +277,37 @@ impl Side {
     }
 
     /// Drops the connection (if any) and schedules the next attempt with backoff and `jitter`
-    /// (0.5 to 1.0).
-    fn lost(&mut self, now: Instant, why: &dyn std::fmt::Display, jitter: f64) {
+    /// (0.5 to 1.0). `peer_closed`: the broker ended it (not our decision). `operator`: retrying
+    /// cannot help until the config changes (logged as an error).
+    fn lost(
+        &mut self,
+        now: Instant,
+        why: &dyn std::fmt::Display,
+        jitter: f64,
+        peer_closed: bool,
+        operator: bool,
+    ) {
         let was_up = self.is_up();
-        if was_up && (self.healthy || now.duration_since(self.up_since) >= HEALTHY_AFTER) {
+        let lasted = now.saturating_duration_since(self.up_since);
+        if was_up && (self.healthy || lasted >= HEALTHY_AFTER) {
             self.backoff = BACKOFF_MIN;
         }
         // The delay actually waited: the backoff with its jitter.
         let delay = self.backoff.mul_f64(jitter);
         let shown = Duration::from_millis(delay.as_millis() as u64);
-        if was_up {
+        if was_up && peer_closed && lasted < TAKEOVER_WITHIN {
+            self.quick_closes += 1;
+        } else if was_up {
+            self.quick_closes = 0;
+        }
+        if was_up && self.quick_closes > 0 && self.quick_closes.is_multiple_of(TAKEOVER_AFTER) {
+            error!(broker = %self.broker.name, side = self.name(), client_id = %self.client_id, "connection lost: {why}; the broker closed this client's connection {} times in a row within {TAKEOVER_WITHIN:?} of accepting it: another client may be taking the session over (a second mqbridge with the same bridge.instance? the client id is <client_id_prefix>-<bridge.instance>-<route>-<index>: give each process its own bridge.instance), or the broker refuses something this client does (its log says which); reconnecting in {shown:?}", self.quick_closes);
+        } else if was_up && operator {
+            error!(broker = %self.broker.name, side = self.name(), client_id = %self.client_id, "connection lost: {why}; reconnecting in {shown:?}");
+        } else if was_up {
             warn!(broker = %self.broker.name, side = self.name(), client_id = %self.client_id, "connection lost: {why}; reconnecting in {shown:?}");
+        } else if operator {
+            error!(broker = %self.broker.name, side = self.name(), url = %self.broker.url, "cannot connect: {why}; retrying in {shown:?}");
         } else {
             warn!(broker = %self.broker.name, side = self.name(), url = %self.broker.url, "cannot connect: {why}; retrying in {shown:?}");
         }
@@ -639,7 +667,35 @@ impl Machine {
 
     /// `role`'s connection (or the attempt to make one) failed, or the broker closed it.
     pub fn lost(&mut self, now: Instant, role: Role, why: &dyn std::fmt::Display) {
-        self.close(now, role, why, true)
+        self.close_as(now, role, why, true, false)
+    }
+
+    /// The attempt to connect `role` failed with `e` (an error in the log when only the
+    /// operator can mend it: a refusal naming a key, TLS or WebSocket on the wrong port).
+    pub fn cannot_connect(&mut self, now: Instant, role: Role, e: &link::LinkError) {
+        self.close_as(now, role, e, true, e.needs_the_operator())
+    }
+
+    /// The broker sent DISCONNECT with `reason`: the connection ends, logged with the reason's
+    /// name (a session taken over, 0x8E, names `bridge.instance`: an error).
+    fn disconnected_by_broker(&mut self, now: Instant, role: Role, reason: u8) {
+        let mut why = format!(
+            "the broker sent DISCONNECT: {} ({reason:#04x})",
+            link::reason_name(reason)
+        );
+        let taken_over = reason == 0x8E;
+        if taken_over {
+            why.push_str(&format!(
+                ": another client connected with client id {:?} (a second mqbridge with the \
+                 same bridge.instance? the client id is \
+                 <client_id_prefix>-<bridge.instance>-<route>-<index>: give each process its \
+                 own bridge.instance)",
+                self.side(role).client_id
+            ));
+        }
+        // A broker that says why (server busy, session taken over, …) did not choke on our
+        // message: that is no evidence for the poison heuristic.
+        self.close_as(now, role, &why, false, taken_over)
     }
 
     /// Ends `role`'s connection. `peer_closed`: the broker (or the network) ended it without a
@@ -647,6 +703,18 @@ impl Machine {
     /// heuristic); our own decisions (keep-alive, protocol errors) and a DISCONNECT with a
     /// reason never do.
     fn close(&mut self, now: Instant, role: Role, why: &dyn std::fmt::Display, peer_closed: bool) {
+        self.close_as(now, role, why, peer_closed, false)
+    }
+
+    /// [`Machine::close`], logged as an error when `operator` (see [`Side::lost`]).
+    fn close_as(
+        &mut self,
+        now: Instant,
+        role: Role,
+        why: &dyn std::fmt::Display,
+        peer_closed: bool,
+        operator: bool,
+    ) {
         match role {
             Role::Source => {
                 self.source_window().source_disconnected();
@@ -682,7 +750,8 @@ impl Machine {
             self.events.push_back(Event::Close(role));
         }
         let jitter = self.jitter();
-        self.side(role).lost(now, why, jitter);
+        self.side(role)
+            .lost(now, why, jitter, peer_closed, operator);
         if self.target_fail_streak >= POISON_AFTER {
             self.target_fail_streak = 0;
             self.give_up_poison(now);
@@ -1170,13 +1239,7 @@ impl Machine {
                 }
                 Inbound::PubRel { pkid } => self.target.codec.pubcomp(pkid, &mut self.target.wbuf),
                 Inbound::Disconnect { reason } => {
-                    // A broker that says why (server busy, session taken over, …) did not
-                    // choke on our message: that is no evidence for the poison heuristic.
-                    let why = format!(
-                        "the broker sent DISCONNECT: {} ({reason:#04x})",
-                        link::reason_name(reason)
-                    );
-                    return self.close(now, Role::Target, &why, false);
+                    return self.disconnected_by_broker(now, Role::Target, reason);
                 }
                 Inbound::ConnAck(_) | Inbound::Unexpected(_) | Inbound::TooLarge { .. } => {
                     let why = format!("unexpected packet {packet:?}");
@@ -1290,11 +1353,7 @@ impl Machine {
                 Inbound::PingResp | Inbound::PubRec { .. } | Inbound::PubComp { .. } => {}
                 Inbound::PingReq => self.source.codec.pingresp(&mut self.source.wbuf),
                 Inbound::Disconnect { reason } => {
-                    let why = format!(
-                        "the broker sent DISCONNECT: {} ({reason:#04x})",
-                        link::reason_name(reason)
-                    );
-                    return self.lost(now, Role::Source, &why);
+                    return self.disconnected_by_broker(now, Role::Source, reason);
                 }
                 Inbound::ConnAck(_) | Inbound::Unexpected(_) => {
                     let why = format!("unexpected packet {packet:?}");
@@ -1313,7 +1372,13 @@ impl Machine {
         }
         let route = &self.spec.route;
         if let Some(bad) = codes.iter().find(|c| **c >= 0x80) {
-            warn!(route = %route.name, broker = %self.source.broker.name, code = bad, subscriptions = ?route.subscriptions(), "the source broker refused a subscription (shared subscriptions or ACLs?); retrying by reconnecting");
+            // 3.x SUBACK has only 0x80 (failure); v5 says why (0x87 not authorized, 0x9E…).
+            let words = if self.source.broker.protocol.is_v5() {
+                link::reason_name(*bad)
+            } else {
+                "failure"
+            };
+            warn!(route = %route.name, broker = %self.source.broker.name, subscriptions = ?route.subscriptions(), "the source broker refused a subscription: {words} ({bad:#04x}) (shared subscriptions or ACLs?); retrying by reconnecting");
             return self.lost(now, Role::Source, &"subscription refused");
         }
         let asked = self.spec.route.qos as u8;
