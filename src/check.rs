@@ -86,6 +86,11 @@ fn write_broker(out: &mut String, plan: &Plan, broker: &BrokerPlan) -> fmt::Resu
         write!(login, ", password {password}")?;
     }
     writeln!(out, "{login}")?;
+    writeln!(
+        out,
+        "    loop marker id \"{}\" (mqbridge-from; brokers.{}.id)",
+        broker.id, broker.name
+    )?;
     if broker.session_expiry.is_zero() {
         writeln!(
             out,
@@ -227,6 +232,18 @@ fn write_route(out: &mut String, plan: &Plan, route: &RoutePlan) -> fmt::Result 
          up to {} QoS 0 messages queued per pair",
         route.qos as u8, route.queue_capacity
     )?;
+    let markers = match (
+        route.to.protocol.is_v5(),
+        analysis::writes_markers(plan, route),
+    ) {
+        (false, _) => "none (MQTT 3.x target)".to_string(),
+        (true, true) => format!(
+            "mqbridge-via / mqbridge-from added (loop_markers = \"{}\")",
+            route.loop_markers
+        ),
+        (true, false) => format!("none added (loop_markers = \"{}\")", route.loop_markers),
+    };
+    writeln!(out, "    loop markers: {markers}")?;
     match &route.dead_letter {
         Some(topic) => writeln!(
             out,
@@ -427,7 +444,10 @@ fn describe(cut: Cut) -> &'static str {
              suppresses the echo (not across replicas, and an identical message within the \
              window is taken for an echo); better make the topics disjoint"
         }
-        Cut::Nothing => "NOT cut: MQTT 3.x and the echo digest is off (bridge.loop_digest_window)",
+        Cut::Nothing => {
+            "NOT cut: loop_markers = \"off\" towards MQTT 5, or MQTT 3.x with the echo digest off \
+             (bridge.loop_digest_window)"
+        }
     }
 }
 

@@ -86,6 +86,7 @@ pub fn fingerprint(plan: &Plan, route: &RoutePlan) -> Fingerprint {
         queue_capacity,
         rewrite,
         dead_letter,
+        loop_markers,
         spool,
     } = route;
     let key = |k: &str| format!("routes.{name}.{k}");
@@ -102,6 +103,12 @@ pub fn fingerprint(plan: &Plan, route: &RoutePlan) -> Fingerprint {
     parts.public(key("rewrite"), rewrite);
     parts.public(key("dead_letter"), dead_letter);
     parts.public(key("spool"), spool);
+    parts.public(key("loop_markers"), loop_markers);
+    // With "auto", whether markers are written depends on the other routes too.
+    parts.public(
+        key("loop markers (in effect)"),
+        &analysis::writes_markers(plan, route),
+    );
     // Whether the route records or checks echoes depends on the other routes: adding a route
     // back into a 3.x broker changes what this one must do.
     parts.public(
@@ -135,6 +142,7 @@ fn broker_parts(parts: &mut Parts, broker: &BrokerPlan) {
         max_filters_per_subscribe,
         try_private,
         share_probe,
+        id,
         tls,
     } = broker;
     let key = |k: &str| format!("brokers.{name}.{k}");
@@ -152,6 +160,7 @@ fn broker_parts(parts: &mut Parts, broker: &BrokerPlan) {
     parts.public(key("max_filters_per_subscribe"), max_filters_per_subscribe);
     parts.public(key("try_private"), try_private);
     parts.public(key("share_probe"), share_probe);
+    parts.public(key("id"), id);
     parts.public(key("tls"), tls);
 }
 

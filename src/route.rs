@@ -42,8 +42,9 @@ pub fn start(
     let (record_echoes, check_echoes) = analysis::digest_roles(plan, route);
     let loops = LoopGuard {
         bridge_name: bridge.name.clone(),
-        source_id: format!("{}:{}", route.from.host, route.from.port),
-        target_id: format!("{}:{}", route.to.host, route.to.port),
+        source_id: route.from.id.clone(),
+        target_id: route.to.id.clone(),
+        markers: analysis::writes_markers(plan, route),
         digest: (record_echoes || check_echoes).then(|| digest.clone()),
         record_echoes,
         check_echoes,

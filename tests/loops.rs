@@ -21,6 +21,11 @@ fn route(name: &str, from: &str, to: &str, topics: &str) -> String {
 /// Two routes mirror `m/#` between A and B: 200 QoS 1 messages published on each side arrive
 /// exactly once on the other, and a subscriber on each broker sees 400, no echo, no loss.
 async fn mirror(pa: Proto, pb: Proto) {
+    mirror_with(pa, pb, "").await
+}
+
+/// [`mirror`] with `extra` keys in both routes.
+async fn mirror_with(pa: Proto, pb: Proto, extra: &str) {
     let a = Mosquitto::start().await;
     let b = Mosquitto::start().await;
     let toml = format!(
@@ -28,8 +33,8 @@ async fn mirror(pa: Proto, pb: Proto) {
         a.port(),
         broker("a", a.port(), pa.as_config()),
         broker("b", b.port(), pb.as_config()),
-        route("a-to-b", "a", "b", "m/#"),
-        route("b-to-a", "b", "a", "m/#"),
+        route("a-to-b", "a", "b", "m/#") + extra,
+        route("b-to-a", "b", "a", "m/#") + extra,
     );
     let on_a = Collector::start(a.port(), Proto::V5, "m/#", 1).await;
     let on_b = Collector::start(b.port(), Proto::V5, "m/#", 1).await;
@@ -81,6 +86,51 @@ async fn mirror(pa: Proto, pb: Proto) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_v5_v5() {
     mirror(Proto::V5, Proto::V5).await;
+}
+
+/// `loop_markers = "auto"` writes them where `check` finds the loop: the mirror stays cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_v5_v5_with_auto_markers() {
+    mirror_with(Proto::V5, Proto::V5, "loop_markers = \"auto\"\n").await;
+}
+
+/// What a v5 target receives with each `loop_markers`, on a route that is in no loop: "always"
+/// marks it (the broker named by its id, a hash, not host:port), "auto" and "off" do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loop_markers_always_auto_and_off_on_a_route_in_no_loop() {
+    let (src, dst) = (Mosquitto::start().await, Mosquitto::start().await);
+    let hashed = mqbridge::config::default_broker_id("127.0.0.1", src.port());
+    for (mode, expected) in [
+        (
+            "always",
+            vec![("mqbridge-via", "test"), ("mqbridge-from", hashed.as_str())],
+        ),
+        ("auto", vec![]),
+        ("off", vec![]),
+    ] {
+        let mut cfg = RouteConfig::new(src.port(), Proto::V5, dst.port(), Proto::V5);
+        cfg.qos = 1;
+        cfg.route_extra = format!("loop_markers = \"{mode}\"");
+        let topic = format!("in/{mode}");
+        let collector = Collector::start(dst.port(), Proto::V5, &topic, 1).await;
+        let mut bridge = start_ready(&cfg.toml(), 1).await;
+        publish_numbered(src.port(), Proto::V5, |_| topic.clone(), 1, 0, 3, mode).await;
+        assert!(
+            collector.wait_for_count(3, Duration::from_secs(10)).await,
+            "{mode}: {}",
+            bridge.log()
+        );
+        for r in collector.received() {
+            let markers: Vec<(&str, &str)> = r
+                .user_properties
+                .iter()
+                .filter(|(k, _)| k.starts_with("mqbridge-"))
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            assert_eq!(markers, expected, "{mode}");
+        }
+        bridge.stop_cleanly().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,4 +244,36 @@ fn check_reports_mirror_loops_and_refuses_an_uncuttable_one() {
         out.stderr
     );
     assert!(out.stderr.contains("around forever"), "{}", out.stderr);
+
+    // A v5 mirror with markers off has nothing to cut it either.
+    let off = write_temp(
+        "mirror-off.toml",
+        &mirror("5", "").replace("pool_size = 2\n", "pool_size = 2\nloop_markers = \"off\"\n"),
+    );
+    let out = mqbridge_cli(&["check", "-c", off.to_str().unwrap()], &[]);
+    assert_eq!(out.code(), Some(2), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("loop_markers = \"off\""),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("around forever"), "{}", out.stderr);
+    // "auto" marks both routes of the loop, and check says so.
+    let auto = write_temp(
+        "mirror-auto.toml",
+        &mirror("5", "").replace(
+            "pool_size = 2\n",
+            "pool_size = 2\nloop_markers = \"auto\"\n",
+        ),
+    );
+    let out = mqbridge_cli(&["check", "-c", auto.to_str().unwrap()], &[]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    assert_eq!(
+        out.stdout
+            .matches(r#"loop markers: mqbridge-via / mqbridge-from added (loop_markers = "auto")"#)
+            .count(),
+        2,
+        "{}",
+        out.stdout
+    );
 }

@@ -179,7 +179,8 @@ async fn v5_properties_cross_intact() {
             .collect()
     };
     assert_eq!(user, pairs(&[("b", "2"), ("a", "1"), ("b", "3")]));
-    let from = format!("127.0.0.1:{}", src.port());
+    // brokers.src.id, by default a hash of host:port: no internal address in the message.
+    let from = mqbridge::config::default_broker_id("127.0.0.1", src.port());
     assert_eq!(
         markers,
         pairs(&[("mqbridge-via", "test"), ("mqbridge-from", &from)]),

@@ -15,7 +15,10 @@ pub use super::env::ENV_PREFIX;
 use super::{
     env::{blame_env, process_env, read, strip_env_prefix},
     error::*,
-    plan::{BridgePlan, BrokerPlan, Plan, Protocol, RoutePlan, Secret, Share, TlsPlan, Transport},
+    plan::{
+        BridgePlan, BrokerPlan, Plan, Protocol, RoutePlan, Secret, Share, TlsPlan, Transport,
+        default_broker_id,
+    },
     schema,
 };
 use crate::topic::{Rewrite, RewriteError, RewriteRule, TopicFilter, TopicName};
@@ -318,6 +321,16 @@ fn broker_plan(
     })?;
     let endpoint = parse_url(&url, broker.tls.is_some()).map_err(|m| invalid(at("url"), m))?;
 
+    let id = match broker.id {
+        None => default_broker_id(&endpoint.host, endpoint.port),
+        Some(id) if id.trim().is_empty() => {
+            return Err(invalid(
+                at("id"),
+                "is empty; remove it for the default (a hash of the URL's host and port)",
+            ));
+        }
+        Some(id) => id,
+    };
     let protocol = broker.protocol;
     let client_id_prefix = broker
         .client_id_prefix
@@ -441,6 +454,7 @@ fn broker_plan(
         max_filters_per_subscribe,
         try_private: broker.try_private,
         share_probe: broker.share_probe,
+        id,
         tls,
     })
 }
@@ -771,6 +785,7 @@ fn route_plan(
         queue_capacity,
         rewrite: Rewrite::new(rules),
         dead_letter,
+        loop_markers: route.loop_markers,
         spool: None,
     })
 }

@@ -109,6 +109,10 @@ pub struct BrokerPlan {
     pub try_private: bool,
     /// Check with a probe message that `$share` subscriptions are really shared.
     pub share_probe: bool,
+    /// What this broker is called in `mqbridge-from` loop markers: `brokers.<name>.id`, by
+    /// default a stable hash of the URL's host and port (so every bridge reaching the broker
+    /// by the same address agrees, and no internal address leaks into messages).
+    pub id: String,
     pub tls: Option<TlsPlan>,
 }
 
@@ -154,6 +158,28 @@ pub enum PropertiesMode {
     Drop,
 }
 
+/// `loop_markers`: when a route adds its `mqbridge-via` / `mqbridge-from` markers to what it
+/// forwards to an MQTT 5 target (SPEC 4.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopMarkers {
+    /// Always (the default): `check` cannot see rings that pass through other bridges.
+    Always,
+    /// Only where `check` finds a possible loop through this route in this config.
+    Auto,
+    /// Never: the target sees only the publisher's properties.
+    Off,
+}
+
+impl fmt::Display for LoopMarkers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LoopMarkers::Always => "always",
+            LoopMarkers::Auto => "auto",
+            LoopMarkers::Off => "off",
+        })
+    }
+}
+
 /// One route, resolved.
 #[derive(Debug, Clone)]
 pub struct RoutePlan {
@@ -175,6 +201,7 @@ pub struct RoutePlan {
     pub queue_capacity: usize,
     pub rewrite: Rewrite,
     pub dead_letter: Option<TopicName>,
+    pub loop_markers: LoopMarkers,
     /// `spool = true`: this route's spool directory and limit.
     pub spool: Option<SpoolPlan>,
 }
@@ -271,12 +298,24 @@ pub fn client_id(bridge: &BridgePlan, route: &RoutePlan, index: usize, side: Sid
     id
 }
 
+/// FNV-1a 64: stable across Rust versions and platforms, unlike `DefaultHasher`.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The default `brokers.<name>.id`: 16 hex digits of a hash of `host:port` (host lower-cased).
+pub fn default_broker_id(host: &str, port: u16) -> String {
+    format!(
+        "{:016x}",
+        fnv1a(&format!("{}:{port}", host.to_ascii_lowercase()))
+    )
+}
+
 /// Cuts `id` to `max` bytes, the last 9 being `-` and 8 hex digits of a stable hash of `id`.
 fn shorten(id: &str, max: usize) -> String {
-    // FNV-1a: stable across Rust versions and platforms, unlike `DefaultHasher`.
-    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let hash = fnv1a(id);
     let tag = format!("-{:08x}", hash as u32);
     let mut keep = max - tag.len();
     while !id.is_char_boundary(keep) {

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
-use super::plan::{PropertiesMode, Protocol, Qos, RetainMode, Secret, Share};
+use super::plan::{LoopMarkers, PropertiesMode, Protocol, Qos, RetainMode, Secret, Share};
 
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
@@ -221,6 +221,10 @@ pub struct Broker {
     /// ready. Set false where ACLs forbid that topic; MQTT 5 brokers also say so in CONNACK.
     #[serde(default = "default_true", deserialize_with = "parse::boolean")]
     pub share_probe: bool,
+    /// This broker's name in `mqbridge-from` loop markers (default: a stable hash of the URL's
+    /// host and port). Set the same id in every bridge that reaches this broker by different
+    /// addresses (a load balancer and a pod address), so a ring is cut whichever way it goes.
+    pub id: Option<String>,
     /// `[brokers.<name>.tls]`: present = TLS; implied by `mqtts://` and `wss://`.
     #[serde(default)]
     pub tls: Option<Tls>,
@@ -321,6 +325,13 @@ pub struct Route {
     /// Topic on the source broker where undeliverable messages are published (default: none,
     /// they are logged and counted only).
     pub dead_letter: Option<String>,
+    /// `"always"` (default), `"auto"` (only where `check` finds a possible loop through this
+    /// route) or `"off"`: loop markers on what is forwarded to an MQTT 5 target.
+    #[serde(
+        default = "default_loop_markers",
+        deserialize_with = "parse::loop_markers"
+    )]
+    pub loop_markers: LoopMarkers,
     /// `[[routes.rewrite]]`: first match wins; no match leaves the topic unchanged.
     #[serde(default)]
     pub rewrite: Vec<Rewrite>,
@@ -362,6 +373,10 @@ pub const fn default_properties() -> PropertiesMode {
     PropertiesMode::Forward
 }
 
+pub const fn default_loop_markers() -> LoopMarkers {
+    LoopMarkers::Always
+}
+
 pub const fn default_queue_capacity() -> u64 {
     1000
 }
@@ -390,7 +405,7 @@ mod parse {
         de::{self, Error as _},
     };
 
-    use super::{PropertiesMode, Protocol, Qos, RetainMode, Secret, Share};
+    use super::{LoopMarkers, PropertiesMode, Protocol, Qos, RetainMode, Secret, Share};
 
     /// A scalar as written: its text, and whether it was a string (for quoting it back).
     struct Scalar {
@@ -552,6 +567,19 @@ mod parse {
                 ("drop", PropertiesMode::Drop),
             ],
             r#""forward" or "drop""#,
+        )
+    }
+
+    pub fn loop_markers<'de, D: Deserializer<'de>>(d: D) -> Result<LoopMarkers, D::Error> {
+        choice(
+            d,
+            "a loop marker mode",
+            &[
+                ("always", LoopMarkers::Always),
+                ("auto", LoopMarkers::Auto),
+                ("off", LoopMarkers::Off),
+            ],
+            r#""always", "auto" or "off""#,
         )
     }
 

@@ -3,7 +3,7 @@
 //! `check` prints this; loading refuses a configuration with a loop nothing can cut.
 
 use crate::{
-    config::{BridgePlan, BrokerPlan, Plan, RoutePlan},
+    config::{BridgePlan, BrokerPlan, LoopMarkers, Plan, RoutePlan},
     topic::{RewriteRule, TopicFilter},
 };
 
@@ -26,9 +26,19 @@ pub enum Cut {
 }
 
 impl Cut {
-    pub fn at(broker: &BrokerPlan, bridge: &BridgePlan) -> Cut {
+    /// How an echo of `route`'s output is recognised where it lands (`route.to`), as far as
+    /// this config shows: `route` writes markers there unless its `loop_markers` is "off" (in
+    /// a loop, "auto" writes them).
+    pub fn of(route: &RoutePlan, bridge: &BridgePlan) -> Cut {
+        Cut::at(&route.to, route.loop_markers != LoopMarkers::Off, bridge)
+    }
+
+    /// How an echo landing on `broker` is recognised, `markers` telling whether whoever wrote
+    /// it there added loop markers.
+    pub fn at(broker: &BrokerPlan, markers: bool, bridge: &BridgePlan) -> Cut {
         if broker.protocol.is_v5() {
-            Cut::Marker
+            // The digest is for 3.x brokers only (MQTT 5 has the markers).
+            if markers { Cut::Marker } else { Cut::Nothing }
         } else if !bridge.loop_digest_window.is_zero() && bridge.loop_digest_capacity > 0 {
             Cut::Digest
         } else {
@@ -55,9 +65,9 @@ impl Finding<'_> {
 
     /// The cuts of this finding: at `a.to` for `a`'s output, at `b.to` for `b`'s (loops only).
     pub fn cuts(&self, bridge: &BridgePlan) -> Vec<(&str, Cut)> {
-        let mut cuts = vec![(self.a.to.name.as_str(), Cut::at(&self.a.to, bridge))];
+        let mut cuts = vec![(self.a.to.name.as_str(), Cut::of(self.a, bridge))];
         if self.back.is_some() && !std::ptr::eq(self.a, self.b) {
-            cuts.push((self.b.to.name.as_str(), Cut::at(&self.b.to, bridge)));
+            cuts.push((self.b.to.name.as_str(), Cut::of(self.b, bridge)));
         }
         cuts
     }
@@ -94,15 +104,33 @@ pub fn uncuttable(plan: &Plan) -> Option<String> {
         let cuts = f.cuts(&plan.bridge);
         (f.is_loop() && cuts.iter().all(|(_, c)| *c == Cut::Nothing)).then(|| {
             format!(
-                "routes {} and {} send each other's messages around forever: {} speak MQTT 3.x \
-                 (no loop marker) and the echo digest is off; set loop_digest_window (e.g. \"10s\"), \
-                 or make the topics disjoint",
+                "routes {} and {} send each other's messages around forever: nothing marks \
+                 what reaches {} (MQTT 3.x with the echo digest off, or loop_markers = \"off\"); \
+                 set loop_markers = \"always\" or \"auto\" towards an MQTT 5 broker, \
+                 loop_digest_window (e.g. \"10s\") towards a 3.x one, or make the topics disjoint",
                 f.a.name,
                 f.b.name,
-                cuts.iter().map(|(b, _)| *b).collect::<Vec<_>>().join(" and ")
+                cuts.iter()
+                    .map(|(b, _)| *b)
+                    .collect::<Vec<_>>()
+                    .join(" and ")
             )
         })
     })
+}
+
+/// Whether `route` adds loop markers to what it forwards (to an MQTT 5 target): always with
+/// `loop_markers = "always"`, never with "off", and with "auto" when this config has a loop
+/// through it (`find`).
+pub fn writes_markers(plan: &Plan, route: &RoutePlan) -> bool {
+    route.to.protocol.is_v5()
+        && match route.loop_markers {
+            LoopMarkers::Always => true,
+            LoopMarkers::Off => false,
+            LoopMarkers::Auto => find(plan)
+                .iter()
+                .any(|f| f.is_loop() && (f.a.name == route.name || f.b.name == route.name)),
+        }
 }
 
 /// Whether a route must remember what it forwards (its target speaks 3.x and some route reads

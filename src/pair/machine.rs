@@ -1539,8 +1539,8 @@ impl Machine {
                 }
             }
         }
-        if target_v5 {
-            let loops = &self.spec.loops;
+        let loops = &self.spec.loops;
+        if target_v5 && loops.markers {
             marker::add(&mut properties, &loops.bridge_name, &loops.source_id);
         }
         let expires_at = p

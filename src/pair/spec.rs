@@ -35,10 +35,13 @@ pub struct SpoolLink {
 pub struct LoopGuard {
     /// Our `mqbridge-via` marker.
     pub bridge_name: String,
-    /// The source and target brokers as `mqbridge-from` names them: `host:port`, the same in
-    /// every bridge's config that reaches the broker by the same address.
+    /// The source and target brokers as `mqbridge-from` names them: `brokers.<name>.id`, by
+    /// default a hash of `host:port`, the same in every bridge's config that reaches the broker
+    /// by the same address.
     pub source_id: String,
     pub target_id: String,
+    /// Add our markers to what goes to an MQTT 5 target (`loop_markers`, resolved).
+    pub markers: bool,
     /// The process's echo digest, when this route records or checks (3.x endpoints).
     pub digest: Option<Arc<std::sync::Mutex<EchoDigest>>>,
     /// Remember what we forward into the (3.x) target.

@@ -113,6 +113,7 @@ impl H {
                 bridge_name: "b".into(),
                 source_id: "a".into(),
                 target_id: "b".into(),
+                markers: crate::loops::analysis::writes_markers(&plan, &plan.routes[0]),
                 digest: None,
                 record_echoes: false,
                 check_echoes: false,
