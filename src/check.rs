@@ -44,7 +44,10 @@ fn write_plan(out: &mut String, plan: &Plan) -> fmt::Result {
         if b.worker_threads == 1 { "" } else { "s" }
     )?;
     match plan.admin_listen {
-        Some(addr) => writeln!(out, "  admin: http://{addr} (/metrics, /healthz, /readyz)")?,
+        Some(addr) => writeln!(
+            out,
+            "  admin: http://{addr} (/metrics, /healthz, /readyz, /status)"
+        )?,
         None => writeln!(out, "  admin: off (no [admin] table)")?,
     }
 

@@ -18,4 +18,5 @@ pub mod route;
 pub mod route_set;
 pub mod run;
 pub mod spool;
+pub mod top;
 pub mod topic;

@@ -52,6 +52,34 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         rate: u32,
     },
+    /// A live view of a running bridge from its admin endpoint's /status: one line per route
+    /// and pair (state, msg/s, in flight/window, drops, last ack age). Full screen on a
+    /// terminal (q quits); a plain table per interval when stdout is not one, or with --once.
+    Top {
+        /// The admin endpoint, host:port; default: [admin] listen of --config, else
+        /// 127.0.0.1:9464.
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<String>,
+        /// Take the admin address from this config file's [admin] listen.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Time between polls.
+        #[arg(long, default_value = "1s", value_parser = parse_interval)]
+        interval: std::time::Duration,
+        /// Print one plain table (after two polls, so the rates are real) and exit.
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+/// A `humantime` duration of at least 100 ms.
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (write e.g. \"1s\" or \"500ms\")"))?;
+    if d < std::time::Duration::from_millis(100) {
+        return Err("at least 100ms".into());
+    }
+    Ok(d)
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
@@ -74,7 +102,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo's own output is the show: only warnings from the bridge unless asked.
     let default_level = match cli.command {
-        Command::Demo { .. } => "warn",
+        Command::Demo { .. } | Command::Top { .. } => "warn",
         _ => "info",
     };
     init_logging(cli.log_format, default_level);
@@ -121,6 +149,32 @@ fn main() -> ExitCode {
                 }
             };
             match runtime.block_on(mqbridge::run::run(&config, plan)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Top {
+            admin,
+            config,
+            interval,
+            once,
+        } => {
+            let admin = match mqbridge::top::admin_address(admin.as_deref(), config.as_deref()) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let options = mqbridge::top::TopOptions {
+                admin,
+                interval,
+                once,
+            };
+            match mqbridge::top::run(&options) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

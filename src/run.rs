@@ -102,8 +102,9 @@ async fn serve(
     let admin_routes = admin::RouteSet::new(routes.stats());
     // Kept serving through the drain, so probes see the pairs go down rather than a refusal.
     let admin_task = admin_listener.map(|(addr, listener)| {
-        let state = admin::Admin::new(admin_routes.clone(), epoch, bridge.stall_timeout);
-        info!(listen = %addr, "admin endpoint: /metrics, /healthz, /readyz");
+        let state = admin::Admin::new(admin_routes.clone(), epoch, bridge.stall_timeout)
+            .named(&bridge.name, &bridge.instance);
+        info!(listen = %addr, "admin endpoint: /metrics, /healthz, /readyz, /status");
         admin::spawn(listener, Arc::new(state))
     });
 

@@ -1,10 +1,12 @@
 //! The admin HTTP endpoint (`[admin] listen`): `/metrics` (Prometheus text), `/healthz` (the
-//! process runs) and `/readyz` (every pair connected, subscribed and not stalled). A small
+//! process runs), `/readyz` (every pair connected, subscribed and not stalled) and `/status`
+//! (routes and pairs as JSON, what `mqbridge top` shows). A small
 //! hyper server on the bridge's runtime; it only reads the pairs' atomics, never blocks them.
 //! The set of routes it reports is a [`RouteSet`], replaced whole when a reload changes routes.
 
 pub mod health;
 pub mod metrics;
+pub mod status;
 
 use std::{
     collections::HashMap,
@@ -30,6 +32,7 @@ use tracing::{debug, warn};
 use self::{
     health::{BusySince, PairHealth, PairId, Readiness},
     metrics::Metrics,
+    status::{PairStatus, RouteStatus, SpoolStatus, Status},
 };
 use crate::{pair::stats::PairStats, route::RunningRoute};
 
@@ -82,6 +85,9 @@ impl RouteSet {
 /// What the endpoint serves from.
 #[derive(Debug)]
 pub struct Admin {
+    /// `bridge.name` and `bridge.instance`, for `/status`.
+    bridge: String,
+    instance: String,
     routes: RouteSet,
     metrics: Metrics,
     /// Process start: the zero of `PairStats::last_progress_ms`.
@@ -101,12 +107,21 @@ const TEXT: &str = "text/plain; charset=utf-8";
 impl Admin {
     pub fn new(routes: RouteSet, epoch: Instant, stall_timeout: Duration) -> Admin {
         Admin {
+            bridge: String::new(),
+            instance: String::new(),
             metrics: Metrics::new(routes.clone()),
             routes,
             epoch,
             stall_timeout,
             busy: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The bridge's name and instance, as `/status` reports them.
+    pub fn named(mut self, bridge: &str, instance: &str) -> Admin {
+        self.bridge = bridge.to_owned();
+        self.instance = instance.to_owned();
+        self
     }
 
     /// How often the pairs' in-flight counts are sampled for stall detection: often enough that
@@ -171,6 +186,74 @@ impl Admin {
         health::readiness(ids.zip(healths), self.now_ms(), self.stall_timeout)
     }
 
+    /// The `/status` answer as of now: each pair read once (with the stall sampling `/readyz`
+    /// does), each route's totals summed from its pair rows.
+    pub fn status(&self) -> Status {
+        use std::sync::atomic::Ordering::Relaxed;
+        let routes = self.routes.snapshot();
+        let mut healths = self.sample(&routes).into_iter();
+        let now = self.now_ms();
+        let stall_ms = u64::try_from(self.stall_timeout.as_millis()).unwrap_or(u64::MAX);
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let g = PairStats::get;
+        let routes = routes
+            .iter()
+            .map(|r| {
+                let pairs = r
+                    .pairs
+                    .iter()
+                    .enumerate()
+                    .map(|(index, p)| {
+                        let health = healths.next().unwrap_or_default();
+                        let spool = r.spool.get(index).map(|s| {
+                            let oldest = s.oldest_ms.load(Relaxed);
+                            SpoolStatus {
+                                messages: s.messages.load(Relaxed),
+                                bytes: s.bytes.load(Relaxed),
+                                full: s.full.load(Relaxed),
+                                oldest_age_s: (oldest > 0)
+                                    .then(|| unix_ms.saturating_sub(oldest) / 1000),
+                            }
+                        });
+                        let last = g(&p.last_progress_ms);
+                        PairStatus {
+                            index,
+                            state: status::pair_state(&health, now, stall_ms).to_owned(),
+                            source_up: health.source_up,
+                            target_up: health.target_up,
+                            subscribed: health.subscribed,
+                            received: g(&p.received),
+                            forwarded: g(&p.forwarded),
+                            bytes_forwarded: g(&p.bytes_forwarded),
+                            dropped: p
+                                .drops()
+                                .iter()
+                                .map(|(reason, n)| ((*reason).to_owned(), *n))
+                                .collect(),
+                            in_flight: health.in_flight,
+                            window: g(&p.window),
+                            reconnects: g(&p.source_reconnects) + g(&p.target_reconnects),
+                            // 0 is the value before any progress.
+                            last_progress_age_ms: (last > 0).then(|| now.saturating_sub(last)),
+                            spool,
+                        }
+                    })
+                    .collect();
+                let ready = r.pairs.iter().filter(|p| p.ready()).count() as u64;
+                RouteStatus::from_pairs(&r.name, &r.source_broker, &r.target_broker, ready, pairs)
+            })
+            .collect();
+        Status {
+            bridge: self.bridge.clone(),
+            instance: self.instance.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_s: self.epoch.elapsed().as_secs(),
+            routes,
+        }
+    }
+
     /// The answer to `method path`, without any I/O.
     pub fn answer(&self, method: &Method, path: &str) -> Answer {
         if method != Method::GET && method != Method::HEAD {
@@ -183,6 +266,14 @@ impl Admin {
         match path {
             "/metrics" => (StatusCode::OK, metrics::CONTENT_TYPE, self.metrics.render()),
             "/healthz" => (StatusCode::OK, TEXT, "ok\n".into()),
+            "/status" => match serde_json::to_string(&self.status()) {
+                Ok(json) => (StatusCode::OK, status::CONTENT_TYPE, json + "\n"),
+                Err(e) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    TEXT,
+                    format!("cannot encode the status: {e}\n"),
+                ),
+            },
             "/readyz" => {
                 let r = self.readiness();
                 let status = if r.is_ready() {
@@ -195,7 +286,7 @@ impl Admin {
             _ => (
                 StatusCode::NOT_FOUND,
                 TEXT,
-                "not found; try /metrics, /healthz or /readyz\n".into(),
+                "not found; try /metrics, /healthz, /readyz or /status\n".into(),
             ),
         }
     }
@@ -374,12 +465,99 @@ mod tests {
     }
 
     #[test]
+    fn status_is_json_with_each_route_summed_and_each_pair_listed() {
+        let a = admin(2).named("edge-1", "pod-0");
+        let pairs = a.routes.snapshot()[0].pairs.clone();
+        connect(&pairs[0]);
+        for (p, n) in pairs.iter().zip([10, 5]) {
+            PairStats::set(&p.received, n);
+            PairStats::set(&p.forwarded, n - 1);
+            PairStats::set(&p.bytes_forwarded, 100 * n);
+            PairStats::set(&p.window, 20);
+        }
+        PairStats::set(&pairs[0].in_flight, 1);
+        PairStats::set(&pairs[0].last_progress_ms, 1);
+        PairStats::add(&pairs[1].dropped_refused, 2);
+        PairStats::add(&pairs[1].target_reconnects, 3);
+
+        let (status, content_type, body) = a.answer(&Method::GET, "/status");
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(content_type, "application/json");
+        let v: serde_json::Value = serde_json::from_str(&body).expect(&body);
+        assert_eq!(v["bridge"], "edge-1");
+        assert_eq!(v["instance"], "pod-0");
+        assert!(v["uptime_s"].is_u64(), "{v}");
+        let route = &v["routes"][0];
+        assert_eq!(route["name"], "up");
+        assert_eq!(route["source"], "edge");
+        assert_eq!(route["target"], "cloud");
+        assert_eq!(route["pairs_ready"], 1);
+        assert_eq!(route["received"], 15);
+        assert_eq!(route["forwarded"], 13);
+        assert_eq!(route["bytes_forwarded"], 1500);
+        assert_eq!(route["in_flight"], 1);
+        assert_eq!(route["window"], 40);
+        assert_eq!(route["reconnects"], 3);
+        assert_eq!(route["dropped"]["refused"], 2);
+        assert_eq!(route["dropped"]["loop"], 0, "every reason is listed");
+        assert!(route["spool"].is_null());
+        assert!(route["last_progress_age_ms"].is_u64(), "{route}");
+        let listed = route["pairs"].as_array().expect("pairs is a list");
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[0]["index"], 0);
+        assert_eq!(listed[0]["state"], "ready");
+        assert_eq!(listed[0]["source_up"], true);
+        assert_eq!(listed[0]["in_flight"], 1);
+        assert_eq!(listed[0]["window"], 20);
+        assert!(listed[0]["last_progress_age_ms"].is_u64());
+        assert_eq!(listed[1]["index"], 1);
+        assert_eq!(listed[1]["state"], "connecting");
+        assert_eq!(listed[1]["received"], 5);
+        assert_eq!(listed[1]["dropped"]["refused"], 2);
+        assert!(listed[1]["last_progress_age_ms"].is_null(), "never acked");
+        // What `mqbridge top` reads back.
+        let parsed: Status = serde_json::from_str(&body).expect("the top's type");
+        assert_eq!(serde_json::to_string(&parsed).unwrap(), body.trim_end());
+    }
+
+    #[test]
+    fn status_shows_a_spooled_pair_riding_out_a_target_outage() {
+        let route = RouteStats {
+            name: "up".into(),
+            source_broker: "edge".into(),
+            target_broker: "cloud".into(),
+            pairs: vec![Arc::new(PairStats::default())],
+            spool: vec![Arc::new(crate::spool::LogGauges::default())],
+        };
+        let gauges = route.spool[0].clone();
+        let pair = route.pairs[0].clone();
+        pair.source_up.store(true, Relaxed);
+        pair.subscribed.store(true, Relaxed);
+        gauges.messages.store(7, Relaxed);
+        gauges.bytes.store(4096, Relaxed);
+        let a = Admin::new(
+            RouteSet::new(vec![route]),
+            Instant::now(),
+            Duration::from_secs(30),
+        );
+        let s = a.status();
+        let r = &s.routes[0];
+        assert_eq!(r.pairs[0].state, "spooling");
+        let spool = r.spool.expect("a spooled route reports its spool");
+        assert_eq!((spool.messages, spool.bytes, spool.full), (7, 4096, false));
+        assert_eq!(spool.oldest_age_s, None);
+        assert_eq!(r.pairs[0].spool, Some(spool));
+    }
+
+    #[test]
     fn other_paths_and_methods_are_refused() {
         let a = admin(1);
         assert_eq!(a.answer(&Method::GET, "/").0, StatusCode::NOT_FOUND);
-        assert_eq!(
-            a.answer(&Method::POST, "/metrics").0,
-            StatusCode::METHOD_NOT_ALLOWED
-        );
+        for path in ["/metrics", "/status"] {
+            assert_eq!(
+                a.answer(&Method::POST, path).0,
+                StatusCode::METHOD_NOT_ALLOWED
+            );
+        }
     }
 }
