@@ -123,16 +123,16 @@ pub fn start(
         spool.clone().map(|spool| (spool, retired_spools)),
         shutdown.clone(),
     )));
-    if route.pool_auto {
-        let sizer = PoolSizer::new(route.pool_size, route.pool_size_max);
-        tasks.push(tokio::spawn(size_pool(
-            plan.clone(),
-            sizer,
-            pairs.clone(),
-            switches,
-            shutdown,
-        )));
-    }
+    let sizer = route
+        .pool_auto
+        .then(|| PoolSizer::new(route.pool_size, route.pool_size_max));
+    tasks.push(tokio::spawn(watch_pool(
+        plan.clone(),
+        sizer,
+        pairs.clone(),
+        switches,
+        shutdown,
+    )));
     RunningRoute {
         plan,
         pairs,
@@ -191,28 +191,43 @@ type RetiredSpools = Vec<(usize, Arc<LogGauges>)>;
 /// How often an auto-sized pool looks at its pairs.
 const SIZING_TICK: Duration = Duration::from_secs(1);
 
-/// Grows and shrinks an auto-sized pool by switching pairs on and off, until the route stops.
-async fn size_pool(
+/// Grows and shrinks an auto-sized pool by switching pairs on and off, and says when a route's
+/// windows limit it (`WindowWatch`), until the route stops.
+async fn watch_pool(
     route: Arc<RoutePlan>,
-    mut sizer: PoolSizer,
+    mut sizer: Option<PoolSizer>,
     pairs: Vec<Arc<PairStats>>,
     switches: Vec<watch::Sender<bool>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(SIZING_TICK);
+    let mut watch = WindowWatch::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let sample = Sample {
-            paced: pairs.iter().map(|p| PairStats::get(&p.paced)).sum(),
-            received: pairs.iter().map(|p| PairStats::get(&p.received)).sum(),
+        let sample = Sample::of(&pairs);
+        let active = sizer.as_ref().map_or(route.pool_size, PoolSizer::active);
+        let at_most = sizer.is_none() || active >= route.pool_size_max;
+        if let Some(w) = watch.next(sample, active).filter(|_| at_most) {
+            let advice = if route.pool_auto {
+                format!(
+                    "the pool is at pool_size_max ({}): raise it",
+                    route.pool_size_max
+                )
+            } else {
+                "pool_size = \"auto\" would add pairs (or raise pool_size)".to_string()
+            };
+            tracing::warn!(route = %route.name, pairs = active, "route {} is limited by the target's window: {} in flight per pair (the window), acknowledged every {:?} ({:.0} msg/s per pair), the windows full {:.0} % of the last {:?}; {advice}", route.name, w.window, w.round_trip, w.per_pair_rate, w.full_share * 100.0, w.span);
+        }
+        let Some(sizer) = sizer.as_mut() else {
+            continue;
         };
         let before = sizer.active();
         let after = sizer.next(sample);
         if after != before {
-            tracing::info!(route = %route.name, pairs = after, was = before, "pool resized: {}", if after > before { "pairs held back by the target's per-connection quota" } else { "no traffic" });
+            tracing::info!(route = %route.name, pairs = after, was = before, "pool resized: {}", sizer.why());
             for (i, s) in switches.iter().enumerate() {
                 s.send_if_modified(|on| {
                     let want = i < after;
@@ -223,17 +238,112 @@ async fn size_pool(
     }
 }
 
-/// What the sizer sees each tick: counters summed over the route's pairs.
+/// What the sizer sees each tick: counters summed over the route's pairs, gauges as of now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Sample {
     /// Times a pair was held back by the target's quotas.
     pub paced: u64,
     pub received: u64,
+    pub forwarded: u64,
+    /// Milliseconds windows were full with the target connected (`PairStats::window_full_ms`).
+    pub window_full_ms: u64,
+    /// QoS ≥ 1 messages held now, all pairs.
+    pub in_flight: u64,
+    /// The largest pair window (the target's Receive Maximum capped by `max_inflight`).
+    pub window: u64,
 }
 
-/// The decision of an auto-sized pool (pure): one more pair after any tick in which a pair was
-/// held back by its quotas; one fewer per `SHRINK_EVERY` ticks once `IDLE_TICKS` ticks passed
-/// without a message.
+impl Sample {
+    pub fn of(pairs: &[Arc<PairStats>]) -> Sample {
+        let sum = |f: fn(&PairStats) -> &std::sync::atomic::AtomicU64| {
+            pairs.iter().map(|p| PairStats::get(f(p))).sum()
+        };
+        Sample {
+            paced: sum(|p| &p.paced),
+            received: sum(|p| &p.received),
+            forwarded: sum(|p| &p.forwarded),
+            window_full_ms: sum(|p| &p.window_full_ms),
+            in_flight: sum(|p| &p.in_flight),
+            window: pairs
+                .iter()
+                .map(|p| PairStats::get(&p.window))
+                .max()
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// A route limited by its windows, in figures: what [`WindowWatch`] says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowBound {
+    pub window: u64,
+    /// Window / acks per second per pair: the forward time a window takes (Little's law).
+    pub round_trip: Duration,
+    pub per_pair_rate: f64,
+    pub full_share: f64,
+    pub span: Duration,
+}
+
+/// Says (at most every `WATCH_REPEAT` ticks) when the last `WATCH_TICKS` ticks had the windows
+/// full at least half the time while acks came back: the pairs carry window / round trip each,
+/// and more pairs (or a larger window) would carry more (pure).
+#[derive(Debug, Default)]
+pub struct WindowWatch {
+    samples: std::collections::VecDeque<Sample>,
+    quiet_for: u32,
+}
+
+const WATCH_TICKS: usize = 10;
+const WATCH_REPEAT: u32 = 300;
+
+impl WindowWatch {
+    pub fn next(&mut self, now: Sample, active: usize) -> Option<WindowBound> {
+        self.quiet_for = self.quiet_for.saturating_sub(1);
+        self.samples.push_back(now);
+        if self.samples.len() > WATCH_TICKS + 1 {
+            self.samples.pop_front();
+        }
+        let first = self.samples.front()?;
+        let ticks = (self.samples.len() - 1) as u64;
+        if ticks < WATCH_TICKS as u64 || self.quiet_for > 0 || active == 0 {
+            return None;
+        }
+        let span = SIZING_TICK * ticks as u32;
+        let full_ms = now.window_full_ms.saturating_sub(first.window_full_ms);
+        let acked = now.forwarded.saturating_sub(first.forwarded);
+        let full_share = full_ms as f64 / (span.as_millis() as f64 * active as f64);
+        if acked == 0 || full_share < 0.5 || now.window == 0 {
+            return None;
+        }
+        self.quiet_for = WATCH_REPEAT;
+        let per_pair_rate = acked as f64 / span.as_secs_f64() / active as f64;
+        Some(WindowBound {
+            window: now.window,
+            round_trip: Duration::from_millis((now.window as f64 / per_pair_rate * 1000.0) as u64),
+            per_pair_rate,
+            full_share: full_share.min(1.0),
+            span,
+        })
+    }
+}
+
+/// Why the pool last changed size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resize {
+    Paced,
+    WindowBound,
+    Idle,
+    Underused,
+}
+
+/// The decision of an auto-sized pool (pure), once per `SIZING_TICK`:
+/// - one more pair after a tick in which a pair was held back by the target's quotas, or in
+///   which the windows were full at least half the time while acks came back (window-bound:
+///   the path's round trip, not the target, limits the pairs; a stalled target gives no acks);
+/// - one fewer per `SHRINK_EVERY` ticks once `IDLE_TICKS` ticks passed without a message, and
+///   one fewer after `UNDERUSED_TICKS` ticks in a row in which what was in flight would have
+///   fitted in half the windows of one pair fewer, with no window full and no pacing (the
+///   hysteresis keeps a pool sized by its window from flapping).
 #[derive(Debug, Clone)]
 pub struct PoolSizer {
     min: usize,
@@ -241,10 +351,13 @@ pub struct PoolSizer {
     active: usize,
     last: Option<Sample>,
     idle_ticks: u32,
+    underused_ticks: u32,
+    why: Option<Resize>,
 }
 
 const IDLE_TICKS: u32 = 10;
 const SHRINK_EVERY: u32 = 2;
+const UNDERUSED_TICKS: u32 = 30;
 
 impl PoolSizer {
     pub fn new(min: usize, max: usize) -> Self {
@@ -254,11 +367,27 @@ impl PoolSizer {
             active: min,
             last: None,
             idle_ticks: 0,
+            underused_ticks: 0,
+            why: None,
         }
     }
 
     pub fn active(&self) -> usize {
         self.active
+    }
+
+    /// Why the size last changed, in words.
+    pub fn why(&self) -> &'static str {
+        match self.why {
+            Some(Resize::Paced) => "pairs held back by the target's per-connection quota",
+            Some(Resize::WindowBound) => {
+                "window-bound: the pairs' windows were full at least half the time while acks \
+                 came back at the round trip's pace"
+            }
+            Some(Resize::Idle) => "no traffic",
+            Some(Resize::Underused) => "what is in flight fits in fewer pairs",
+            None => "",
+        }
     }
 
     /// Takes this tick's sample and returns how many pairs should be active.
@@ -267,18 +396,42 @@ impl PoolSizer {
             return self.active;
         };
         let paced = now.paced > last.paced;
+        let full_ms = now.window_full_ms.saturating_sub(last.window_full_ms);
+        let tick_ms = SIZING_TICK.as_millis() as u64;
+        let acked = now.forwarded > last.forwarded;
+        let window_bound = acked && full_ms * 2 >= self.active as u64 * tick_ms;
         if now.received == last.received {
             self.idle_ticks += 1;
         } else {
             self.idle_ticks = 0;
         }
-        if paced && self.active < self.max {
+        let fits_in_fewer =
+            now.in_flight * 2 <= (self.active as u64).saturating_sub(1) * now.window;
+        if !paced && full_ms == 0 && fits_in_fewer && self.active > self.min {
+            self.underused_ticks += 1;
+        } else {
+            self.underused_ticks = 0;
+        }
+        let grow = if paced {
+            Some(Resize::Paced)
+        } else if window_bound {
+            Some(Resize::WindowBound)
+        } else {
+            None
+        };
+        if let Some(why) = grow.filter(|_| self.active < self.max) {
             self.active += 1;
+            self.why = Some(why);
         } else if self.idle_ticks >= IDLE_TICKS
             && (self.idle_ticks - IDLE_TICKS).is_multiple_of(SHRINK_EVERY)
             && self.active > self.min
         {
             self.active -= 1;
+            self.why = Some(Resize::Idle);
+        } else if self.underused_ticks >= UNDERUSED_TICKS && self.idle_ticks == 0 {
+            self.active -= 1;
+            self.underused_ticks = 0;
+            self.why = Some(Resize::Underused);
         }
         self.active
     }
@@ -383,8 +536,116 @@ mod tests {
     fn run(sizer: &mut PoolSizer, samples: &[(u64, u64)]) -> Vec<usize> {
         samples
             .iter()
-            .map(|&(paced, received)| sizer.next(Sample { paced, received }))
+            .map(|&(paced, received)| {
+                sizer.next(Sample {
+                    paced,
+                    received,
+                    ..Sample::default()
+                })
+            })
             .collect()
+    }
+
+    /// A window-bound route: each tick adds `per_pair` forwarded messages per active pair, and
+    /// the windows were full `full` of the time; `in_flight` per pair of a window of 20.
+    fn window_ticks(sizer: &mut PoolSizer, ticks: usize, full: f64, in_flight: u64) -> Vec<usize> {
+        let mut s = sizer.last.unwrap_or_default();
+        (0..ticks)
+            .map(|_| {
+                let active = sizer.active() as u64;
+                s.received += 100 * active;
+                s.forwarded += 100 * active;
+                s.window_full_ms += (full * 1000.0) as u64 * active;
+                s.in_flight = in_flight * active;
+                s.window = 20;
+                sizer.next(s)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn grows_while_windows_are_full_and_acks_come_back_up_to_max() {
+        let mut s = PoolSizer::new(1, 4);
+        let sizes = window_ticks(&mut s, 6, 0.9, 20);
+        assert_eq!(sizes, [1, 2, 3, 4, 4, 4]);
+        assert!(s.why().starts_with("window-bound"), "{}", s.why());
+        // Full less than half the time: no growth.
+        let mut s = PoolSizer::new(1, 4);
+        assert_eq!(window_ticks(&mut s, 5, 0.4, 10), [1; 5]);
+    }
+
+    #[test]
+    fn a_window_bound_route_is_told_once_with_its_round_trip() {
+        let mut w = WindowWatch::default();
+        let mut s = Sample {
+            window: 20,
+            ..Sample::default()
+        };
+        let mut said = Vec::new();
+        for _ in 0..=WATCH_TICKS * 3 {
+            // 2 pairs, each 200 acks/s with 20 in flight: 100 ms per window; full 80 %.
+            s.forwarded += 400;
+            s.window_full_ms += 1600;
+            said.push(w.next(s, 2));
+        }
+        assert!(
+            said[..WATCH_TICKS].iter().all(Option::is_none),
+            "10 ticks first"
+        );
+        let b = said[WATCH_TICKS].clone().expect("window-bound");
+        assert_eq!(b.round_trip, Duration::from_millis(100));
+        assert_eq!(b.per_pair_rate, 200.0);
+        assert!((b.full_share - 0.8).abs() < 1e-9);
+        assert!(
+            said[WATCH_TICKS + 1..].iter().all(Option::is_none),
+            "said once"
+        );
+        // Full 40 % of the time: not window-bound.
+        let mut w = WindowWatch::default();
+        let mut s = Sample {
+            window: 20,
+            ..Sample::default()
+        };
+        for _ in 0..=WATCH_TICKS * 2 {
+            s.forwarded += 400;
+            s.window_full_ms += 800;
+            assert_eq!(w.next(s, 2), None);
+        }
+    }
+
+    #[test]
+    fn a_full_window_without_acks_is_a_stalled_target_not_a_reason_to_grow() {
+        let mut s = PoolSizer::new(1, 4);
+        let mut sample = Sample {
+            window: 20,
+            in_flight: 20,
+            ..Sample::default()
+        };
+        for _ in 0..5 {
+            sample.received += 10;
+            sample.window_full_ms += 1000;
+            assert_eq!(s.next(sample), 1);
+        }
+    }
+
+    #[test]
+    fn shrinks_once_what_is_in_flight_fits_in_fewer_pairs_and_not_before() {
+        let mut s = PoolSizer::new(1, 8);
+        s.active = 4;
+        // Traffic goes on but needs ~2 pairs' worth of half-windows: 4 in flight per pair.
+        let sizes = window_ticks(&mut s, 2 * UNDERUSED_TICKS as usize + 1, 0.0, 4);
+        assert_eq!(
+            sizes[..UNDERUSED_TICKS as usize],
+            [4; UNDERUSED_TICKS as usize]
+        );
+        assert_eq!(sizes[UNDERUSED_TICKS as usize], 3, "{sizes:?}");
+        assert_eq!(*sizes.last().unwrap(), 2, "{sizes:?}");
+        assert_eq!(s.why(), "what is in flight fits in fewer pairs");
+        // Half-full windows at 2 pairs (10 of 20 each) would not fit in one: it stays.
+        let mut s = PoolSizer::new(1, 8);
+        s.active = 2;
+        let sizes = window_ticks(&mut s, 3 * UNDERUSED_TICKS as usize, 0.0, 10);
+        assert!(sizes.iter().all(|&n| n == 2), "{sizes:?}");
     }
 
     #[test]

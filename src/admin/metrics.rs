@@ -66,6 +66,7 @@ struct RouteSample<'a> {
     dead_lettered: u64,
     dead_letters_unsendable: u64,
     paced: u64,
+    window_full_ms: u64,
     retried: u64,
     subscriptions_downgraded: u64,
     in_flight: u64,
@@ -109,6 +110,7 @@ impl<'a> RouteSample<'a> {
             s.dead_letters_unsendable += g(&p.dead_letters_unsendable);
             s.dead_lettered += g(&p.dead_lettered);
             s.paced += g(&p.paced);
+            s.window_full_ms += g(&p.window_full_ms);
             s.retried += g(&p.retried);
             s.subscriptions_downgraded += g(&p.subscriptions_downgraded);
             s.in_flight += g(&p.in_flight);
@@ -171,6 +173,12 @@ const ROUTE_FAMILIES: &[RouteFamily] = &[
         "Times a pair held a message back to stay within the target's per-connection quotas (max_publish_rate, bandwidth_limit); growing steadily: the route's offered load exceeds what its pairs may carry.",
         MetricType::Counter,
         |s| s.paced,
+    ),
+    (
+        "mqbridge_window_full_milliseconds",
+        "Milliseconds the pairs' windows towards the target were full while it was connected, summed over pairs: rising by about 1000 per second per pair, the route is window-bound (it carries window / round trip per pair; pool_size = \"auto\" adds pairs).",
+        MetricType::Counter,
+        |s| s.window_full_ms,
     ),
     (
         "mqbridge_publishes_retried",

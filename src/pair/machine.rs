@@ -429,6 +429,10 @@ pub struct Machine {
     linger: linger::Lingering,
     /// Acks (PUBACK, PUBREC, PUBCOMP) taken from the target in the current pass.
     target_acks: usize,
+    /// Since when the window towards the target is full (target connected), and for how long
+    /// it was full before (`PairStats::window_full_ms`).
+    window_full_since: Option<Instant>,
+    window_full_before: Duration,
 }
 
 impl Machine {
@@ -517,6 +521,8 @@ impl Machine {
             source_batch: 0,
             linger: linger::Lingering::new(now),
             target_acks: 0,
+            window_full_since: None,
+            window_full_before: Duration::ZERO,
             spec,
         }
     }
@@ -541,6 +547,7 @@ impl Machine {
         self.process_source_input(now);
         self.apply_actions(now);
         self.renew_source_when_quiet(now);
+        self.track_window(now);
         self.publish_stats();
         if self.draining {
             let deadline = *self
@@ -1914,6 +1921,25 @@ impl Machine {
     fn mark_progress(&self, now: Instant) {
         let ms = now.saturating_duration_since(self.spec.epoch).as_millis() as u64;
         PairStats::set(&self.spec.stats.last_progress_ms, ms);
+    }
+
+    /// Accounts the time the window towards the target is full while the target is connected
+    /// (QoS ≥ 1 only: QoS 0 takes no slot), published as `PairStats::window_full_ms`.
+    fn track_window(&mut self, now: Instant) {
+        let full = self.target.is_up() && self.window.free() == 0;
+        match (full, self.window_full_since) {
+            (true, None) => self.window_full_since = Some(now),
+            (false, Some(since)) => {
+                self.window_full_before += now.saturating_duration_since(since);
+                self.window_full_since = None;
+            }
+            _ => {}
+        }
+        let ongoing = self
+            .window_full_since
+            .map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
+        let ms = (self.window_full_before + ongoing).as_millis() as u64;
+        PairStats::set(&self.spec.stats.window_full_ms, ms);
     }
 
     fn publish_stats(&self) {

@@ -62,6 +62,10 @@ pub struct PairStats {
     pub subscriptions_downgraded: AtomicU64,
     /// Source receive to target ack (PUBACK, or PUBREC at QoS 2) of forwarded QoS ≥ 1 messages.
     pub forward_latency: LatencyHistogram,
+    /// Milliseconds the window towards the target was full while the target was connected:
+    /// the pair could have taken more from the source had the window been larger (an
+    /// automatically sized pool grows on it).
+    pub window_full_ms: AtomicU64,
 }
 
 impl PairStats {

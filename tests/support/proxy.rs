@@ -31,6 +31,10 @@ struct Shared {
     down_stalled_until: watch::Sender<Option<Instant>>,
     /// Delay before each chunk is forwarded.
     delay: Mutex<Duration>,
+    /// One-way latency of connections opened from now on: each chunk is forwarded this long
+    /// after it was read, in order, without holding back the chunks behind it (a long link,
+    /// unlike `delay`, which serialises).
+    latency: Mutex<Duration>,
     /// Bytes per second each connection may forward client → target and target → client; 0 for
     /// no limit (see [`Proxy::throttle`]).
     up_rate: AtomicU64,
@@ -87,6 +91,7 @@ impl Proxy {
             up_stalled_until: watch::channel(None).0,
             down_stalled_until: watch::channel(None).0,
             delay: Mutex::new(Duration::ZERO),
+            latency: Mutex::new(Duration::ZERO),
             up_rate: AtomicU64::new(0),
             down_rate: AtomicU64::new(0),
             refusing: AtomicBool::new(false),
@@ -154,6 +159,12 @@ impl Proxy {
         } else {
             self.shared.down_stalled_until.send_replace(until);
         }
+    }
+
+    /// A long link: every byte of connections opened from now on arrives `one_way` after it
+    /// was sent, in each direction, bytes behind it not held back (round trip 2 × `one_way`).
+    pub fn latency(&self, one_way: Duration) {
+        *self.shared.latency.lock().unwrap() = one_way;
     }
 
     /// Delays each forwarded chunk (in either direction) by `per_chunk`; zero for full speed.
@@ -321,6 +332,17 @@ async fn forward(mut client: TcpStream, id: u64, shared: &Shared, mut cut: watch
         let (mut sr, mut sw) = server.split();
         let recording = shared.recording.load(Ordering::SeqCst);
         let tap = |up| recording.then(|| Tap::new(id, up));
+        let latency = *shared.latency.lock().unwrap();
+        if !latency.is_zero() {
+            let up = delayed(&mut cr, &mut sw, latency);
+            let down = delayed(&mut sr, &mut cw, latency);
+            tokio::select! {
+                _ = up => {}
+                _ = down => {}
+                _ = cut.changed() => {}
+            }
+            return reset(&client);
+        }
         let up = pump(&mut cr, &mut sw, shared, true, tap(true));
         let down = pump(&mut sr, &mut cw, shared, false, tap(false));
         tokio::select! {
@@ -336,6 +358,41 @@ async fn forward(mut client: TcpStream, id: u64, shared: &Shared, mut cut: watch
     }
     // Otherwise one side closed: dropping both closes the other side gracefully (FIN), after
     // whatever was already forwarded.
+}
+
+/// Copies `from` → `to`, each chunk `latency` after it was read, in order (a bounded queue of
+/// chunks in between: the link's bytes in flight).
+async fn delayed<R, W>(from: &mut R, to: &mut W, latency: Duration)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(4096);
+    let read = async move {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if tx
+                .send((Instant::now() + latency, buf[..n].to_vec()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    };
+    let write = async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::join!(read, write);
 }
 
 /// Copies `from` → `to` chunk by chunk, honouring stalls, delays and the throttle. Returns at EOF
