@@ -108,7 +108,18 @@ fn minimal_config_gets_production_defaults() {
     let cloud = &plan.brokers["cloud"];
     assert_eq!(edge.protocol, Protocol::V5);
     assert_eq!(edge.max_inflight, 1024);
-    assert_eq!(cloud.max_inflight, 20, "3.x brokers get mosquitto's window");
+    assert_eq!(
+        cloud.max_inflight, 1024,
+        "QoS 1: nothing lost at any window"
+    );
+    assert_eq!(
+        cloud.max_inflight_qos2, 20,
+        "QoS 2: mosquitto's window towards 3.x"
+    );
+    assert_eq!(
+        edge.max_inflight_qos2, 1024,
+        "v5: the Receive Maximum counts both"
+    );
     assert_eq!(
         edge.session_expiry.as_secs(),
         3600,

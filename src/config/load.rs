@@ -384,6 +384,14 @@ fn broker_plan(
             .filter(|&n| n > 0)
             .ok_or_else(|| invalid(at("max_inflight"), format!("{n} is not in 1..=65535")))?,
     };
+    let max_inflight_qos2 = match broker.max_inflight_qos2 {
+        None => schema::default_max_inflight_qos2(protocol, max_inflight),
+        Some(n) => u16::try_from(n)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| invalid(at("max_inflight_qos2"), format!("{n} is not in 1..=65535")))?
+            .min(max_inflight),
+    };
     let nonzero = |key: &str, v: Option<u64>| match v {
         Some(0) => Err(invalid(
             at(key),
@@ -448,6 +456,7 @@ fn broker_plan(
         keep_alive,
         session_expiry,
         max_inflight,
+        max_inflight_qos2,
         bandwidth_limit,
         max_publish_rate,
         max_packet_size,

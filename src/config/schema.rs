@@ -183,10 +183,17 @@ pub struct Broker {
         deserialize_with = "parse::duration"
     )]
     pub session_expiry: Duration,
-    /// Cap on our own window towards this broker, 1..=65535 (default: 20 for 3.x, whose window
-    /// cannot be learned and which mosquitto enforces by dropping; 1024 for 5).
+    /// Cap on our own window towards this broker, 1..=65535 (default 1024; an MQTT 5 broker's
+    /// Receive Maximum caps it further). Towards 3.x brokers this is the QoS 1 window: mosquitto,
+    /// NATS and RabbitMQ lose nothing with 50,000 unacknowledged QoS 1 publishes
+    /// (examples/inflight_probe.rs, docs/BENCHMARKS.md).
     #[serde(default, deserialize_with = "parse::opt_uint")]
     pub max_inflight: Option<u64>,
+    /// Cap on QoS 2 messages in flight towards this broker, within `max_inflight` (default: 20
+    /// for 3.x, whose window cannot be learned and which mosquitto enforces by acknowledging and
+    /// then dropping QoS 2 beyond it; for 5, `max_inflight`: Receive Maximum counts both).
+    #[serde(default, deserialize_with = "parse::opt_uint")]
+    pub max_inflight_qos2: Option<u64>,
     /// Bytes per second each connection may send to or receive from this broker, e.g.
     /// `"512KiB/s"` (BifroMQ's default). Absent: no limit.
     #[serde(default, deserialize_with = "parse::opt_byte_rate")]
@@ -246,13 +253,25 @@ pub const fn default_session_expiry() -> Duration {
     Duration::from_secs(3600)
 }
 
-/// `max_inflight` when the operator does not set it. Towards a 3.x broker nothing tells us its
-/// window, and mosquitto acknowledges and then drops QoS 2 publishes beyond its 20 (SPEC 4.3);
-/// an MQTT 5 broker announces its Receive Maximum, which caps this further.
-pub const fn default_max_inflight(protocol: Protocol) -> u16 {
+/// `max_inflight` when the operator does not set it: an MQTT 5 broker announces its Receive
+/// Maximum, which caps this further; towards a 3.x broker it is the QoS 1 window.
+pub const fn default_max_inflight(_protocol: Protocol) -> u16 {
+    1024
+}
+
+/// `max_inflight_qos2` when the operator does not set it. Towards a 3.x broker nothing tells us
+/// its window, and mosquitto acknowledges and then drops QoS 2 publishes beyond its 20 (SPEC
+/// 4.3; 64 % of them at a window of 100, docs/BENCHMARKS.md); for MQTT 5 the Receive Maximum.
+pub const fn default_max_inflight_qos2(protocol: Protocol, max_inflight: u16) -> u16 {
     match protocol {
-        Protocol::V31 | Protocol::V311 => 20,
-        Protocol::V5 => 1024,
+        Protocol::V31 | Protocol::V311 => {
+            if max_inflight < 20 {
+                max_inflight
+            } else {
+                20
+            }
+        }
+        Protocol::V5 => max_inflight,
     }
 }
 

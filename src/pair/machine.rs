@@ -1030,7 +1030,9 @@ impl Machine {
         if first && info.session_present {
             self.release_stranded();
         }
-        self.window.target_connected(info.session_present, window);
+        let qos2_window = window.min(usize::from(self.target.broker.max_inflight_qos2));
+        self.window
+            .target_connected_qos2(info.session_present, window, qos2_window);
         self.spec.stats.target_up.store(true, Relaxed);
         // The source advertised the old target's window: if the target came back with another,
         // reconnect the source so what it may send us mirrors the target again.
@@ -1222,7 +1224,11 @@ impl Machine {
             match packet {
                 Inbound::PubAck { pkid, reason } => {
                     self.target_ack(now, pkid, reason);
-                    self.window.target_puback(pkid, reason)
+                    let before = self.window.counters().qos2_taken_as_qos1;
+                    self.window.target_puback(pkid, reason);
+                    if self.window.counters().qos2_taken_as_qos1 > before {
+                        self.qos2_taken_as_qos1();
+                    }
                 }
                 Inbound::PubRec { pkid, reason } => {
                     self.target_ack(now, pkid, reason);
@@ -1921,6 +1927,15 @@ impl Machine {
     fn mark_progress(&self, now: Instant) {
         let ms = now.saturating_duration_since(self.spec.epoch).as_millis() as u64;
         PairStats::set(&self.spec.stats.last_progress_ms, ms);
+    }
+
+    /// The target answered a QoS 2 PUBLISH with PUBACK (it has no QoS 2): counted as a QoS
+    /// downgrade, and said once per pair.
+    fn qos2_taken_as_qos1(&mut self) {
+        PairStats::add(&self.spec.stats.qos_downgraded, 1);
+        if self.window.counters().qos2_taken_as_qos1 == 1 {
+            warn!(route = %self.spec.route.name, pair = self.spec.index, broker = %self.target.broker.name, "the target answered a QoS 2 publish with PUBACK: it has no QoS 2 (RabbitMQ 3.x), so messages reach it at QoS 1, at least once; set routes.{}.qos = 1 to say so (counted in mqbridge_qos_downgraded_total)", self.spec.route.name);
+        }
     }
 
     /// Accounts the time the window towards the target is full while the target is connected

@@ -132,6 +132,9 @@ pub struct Counters {
     pub retried: u64,
     /// Source sessions found lost by a new PUBLISH reusing an id we owe an ack for.
     pub source_sessions_lost: u64,
+    /// QoS 2 publishes the target answered with PUBACK: a broker without QoS 2 (RabbitMQ 3.x)
+    /// took them at QoS 1.
+    pub qos2_taken_as_qos1: u64,
 }
 
 /// How a held message ended without a target ack (`Window::settle_unsent`).
@@ -152,6 +155,10 @@ pub struct Window {
     queued: VecDeque<u16>,
     /// Slots written and not finished (`Published` or `Released`).
     on_wire: usize,
+    /// At most this many of them QoS 2 (a 3.x target's QoS 2 window, within `window`).
+    qos2_window: usize,
+    /// QoS 2 slots written and not finished.
+    qos2_on_wire: usize,
     /// Source packet id → target packet id, while the source ack is outstanding.
     pending: IdMap<u16>,
     /// QoS 2 source ids we sent PUBREC for and whose PUBREL has not come yet.
@@ -200,6 +207,8 @@ impl Window {
             slots: IdMap::default(),
             queued: VecDeque::new(),
             on_wire: 0,
+            qos2_window: window.clamp(1, u16::MAX as usize),
+            qos2_on_wire: 0,
             pending: IdMap::default(),
             awaiting_rel: IdSet::default(),
             owed: IdSet::default(),
@@ -491,9 +500,22 @@ impl Window {
     /// our `max_inflight`). Held messages are written again, in order; with a resumed session the
     /// same packet ids and DUP, and QoS 2 messages past PUBREC get their PUBREL again.
     pub fn target_connected(&mut self, session_present: bool, window: usize) {
+        self.target_connected_qos2(session_present, window, window)
+    }
+
+    /// [`Window::target_connected`] with at most `qos2_window` of the `window` QoS 2 (towards
+    /// 3.x targets, whose QoS 1 window may be larger than the QoS 2 one mosquitto enforces).
+    pub fn target_connected_qos2(
+        &mut self,
+        session_present: bool,
+        window: usize,
+        qos2_window: usize,
+    ) {
         self.target_up = true;
         self.paused = false; // a new connection starts with fresh quotas
         self.window = window.clamp(1, u16::MAX as usize);
+        self.qos2_window = qos2_window.clamp(1, self.window);
+        self.qos2_on_wire = 0;
         let mut held: Vec<(u64, u16)> = self.slots.iter().map(|(id, s)| (s.seq, *id)).collect();
         held.sort_unstable();
         self.queued.clear();
@@ -507,6 +529,7 @@ impl Window {
                 }
                 Stage::Released => {
                     self.on_wire += 1;
+                    self.qos2_on_wire += 1;
                     self.actions.push_back(Action::SendPubRel(pkid));
                 }
                 Stage::Queued | Stage::Published => {
@@ -527,6 +550,13 @@ impl Window {
 
     /// PUBACK from the target (QoS 1). `reason` ≥ 0x80 means refused.
     pub fn target_puback(&mut self, pkid: u16, reason: u8) {
+        if self.is(pkid, Stage::Published, Qos::ExactlyOnce) {
+            // RabbitMQ 3.x has no QoS 2 and answers it with PUBACK: it took the message, at
+            // QoS 1. Taken as its ack, or the slot would be held for ever (the window fills and
+            // the route stalls).
+            self.counters.qos2_taken_as_qos1 += 1;
+            return self.finish(pkid, reason);
+        }
         if !self.is(pkid, Stage::Published, Qos::AtLeastOnce) {
             self.counters.unsolicited_acks += 1;
             return;
@@ -575,8 +605,21 @@ impl Window {
             return;
         }
         self.slots.remove(&pkid);
-        self.on_wire -= 1;
+        self.off_wire(Qos::ExactlyOnce);
         self.send_queued();
+    }
+
+    /// A written slot of `qos` is finished (or taken back).
+    fn off_wire(&mut self, qos: Qos) {
+        self.on_wire -= 1;
+        if qos == Qos::ExactlyOnce {
+            self.qos2_on_wire -= 1;
+        }
+    }
+
+    /// QoS 2 messages written and not finished: never above the QoS 2 window.
+    pub fn qos2_on_wire(&self) -> usize {
+        self.qos2_on_wire
     }
 
     /// The machine found the message of a `SendPublish` expired: it is not written. Its place in
@@ -596,7 +639,7 @@ impl Window {
             return;
         }
         let slot = self.slots.remove(&pkid).expect("checked above");
-        self.on_wire -= 1;
+        self.off_wire(slot.message.qos);
         match how {
             Unsent::Expired => self.counters.expired += 1,
             Unsent::SentAtQos0 => self.counters.forwarded += 1,
@@ -621,7 +664,7 @@ impl Window {
             .map(|(id, _)| *id)?;
         let slot = self.slots.remove(&pkid).expect("found above");
         if slot.stage == Stage::Published {
-            self.on_wire -= 1;
+            self.off_wire(slot.message.qos);
         }
         self.queued.retain(|id| *id != pkid);
         self.counters.refused += 1;
@@ -650,7 +693,7 @@ impl Window {
     /// The first ack of a published slot: done (or refused). Frees the slot and acks the source.
     fn finish(&mut self, pkid: u16, reason: u8) {
         let slot = self.slots.remove(&pkid).expect("caller checked");
-        self.on_wire -= 1;
+        self.off_wire(slot.message.qos);
         if is_transient(reason) {
             return self.requeue(pkid, slot, reason);
         }
@@ -718,13 +761,20 @@ impl Window {
     /// Writes queued messages while the target is up and the window has room.
     fn send_queued(&mut self) {
         while self.target_up && !self.paused && self.on_wire < self.window {
-            let Some(pkid) = self.queued.pop_front() else {
+            let Some(&pkid) = self.queued.front() else {
                 break;
             };
             let slot = self.slots.get_mut(&pkid).expect("queued ids are held");
+            let qos2 = slot.message.qos == Qos::ExactlyOnce;
+            if qos2 && self.qos2_on_wire >= self.qos2_window {
+                // In order: what comes after waits too (acks to the source leave in order).
+                break;
+            }
+            self.queued.pop_front();
             slot.stage = Stage::Published;
             let dup = std::mem::replace(&mut slot.sent, true);
             self.on_wire += 1;
+            self.qos2_on_wire += usize::from(qos2);
             self.actions.push_back(Action::SendPublish { pkid, dup });
         }
     }
@@ -910,6 +960,8 @@ mod tests {
         s: SourceBroker,
         t: TargetBroker,
         window: usize,
+        /// At most this many QoS 2 on the wire (half the window: a 3.x target's QoS 2 window).
+        qos2_window: usize,
     }
 
     impl World {
@@ -924,6 +976,7 @@ mod tests {
                 },
                 t: TargetBroker::default(),
                 window,
+                qos2_window: window.div_ceil(2),
             };
             w.connect_target();
             w.connect_source();
@@ -962,7 +1015,8 @@ mod tests {
 
         fn connect_target(&mut self) {
             self.t.up = true;
-            self.w.target_connected(true, self.window);
+            self.w
+                .target_connected_qos2(true, self.window, self.qos2_window);
             self.pump();
         }
 
@@ -1140,6 +1194,7 @@ mod tests {
                 self.window
             );
             assert!(self.w.on_wire() <= self.window);
+            assert!(self.w.qos2_on_wire() <= self.qos2_window);
             assert!(self.w.in_flight() <= self.window);
         }
 
@@ -1511,6 +1566,70 @@ mod tests {
             w.poll_action(),
             Some(Action::SendPublish { pkid: 3, dup: true })
         );
+    }
+
+    #[test]
+    fn qos2_stays_within_its_window_while_qos1_uses_the_whole_window() {
+        let mut w = Window::new(8);
+        w.source_connected(false);
+        w.target_connected_qos2(false, 8, 2);
+        // QoS 2, 2, 2, then QoS 1 × 3: the third QoS 2 waits, and what came after it too (in
+        // order), although the window has room.
+        for (id, q) in [
+            (1, Qos::ExactlyOnce),
+            (2, Qos::ExactlyOnce),
+            (3, Qos::ExactlyOnce),
+        ]
+        .into_iter()
+        .chain((4..=6).map(|id| (id, Qos::AtLeastOnce)))
+        {
+            w.source_publish(Some(id), q, false, msg(u32::from(id), q));
+        }
+        let sent = |w: &mut Window| -> Vec<u16> {
+            std::iter::from_fn(|| w.poll_action())
+                .filter_map(|a| match a {
+                    Action::SendPublish { pkid, .. } => Some(pkid),
+                    _ => None,
+                })
+                .collect()
+        };
+        let first = sent(&mut w);
+        assert_eq!(first.len(), 2, "two QoS 2 on the wire: {first:?}");
+        assert_eq!(w.qos2_on_wire(), 2);
+        assert_eq!(w.in_flight(), 6, "all six taken from the source");
+        // The first QoS 2 completes (PUBREC, PUBCOMP): the third goes, then the QoS 1s.
+        w.target_pubrec(first[0], 0);
+        w.target_pubcomp(first[0]);
+        let next = sent(&mut w);
+        assert_eq!(next.len(), 4, "{next:?}");
+        assert_eq!(w.qos2_on_wire(), 2);
+        assert_eq!(w.on_wire(), 5);
+    }
+
+    #[test]
+    fn a_puback_for_a_qos2_publish_is_taken_as_its_ack() {
+        // RabbitMQ 3.x answers QoS 2 with PUBACK: the message is done, the source acknowledged,
+        // and the window free again (before: an unsolicited ack, the slot held for ever).
+        let mut w = Window::new(1);
+        w.source_connected(false);
+        w.target_connected(false, 1);
+        w.source_publish(Some(7), Qos::ExactlyOnce, false, msg(1, Qos::ExactlyOnce));
+        let mut acts: Vec<Action> = std::iter::from_fn(|| w.poll_action()).collect();
+        let Some(Action::SendPublish { pkid, .. }) = acts.pop() else {
+            panic!("{acts:?}");
+        };
+        w.target_puback(pkid, 0);
+        let acts: Vec<Action> = std::iter::from_fn(|| w.poll_action()).collect();
+        assert!(
+            acts.iter()
+                .any(|a| matches!(a, Action::AckSource(SourceAck::PubRec(7)))),
+            "{acts:?}"
+        );
+        assert_eq!(w.in_flight(), 0);
+        assert!(w.can_accept());
+        assert_eq!(w.counters().qos2_taken_as_qos1, 1);
+        assert_eq!(w.counters().unsolicited_acks, 0);
+        assert_eq!(w.counters().forwarded, 1);
     }
 
     #[test]
