@@ -191,7 +191,7 @@ fn write_route(out: &mut String, plan: &Plan, route: &RoutePlan) -> fmt::Result 
     if route.pool_auto {
         writeln!(
             out,
-            "    pool: auto, {} to {} pairs (grows while the target's quotas hold pairs back, shrinks after 10 s idle); source client id → target client id:",
+            "    pool: auto, {} to {} pairs (grows while the target's quotas hold pairs back or their windows are full, shrinks after 10 s idle or once fewer pairs would do); source client id → target client id:",
             route.pool_size, route.pool_size_max
         )?;
     } else {

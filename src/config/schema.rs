@@ -322,8 +322,9 @@ pub struct Route {
     #[serde(default = "default_qos", deserialize_with = "parse::qos")]
     pub qos: Qos,
     /// Pairs of connections (one source + one target each), or `"auto"`: between `pool_size_min`
-    /// and `pool_size_max` pairs, growing while pairs are held back by the target's per-connection
-    /// quotas and shrinking after 10 s without traffic.
+    /// and `pool_size_max` pairs, growing while their windows are full (a long link) or pairs are
+    /// held back by the target's per-connection quotas, and shrinking after 10 s without traffic
+    /// or once fewer pairs would do.
     #[serde(default = "default_pool_size", deserialize_with = "parse::pool_size")]
     pub pool_size: PoolSize,
     /// With `pool_size = "auto"`: the fewest pairs (default 1).
