@@ -12,16 +12,22 @@ use support::*;
 
 const COUNT: u32 = 2000;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_grows_on_a_window_bound_route_and_shrinks_back_stranding_nothing() {
+/// A source, a target 50 ms away each way behind a proxy, and a QoS 1 route between them with
+/// a window of 20: one pair carries at most 20 / 100 ms = 200 msg/s.
+async fn long_link() -> (Mosquitto, Mosquitto, Proxy, RouteConfig) {
     let src = Mosquitto::start().await;
     let dst = Mosquitto::start().await;
-    // 50 ms each way: one pair with a window of 20 carries at most 20 / 100 ms = 200 msg/s.
     let link = Proxy::start(dst.port()).await;
     link.latency(Duration::from_millis(50));
     let mut cfg = RouteConfig::new(src.port(), Proto::V311, link.port(), Proto::V311);
     cfg.qos = 1;
     cfg.dst_extra = "max_inflight = 20\n".into();
+    (src, dst, link, cfg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_grows_on_a_window_bound_route_and_shrinks_back_stranding_nothing() {
+    let (src, dst, _link, mut cfg) = long_link().await;
     cfg.route_extra = "pool_size = \"auto\"\npool_size_min = 1\npool_size_max = 4".into();
     let collector = Collector::start(dst.port(), Proto::V311, "in/#", 1).await;
     let bridge = start_ready(&cfg.toml().replace("pool_size = 1\n", ""), 1).await;
@@ -74,13 +80,7 @@ async fn auto_grows_on_a_window_bound_route_and_shrinks_back_stranding_nothing()
 /// A fixed pool on the same link says what limits it, in figures, and what would help.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fixed_pool_limited_by_its_window_says_so_with_the_round_trip() {
-    let src = Mosquitto::start().await;
-    let dst = Mosquitto::start().await;
-    let link = Proxy::start(dst.port()).await;
-    link.latency(Duration::from_millis(50));
-    let mut cfg = RouteConfig::new(src.port(), Proto::V311, link.port(), Proto::V311);
-    cfg.qos = 1;
-    cfg.dst_extra = "max_inflight = 20\n".into();
+    let (src, dst, _link, cfg) = long_link().await;
     let collector = Collector::start(dst.port(), Proto::V311, "in/#", 1).await;
     let bridge = start_ready(&cfg.toml(), 1).await;
     // 250 msg/s for 12 s against 200 msg/s: the source's backlog stays under its 1,000.
