@@ -2,6 +2,7 @@
 //! and mqbridge, measured interleaved in one run on fresh brokers, for each QoS and payload size.
 //! `examples/bench/main.rs` is the command line; `tests/bench_smoke.rs` runs `--quick` in-process.
 
+mod delay;
 mod load;
 pub mod procs;
 mod report;
@@ -92,6 +93,18 @@ pub struct Opts {
     /// own. Needs at least 2 CPUs.
     #[arg(long)]
     pub bridge_core: bool,
+    /// A long link: a proxy in front of broker B delays every byte by this much each way, for
+    /// mosquitto's bridge and mqbridge alike (the publisher and subscriber stay local). Several
+    /// values run the whole matrix once each.
+    #[arg(long, value_delimiter = ',', value_parser = humantime::parse_duration)]
+    pub delay: Vec<Duration>,
+    /// mqbridge's protocol towards broker B: "3.1.1" or "5" (mosquitto's bridge speaks 3.1.1).
+    #[arg(long, default_value = "3.1.1")]
+    pub target_protocol: String,
+    /// Brokers and mqbridge keep their default windows (mosquitto: max_inflight_messages 20,
+    /// its Receive Maximum as a v5 target; mqbridge: its defaults) instead of --window.
+    #[arg(long)]
+    pub default_windows: bool,
     /// Run everything in a network namespace of its own whose loopback uses this TCP congestion
     /// control (e.g. `cubic`; the host's setting is left alone). `bbr` paces every flow, also on
     /// loopback, and moved these results by tens of percent (docs/BENCHMARKS.md). Needs root.
@@ -110,6 +123,8 @@ pub enum Path {
     Mqbridge(u16),
     /// The same with `spool = true` (acknowledged once on disk, SPEC 4.9).
     MqbridgeSpool(u16),
+    /// mqbridge with `pool_size = "auto"`, from 1 up to this many pairs.
+    MqbridgeAuto(u16),
 }
 
 impl Path {
@@ -119,6 +134,7 @@ impl Path {
             Path::Mosquitto => "mosquitto bridge".into(),
             Path::Mqbridge(p) => format!("mqbridge pool {p}"),
             Path::MqbridgeSpool(p) => format!("mqbridge pool {p} spool"),
+            Path::MqbridgeAuto(p) => format!("mqbridge auto ≤{p}"),
         }
     }
 
@@ -128,6 +144,7 @@ impl Path {
             Path::Mosquitto => "mosquitto".into(),
             Path::Mqbridge(p) => format!("mqbridge-{p}"),
             Path::MqbridgeSpool(p) => format!("mqbridge-spool-{p}"),
+            Path::MqbridgeAuto(p) => format!("mqbridge-auto-{p}"),
         }
     }
 }
@@ -187,7 +204,7 @@ fn default_count(qos: u8, payload: usize, quick: bool) -> u64 {
 pub fn main_from_env() -> ExitCode {
     let opts = Opts::parse();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match run(&opts, &args.join(" ")) {
+    match run_delays(&opts, &args.join(" ")) {
         Ok(report) => {
             print!("{}", report.markdown);
             eprintln!("bench: runs and summary written to {}", opts.json.display());
@@ -224,6 +241,42 @@ struct Context {
     scratch: PathBuf,
     broker_extra: String,
     bridge_extra: String,
+    /// `--delay`: the proxy's runtime and the one-way delay.
+    link: Option<(tokio::runtime::Runtime, Duration)>,
+    target_protocol: String,
+    default_windows: bool,
+}
+
+/// Runs the benchmark once per `--delay` value (or once without), the reports one after the
+/// other, each delay's runs in a JSON file of its own (`results-50ms.json`).
+fn run_delays(opts: &Opts, args: &str) -> Result<Report, String> {
+    if opts.delay.len() <= 1 {
+        return run(opts, args);
+    }
+    let mut all: Option<Report> = None;
+    for &d in &opts.delay {
+        let mut one = opts.clone();
+        one.delay = vec![d];
+        let stem = opts
+            .json
+            .file_stem()
+            .map_or("results".into(), |s| s.to_string_lossy());
+        one.json = opts
+            .json
+            .with_file_name(format!("{stem}-{}.json", humantime::format_duration(d)));
+        let report = run(&one, args)?;
+        all = Some(match all {
+            None => report,
+            Some(mut a) => {
+                a.markdown.push('\n');
+                a.markdown.push_str(&report.markdown);
+                a.summary.extend(report.summary);
+                a.runs.extend(report.runs);
+                a
+            }
+        });
+    }
+    all.ok_or_else(|| "--delay: nothing to run".into())
 }
 
 /// Runs the benchmark; `args` is the command line as shown in the report.
@@ -271,6 +324,27 @@ pub fn run(opts: &Opts, args: &str) -> Result<Report, String> {
     } else {
         None
     };
+    if opts.delay.len() > 1 {
+        return Err("--delay: one value per run (run_delays runs several)".into());
+    }
+    if !["3.1.1", "5"].contains(&opts.target_protocol.as_str()) {
+        return Err(format!(
+            "--target-protocol {}: \"3.1.1\" or \"5\"",
+            opts.target_protocol
+        ));
+    }
+    // The delay proxy runs on a runtime of its own: the probes' runtime only runs in block_on.
+    let link = match opts.delay.first() {
+        Some(&d) => Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .map(|rt| (rt, d))
+                .map_err(|e| format!("cannot start the delay proxy's runtime: {e}"))?,
+        ),
+        None => None,
+    };
     let ctx = Context {
         mqbridge,
         bridge_cpus,
@@ -278,6 +352,9 @@ pub fn run(opts: &Opts, args: &str) -> Result<Report, String> {
         scratch,
         broker_extra: opts.broker_extra.replace(';', "\n"),
         bridge_extra: opts.bridge_extra.replace(';', "\n"),
+        link,
+        target_protocol: opts.target_protocol.clone(),
+        default_windows: opts.default_windows,
     };
     let reps = opts.reps.unwrap_or(if opts.quick { 1 } else { 5 });
     // Only the probes run here; publisher and subscriber have threads of their own.
@@ -359,9 +436,11 @@ fn paths(opts: &Opts) -> Result<Vec<Path>, String> {
             "mosquitto" => paths.push(Path::Mosquitto),
             "mqbridge" => paths.extend(opts.pools.iter().map(|&p| Path::Mqbridge(p))),
             "mqbridge-spool" => paths.extend(opts.pools.iter().map(|&p| Path::MqbridgeSpool(p))),
+            "mqbridge-auto" => paths.extend(opts.pools.iter().map(|&p| Path::MqbridgeAuto(p))),
             other => {
                 return Err(format!(
-                    "--paths {other}: one of direct, mosquitto, mqbridge, mqbridge-spool"
+                    "--paths {other}: one of direct, mosquitto, mqbridge, mqbridge-spool, \
+                     mqbridge-auto (pool_size = \"auto\" up to each --pools)"
                 ));
             }
         }
@@ -427,9 +506,20 @@ fn run_case(rt: &tokio::runtime::Runtime, ctx: &Context, case: &Case) -> io::Res
     std::fs::create_dir_all(&dir)?;
     let settings = BrokerSettings {
         mosquitto: ctx.mosquitto.clone(),
-        max_inflight: case.window,
+        max_inflight: (!ctx.default_windows).then_some(case.window),
         extra: ctx.broker_extra.clone(),
     };
+    // `--delay`: broker B as the bridges reach it, through the proxy.
+    let remote = |b: &Broker| -> io::Result<(u16, Option<delay::Link>)> {
+        match &ctx.link {
+            Some((rt, d)) => {
+                let link = rt.block_on(delay::Link::start(b.port, *d))?;
+                Ok((link.port, Some(link)))
+            }
+            None => Ok((b.port, None)),
+        }
+    };
+    let mut links = None;
     let (broker_a, broker_b, bridge) = match case.path {
         Path::Direct => (
             Broker::start(&dir, "broker-a", &settings, None)?,
@@ -438,26 +528,34 @@ fn run_case(rt: &tokio::runtime::Runtime, ctx: &Context, case: &Case) -> io::Res
         ),
         Path::Mosquitto => {
             let b = Broker::start(&dir, "broker-b", &settings, None)?;
+            let (port, link) = remote(&b)?;
+            links = link;
             let section = BridgeSection {
-                remote: b.port,
+                remote: port,
                 qos: case.qos,
                 extra: ctx.bridge_extra.clone(),
             };
             let a = Broker::start(&dir, "broker-a", &settings, Some(&section))?;
             (a, Some(b), None)
         }
-        Path::Mqbridge(pool_size) | Path::MqbridgeSpool(pool_size) => {
+        Path::Mqbridge(pool_size)
+        | Path::MqbridgeSpool(pool_size)
+        | Path::MqbridgeAuto(pool_size) => {
             let a = Broker::start(&dir, "broker-a", &settings, None)?;
             let b = Broker::start(&dir, "broker-b", &settings, None)?;
+            let (port, link) = remote(&b)?;
+            links = link;
             let bridge = Mqbridge::start(
                 &dir,
                 &MqbridgeSettings {
                     binary: &ctx.mqbridge,
                     source: a.port,
-                    target: b.port,
+                    target: port,
+                    target_protocol: &ctx.target_protocol,
                     qos: case.qos,
                     pool_size,
-                    max_inflight: case.window,
+                    pool_auto: matches!(case.path, Path::MqbridgeAuto(_)),
+                    max_inflight: (!ctx.default_windows).then_some(case.window),
                     cpus: ctx.bridge_cpus.as_ref(),
                     spool: matches!(case.path, Path::MqbridgeSpool(_)),
                 },
@@ -508,6 +606,7 @@ fn run_case(rt: &tokio::runtime::Runtime, ctx: &Context, case: &Case) -> io::Res
     let peak_rss = bridge.as_ref().map(|b| b.proc.peak_rss_kib()).transpose()?;
     let fsyncs = bridge.as_ref().and_then(Mqbridge::spool_fsyncs);
     drop(bridge);
+    drop(links);
     drop(broker_b);
     drop(broker_a);
 
@@ -540,8 +639,11 @@ fn run_case(rt: &tokio::runtime::Runtime, ctx: &Context, case: &Case) -> io::Res
         rate: received.distinct as f64 / secs,
         cpu_broker_a: used(0),
         cpu_broker_b: (case.path != Path::Direct).then(|| used(1)),
-        cpu_mqbridge: matches!(case.path, Path::Mqbridge(_) | Path::MqbridgeSpool(_))
-            .then(|| used(2)),
+        cpu_mqbridge: matches!(
+            case.path,
+            Path::Mqbridge(_) | Path::MqbridgeSpool(_) | Path::MqbridgeAuto(_)
+        )
+        .then(|| used(2)),
         spool_fsyncs: fsyncs,
         cpu_generator: used(3),
         mqbridge_peak_rss_kib: peak_rss,

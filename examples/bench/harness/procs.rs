@@ -265,7 +265,8 @@ fn running_as_root() -> bool {
 #[derive(Clone, Debug)]
 pub struct BrokerSettings {
     pub mosquitto: PathBuf,
-    pub max_inflight: u64,
+    /// `max_inflight_messages`; `None`: mosquitto's default (20).
+    pub max_inflight: Option<u64>,
     /// Lines appended to the general part of the config.
     pub extra: String,
 }
@@ -334,7 +335,7 @@ fn broker_config(
          listener {port} 127.0.0.1\n\
          allow_anonymous true\n\
          persistence false\n\
-         max_inflight_messages {inflight}\n\
+         {inflight}\
          max_queued_messages 0\n\
          max_queued_bytes 0\n\
          log_dest file {log}\n\
@@ -342,7 +343,9 @@ fn broker_config(
          log_type warning\n\
          log_type notice\n\
          log_type information\n",
-        inflight = settings.max_inflight,
+        inflight = settings
+            .max_inflight
+            .map_or(String::new(), |n| format!("max_inflight_messages {n}\n")),
         log = dir.join(format!("{name}.log")).display(),
     );
     if running_as_root() {
@@ -383,9 +386,14 @@ pub struct MqbridgeSettings<'a> {
     pub cpus: Option<&'a CpuSet>,
     pub source: u16,
     pub target: u16,
+    /// "3.1.1" or "5".
+    pub target_protocol: &'a str,
     pub qos: u8,
+    /// Pairs, or with `pool_auto` the most pairs (`pool_size = "auto"` from 1).
     pub pool_size: u16,
-    pub max_inflight: u64,
+    pub pool_auto: bool,
+    /// `max_inflight` on both brokers; `None`: mqbridge's defaults.
+    pub max_inflight: Option<u64>,
     /// `spool = true` on the route, the spool under the run's directory.
     pub spool: bool,
 }
@@ -433,26 +441,34 @@ listen = "127.0.0.1:{admin}"
 [brokers.a]
 url = "mqtt://127.0.0.1:{source}"
 protocol = "3.1.1"
-max_inflight = {inflight}
-
+{inflight}
 [brokers.b]
 url = "mqtt://127.0.0.1:{target}"
-protocol = "3.1.1"
-max_inflight = {inflight}
-
+protocol = "{target_protocol}"
+{inflight}
 [[routes]]
 name = "bench"
 from = "a"
 to = "b"
 topics = ["bench/#"]
 qos = {qos}
-pool_size = {pool}
+{pool}
 {spool}"#,
         source = s.source,
         target = s.target,
-        inflight = s.max_inflight,
+        target_protocol = s.target_protocol,
+        inflight = s
+            .max_inflight
+            .map_or(String::new(), |n| format!("max_inflight = {n}\n")),
         qos = s.qos,
-        pool = s.pool_size,
+        pool = if s.pool_auto {
+            format!(
+                "pool_size = \"auto\"\npool_size_min = 1\npool_size_max = {}",
+                s.pool_size
+            )
+        } else {
+            format!("pool_size = {}", s.pool_size)
+        },
         spool = if s.spool {
             "spool = true\n\n[spool]\ndir = \"spool\"\n"
         } else {
