@@ -337,9 +337,10 @@ pub enum Resize {
 }
 
 /// The decision of an auto-sized pool (pure), once per `SIZING_TICK`:
-/// - one more pair after a tick in which a pair was held back by the target's quotas, or in
-///   which the windows were full at least half the time while acks came back (window-bound:
-///   the path's round trip, not the target, limits the pairs; a stalled target gives no acks);
+/// - one more pair after a tick in which a pair was held back by the target's quotas, and twice
+///   as many after one in which the windows were full at least half the time while acks came
+///   back (window-bound: the path's round trip, not the target, limits the pairs; a stalled
+///   target gives no acks);
 /// - one fewer per `SHRINK_EVERY` ticks once `IDLE_TICKS` ticks passed without a message, and
 ///   one fewer after `UNDERUSED_TICKS` ticks in a row in which what was in flight would have
 ///   fitted in half the windows of one pair fewer, with no window full and no pacing (the
@@ -420,7 +421,15 @@ impl PoolSizer {
             None
         };
         if let Some(why) = grow.filter(|_| self.active < self.max) {
-            self.active += 1;
+            // Window-bound: double (a source assigns each message to a member of the shared
+            // subscription when it is published, so what arrives before the pool has grown
+            // stays queued for the pairs there were; +1 a second took 31 s to 32 pairs and
+            // left the first pairs a backlog of minutes). Quotas: one at a time.
+            let more = match why {
+                Resize::WindowBound => self.active,
+                _ => 1,
+            };
+            self.active = (self.active + more).min(self.max);
             self.why = Some(why);
         } else if self.idle_ticks >= IDLE_TICKS
             && (self.idle_ticks - IDLE_TICKS).is_multiple_of(SHRINK_EVERY)
@@ -565,9 +574,9 @@ mod tests {
 
     #[test]
     fn grows_while_windows_are_full_and_acks_come_back_up_to_max() {
-        let mut s = PoolSizer::new(1, 4);
+        let mut s = PoolSizer::new(1, 6);
         let sizes = window_ticks(&mut s, 6, 0.9, 20);
-        assert_eq!(sizes, [1, 2, 3, 4, 4, 4]);
+        assert_eq!(sizes, [1, 2, 4, 6, 6, 6], "doubling, capped at the max");
         assert!(s.why().starts_with("window-bound"), "{}", s.why());
         // Full less than half the time: no growth.
         let mut s = PoolSizer::new(1, 4);

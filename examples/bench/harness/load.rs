@@ -93,6 +93,8 @@ pub struct LoadSpec {
     pub idle_timeout: Duration,
     /// Pause after a read that brought less than `NAP_BELOW` bytes (zero: never).
     pub nap: Duration,
+    /// Publish at most this many messages per second (`None`: as fast as the window allows).
+    pub rate: Option<u64>,
 }
 
 /// The publisher's side of a run.
@@ -205,9 +207,14 @@ async fn publish(addr: SocketAddr, spec: LoadSpec, shared: Arc<Shared>) -> io::R
     let mut last_received = (0u64, Instant::now());
     shared.publish_start_ns.store(shared.now_ns(), Relaxed);
     let mut done_ns = None;
+    let started = Instant::now();
     while !shared.stop.load(Relaxed) {
         let now_ns = shared.now_ns();
-        while next < spec.count && wbuf.len() < WRITE_BATCH {
+        // `--rate`: what the clock allows so far (a steady stream, not a burst).
+        let allowed = spec.rate.map_or(u64::MAX, |r| {
+            (started.elapsed().as_secs_f64() * r as f64) as u64 + 1
+        });
+        while next < spec.count && next < allowed && wbuf.len() < WRITE_BATCH {
             let pkid = if spec.qos == 0 {
                 let outstanding = next - shared.received.load(Relaxed) - written_off;
                 if outstanding >= spec.window {

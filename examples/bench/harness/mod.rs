@@ -98,6 +98,11 @@ pub struct Opts {
     /// values run the whole matrix once each.
     #[arg(long, value_delimiter = ',', value_parser = humantime::parse_duration)]
     pub delay: Vec<Duration>,
+    /// Publish at a steady rate (messages per second) instead of as fast as the window allows:
+    /// a source broker assigns each message of a shared subscription to a member when it is
+    /// published, so only a steady stream shows an automatically sized pool at work.
+    #[arg(long)]
+    pub rate: Option<u64>,
     /// mqbridge's protocol towards broker B: "3.1.1" or "5" (mosquitto's bridge speaks 3.1.1).
     #[arg(long, default_value = "3.1.1")]
     pub target_protocol: String,
@@ -245,6 +250,7 @@ struct Context {
     link: Option<(tokio::runtime::Runtime, Duration)>,
     target_protocol: String,
     default_windows: bool,
+    rate: Option<u64>,
 }
 
 /// Runs the benchmark once per `--delay` value (or once without), the reports one after the
@@ -355,6 +361,7 @@ pub fn run(opts: &Opts, args: &str) -> Result<Report, String> {
         link,
         target_protocol: opts.target_protocol.clone(),
         default_windows: opts.default_windows,
+        rate: opts.rate,
     };
     let reps = opts.reps.unwrap_or(if opts.quick { 1 } else { 5 });
     // Only the probes run here; publisher and subscriber have threads of their own.
@@ -572,6 +579,7 @@ fn run_case(rt: &tokio::runtime::Runtime, ctx: &Context, case: &Case) -> io::Res
         window: case.window,
         idle_timeout: case.idle_timeout,
         nap: case.nap,
+        rate: ctx.rate,
     };
     let load1 = std::fs::read_to_string("/proc/loadavg")
         .ok()
