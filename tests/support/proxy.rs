@@ -22,6 +22,12 @@ use tokio::time::Instant;
 
 const CHUNK: usize = 16 * 1024;
 
+/// The benchmark's long link: the same delayed copy (`Proxy::latency`).
+#[allow(dead_code)] // its `Link` is the benchmark's
+#[path = "../../examples/bench/harness/delay.rs"]
+mod link;
+use link::delayed;
+
 /// State shared by the handle, the accept loop and every forwarded connection.
 struct Shared {
     target_port: u16,
@@ -358,41 +364,6 @@ async fn forward(mut client: TcpStream, id: u64, shared: &Shared, mut cut: watch
     }
     // Otherwise one side closed: dropping both closes the other side gracefully (FIN), after
     // whatever was already forwarded.
-}
-
-/// Copies `from` → `to`, each chunk `latency` after it was read, in order (a bounded queue of
-/// chunks in between: the link's bytes in flight).
-async fn delayed<R, W>(from: &mut R, to: &mut W, latency: Duration)
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(4096);
-    let read = async move {
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = match from.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            if tx
-                .send((Instant::now() + latency, buf[..n].to_vec()))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    };
-    let write = async move {
-        while let Some((due, chunk)) = rx.recv().await {
-            tokio::time::sleep_until(due).await;
-            if to.write_all(&chunk).await.is_err() {
-                return;
-            }
-        }
-    };
-    tokio::join!(read, write);
 }
 
 /// Copies `from` → `to` chunk by chunk, honouring stalls, delays and the throttle. Returns at EOF

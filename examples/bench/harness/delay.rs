@@ -52,8 +52,9 @@ async fn forward(mut client: TcpStream, target: u16, one_way: Duration) {
     }
 }
 
-/// Copies `from` → `to`, each chunk `one_way` after it was read.
-async fn delayed<R, W>(from: &mut R, to: &mut W, one_way: Duration)
+/// Copies `from` → `to`, each chunk `one_way` after it was read (also the test proxy's latency,
+/// `tests/support/proxy.rs`).
+pub async fn delayed<R, W>(from: &mut R, to: &mut W, one_way: Duration)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
