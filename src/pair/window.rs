@@ -111,6 +111,9 @@ struct Slot {
     seq: u64,
     /// Written to the target at least once: a resend carries DUP.
     sent: bool,
+    /// Counted in `qos2_on_wire` when it was written (its QoS may be lowered afterwards, to a
+    /// v5 target's Maximum QoS, by `held_mut`).
+    wire_qos2: bool,
 }
 
 /// Counters the driver turns into metrics.
@@ -530,6 +533,7 @@ impl Window {
                 Stage::Released => {
                     self.on_wire += 1;
                     self.qos2_on_wire += 1;
+                    slot.wire_qos2 = true;
                     self.actions.push_back(Action::SendPubRel(pkid));
                 }
                 Stage::Queued | Stage::Published => {
@@ -604,15 +608,15 @@ impl Window {
             self.counters.unsolicited_acks += 1;
             return;
         }
-        self.slots.remove(&pkid);
-        self.off_wire(Qos::ExactlyOnce);
+        let slot = self.slots.remove(&pkid).expect("checked above");
+        self.off_wire(&slot);
         self.send_queued();
     }
 
-    /// A written slot of `qos` is finished (or taken back).
-    fn off_wire(&mut self, qos: Qos) {
+    /// A written slot is finished (or taken back).
+    fn off_wire(&mut self, slot: &Slot) {
         self.on_wire -= 1;
-        if qos == Qos::ExactlyOnce {
+        if slot.wire_qos2 {
             self.qos2_on_wire -= 1;
         }
     }
@@ -639,7 +643,7 @@ impl Window {
             return;
         }
         let slot = self.slots.remove(&pkid).expect("checked above");
-        self.off_wire(slot.message.qos);
+        self.off_wire(&slot);
         match how {
             Unsent::Expired => self.counters.expired += 1,
             Unsent::SentAtQos0 => self.counters.forwarded += 1,
@@ -664,7 +668,7 @@ impl Window {
             .map(|(id, _)| *id)?;
         let slot = self.slots.remove(&pkid).expect("found above");
         if slot.stage == Stage::Published {
-            self.off_wire(slot.message.qos);
+            self.off_wire(&slot);
         }
         self.queued.retain(|id| *id != pkid);
         self.counters.refused += 1;
@@ -693,7 +697,7 @@ impl Window {
     /// The first ack of a published slot: done (or refused). Frees the slot and acks the source.
     fn finish(&mut self, pkid: u16, reason: u8) {
         let slot = self.slots.remove(&pkid).expect("caller checked");
-        self.off_wire(slot.message.qos);
+        self.off_wire(&slot);
         if is_transient(reason) {
             return self.requeue(pkid, slot, reason);
         }
@@ -752,6 +756,7 @@ impl Window {
                 stage: Stage::Queued,
                 seq,
                 sent: false,
+                wire_qos2: false,
             },
         );
         self.queued.push_back(pkid);
@@ -771,6 +776,7 @@ impl Window {
                 break;
             }
             self.queued.pop_front();
+            slot.wire_qos2 = qos2;
             slot.stage = Stage::Published;
             let dup = std::mem::replace(&mut slot.sent, true);
             self.on_wire += 1;
@@ -1604,6 +1610,37 @@ mod tests {
         assert_eq!(next.len(), 4, "{next:?}");
         assert_eq!(w.qos2_on_wire(), 2);
         assert_eq!(w.on_wire(), 5);
+    }
+
+    #[test]
+    fn a_qos2_message_lowered_to_qos1_after_it_went_out_frees_its_qos2_place() {
+        // A v5 target's Maximum QoS 1 lowers a held QoS 2 message when it is written
+        // (`held_mut`); its PUBACK must free the QoS 2 place it took, or after `qos2_window`
+        // such messages no QoS 2 message would go out again.
+        let mut w = Window::new(4);
+        w.source_connected(false);
+        w.target_connected_qos2(false, 4, 1);
+        for id in 1..=3u16 {
+            w.source_publish(
+                Some(id),
+                Qos::ExactlyOnce,
+                false,
+                msg(u32::from(id), Qos::ExactlyOnce),
+            );
+            let sent: Vec<u16> = std::iter::from_fn(|| w.poll_action())
+                .filter_map(|a| match a {
+                    Action::SendPublish { pkid, .. } => Some(pkid),
+                    _ => None,
+                })
+                .collect();
+            let [pkid] = sent[..] else {
+                panic!("message {id}: {sent:?}");
+            };
+            w.held_mut(pkid).unwrap().qos = Qos::AtLeastOnce;
+            w.target_puback(pkid, 0);
+            assert_eq!(w.qos2_on_wire(), 0, "message {id}");
+            assert_eq!(w.on_wire(), 0);
+        }
     }
 
     #[test]
