@@ -415,6 +415,9 @@ pub struct Machine {
     /// The shared-subscription self-test of a 3.x source (`None`: not wanted).
     probe: Option<ShareProbe>,
     last_source_read: Instant,
+    /// A parking pair: since when the source's window holds nothing (its acks to the source
+    /// went out then, so the source was free to send more only from then on).
+    source_free_since: Option<Instant>,
     /// First write per target packet id, for `mqbridge_forward_latency_seconds`. The source is
     /// read only while the window has room, so this is (within a pass) the receive time.
     sent_at: super::window::IdMap<Instant>,
@@ -474,6 +477,7 @@ impl Machine {
                     ShareProbe::new(&prefix, &spec.source_client_id)
                 }),
             last_source_read: now,
+            source_free_since: None,
             window: {
                 let mut w = Window::new(usize::from(route.to.max_inflight));
                 if spec.spool.is_some() {
@@ -556,8 +560,15 @@ impl Machine {
             if self.drained() || now >= deadline {
                 return Some(Ended::Shutdown);
             }
-        } else if self.parked(now) {
-            return Some(Ended::Parked);
+        } else if self.parking.is_some() {
+            if self.source_window_ref().in_flight() == 0 {
+                self.source_free_since.get_or_insert(now);
+            } else {
+                self.source_free_since = None;
+            }
+            if self.parked(now) {
+                return Some(Ended::Parked);
+            }
         }
         self.linger(now);
         None
@@ -1991,7 +2002,13 @@ impl Machine {
                 || (p.unsubscribed
                     && self.source.is_up()
                     && self.drained()
-                    && now.duration_since(self.last_source_read) >= PARK_QUIET))
+                    // Quiet since the source was free to send: a source holding its window for
+                    // our acks sends nothing, and its session's queue would be lost with it
+                    // (a target slow to ack for PARK_QUIET ended a retiring index with 130
+                    // messages still queued for it at the source).
+                    && self.source_free_since.is_some_and(|d| {
+                        now.duration_since(self.last_source_read.max(d)) >= PARK_QUIET
+                    })))
                 && self.spool_empty()
         })
     }

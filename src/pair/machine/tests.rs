@@ -1631,3 +1631,48 @@ fn spooled_messages_older_than_max_age_are_dead_lettered_not_forwarded() {
     assert_eq!(PairStats::get(&h.stats.dropped_max_age), 3);
     assert!(h.spool.records.is_empty());
 }
+
+/// A pair leaving the pool whose target is slow to ack: its source holds the window for our
+/// acks and sends nothing meanwhile, so that quiet is no sign the session is empty. It parks only
+/// `PARK_QUIET` after its acks went out (before: at once, and a retiring index ended its session
+/// with 130 messages still queued for it — `pool_shrink.rs`, seen once in CI).
+#[test]
+fn a_parking_pair_waits_for_quiet_after_its_acks_not_after_its_last_read() {
+    let mut h = H::ready("", "");
+    h.publish(1, QoS::AtLeastOnce, "held");
+    let pkid = match h.out(Role::Target).as_slice() {
+        [v4::Packet::Publish(p)] => p.pkid,
+        other => panic!("{other:?}"),
+    };
+    h.m.park();
+    let unsubscribe = h
+        .out(Role::Source)
+        .into_iter()
+        .find_map(|p| match p {
+            v4::Packet::Unsubscribe(u) => Some(u.pkid),
+            _ => None,
+        })
+        .expect("an UNSUBSCRIBE");
+    h.feed(
+        Role::Source,
+        v4::Packet::UnsubAck(v4::UnsubAck::new(unsubscribe)),
+    );
+    // The target takes its time: nothing read from the source for long.
+    h.now += PARK_QUIET * 4;
+    h.m.handle_timeout(h.now);
+    assert_eq!(h.m.handle_input(h.now), None, "a message is held");
+    // The ack comes: the source gets its PUBACK and is free to send what its session holds.
+    h.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(pkid)));
+    assert_eq!(
+        h.out(Role::Source),
+        vec![v4::Packet::PubAck(v4::PubAck::new(1))]
+    );
+    assert_eq!(
+        h.m.handle_input(h.now),
+        None,
+        "the source has not had a chance to send more"
+    );
+    h.now += PARK_QUIET;
+    h.m.handle_timeout(h.now);
+    assert_eq!(h.m.handle_input(h.now), Some(Ended::Parked));
+}
