@@ -1235,9 +1235,7 @@ impl Machine {
             match packet {
                 Inbound::PubAck { pkid, reason } => {
                     self.target_ack(now, pkid, reason);
-                    let before = self.window.counters().qos2_taken_as_qos1;
-                    self.window.target_puback(pkid, reason);
-                    if self.window.counters().qos2_taken_as_qos1 > before {
+                    if self.window.target_puback(pkid, reason) {
                         self.qos2_taken_as_qos1();
                     }
                 }

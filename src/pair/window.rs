@@ -552,20 +552,23 @@ impl Window {
         self.target_up = false;
     }
 
-    /// PUBACK from the target (QoS 1). `reason` ≥ 0x80 means refused.
-    pub fn target_puback(&mut self, pkid: u16, reason: u8) {
+    /// PUBACK from the target (QoS 1). `reason` ≥ 0x80 means refused. True when it answered a
+    /// QoS 2 publish (counted in `qos2_taken_as_qos1`).
+    pub fn target_puback(&mut self, pkid: u16, reason: u8) -> bool {
         if self.is(pkid, Stage::Published, Qos::ExactlyOnce) {
             // RabbitMQ 3.x has no QoS 2 and answers it with PUBACK: it took the message, at
             // QoS 1. Taken as its ack, or the slot would be held for ever (the window fills and
             // the route stalls).
             self.counters.qos2_taken_as_qos1 += 1;
-            return self.finish(pkid, reason);
+            self.finish(pkid, reason);
+            return true;
         }
         if !self.is(pkid, Stage::Published, Qos::AtLeastOnce) {
             self.counters.unsolicited_acks += 1;
-            return;
+            return false;
         }
         self.finish(pkid, reason);
+        false
     }
 
     /// PUBREC from the target (QoS 2). `reason` ≥ 0x80 means refused and ends the exchange.

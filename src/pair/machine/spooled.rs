@@ -183,7 +183,9 @@ impl Intake {
         };
         match slot.take() {
             Some((pkid, Qos::ExactlyOnce)) => self.window.target_pubrec(pkid, 0),
-            Some((pkid, _)) => self.window.target_puback(pkid, 0),
+            Some((pkid, _)) => {
+                self.window.target_puback(pkid, 0);
+            }
             None => {}
         }
     }
@@ -244,7 +246,9 @@ impl Machine {
                     // The spool has it: the QoS 2 exchange with our "target" ends here (its
                     // PUBREL, asked for next, is answered at once).
                 }
-                Some((pkid, _)) => intake.window.target_puback(pkid, 0),
+                Some((pkid, _)) => {
+                    intake.window.target_puback(pkid, 0);
+                }
                 None => {}
             }
         }

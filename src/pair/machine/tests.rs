@@ -289,6 +289,23 @@ impl H {
         slept
     }
 
+    /// The pool lets the pair go: it UNSUBSCRIBEs, and the source confirms.
+    fn park(&mut self) {
+        self.m.park();
+        let unsubscribe = self
+            .out(Role::Source)
+            .into_iter()
+            .find_map(|p| match p {
+                v4::Packet::Unsubscribe(u) => Some(u.pkid),
+                _ => None,
+            })
+            .expect("an UNSUBSCRIBE");
+        self.feed(
+            Role::Source,
+            v4::Packet::UnsubAck(v4::UnsubAck::new(unsubscribe)),
+        );
+    }
+
     fn publish(&mut self, pkid: u16, qos: QoS, payload: &str) {
         let mut p = v4::Publish::new("t/x", qos, payload.as_bytes().to_vec());
         p.pkid = pkid;
@@ -1522,19 +1539,7 @@ fn a_pair_leaving_the_pool_forwards_its_spool_before_it_parks() {
     h.sync();
     assert_eq!(h.source_pubacks().len(), 30);
     // The pool shrinks while the target is away: unsubscribed, and quiet for long after.
-    h.m.park();
-    let unsubscribe = h
-        .out(Role::Source)
-        .into_iter()
-        .find_map(|p| match p {
-            v4::Packet::Unsubscribe(u) => Some(u.pkid),
-            _ => None,
-        })
-        .expect("an UNSUBSCRIBE");
-    h.feed(
-        Role::Source,
-        v4::Packet::UnsubAck(v4::UnsubAck::new(unsubscribe)),
-    );
+    h.park();
     h.now += PARK_QUIET * 20;
     h.m.handle_timeout(h.now);
     assert_eq!(
@@ -1644,19 +1649,7 @@ fn a_parking_pair_waits_for_quiet_after_its_acks_not_after_its_last_read() {
         [v4::Packet::Publish(p)] => p.pkid,
         other => panic!("{other:?}"),
     };
-    h.m.park();
-    let unsubscribe = h
-        .out(Role::Source)
-        .into_iter()
-        .find_map(|p| match p {
-            v4::Packet::Unsubscribe(u) => Some(u.pkid),
-            _ => None,
-        })
-        .expect("an UNSUBSCRIBE");
-    h.feed(
-        Role::Source,
-        v4::Packet::UnsubAck(v4::UnsubAck::new(unsubscribe)),
-    );
+    h.park();
     // The target takes its time: nothing read from the source for long.
     h.now += PARK_QUIET * 4;
     h.m.handle_timeout(h.now);
