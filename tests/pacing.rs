@@ -1,5 +1,5 @@
 //! A pair stays within its target's per-connection quota by pacing (SPEC 4.1): it never sends
-//! more than `max_publish_rate` PUBLISH/s (plus one second's burst), loses nothing, and says in
+//! more than `max_publish_rate` PUBLISH in any second, loses nothing, and says in
 //! its log that the offered load is above the route's capacity.
 
 mod support;
@@ -36,7 +36,8 @@ async fn publishes_are_paced_to_the_targets_max_publish_rate() {
     );
     let rx = collector.received();
     assert_exactly_once(&rx, "p", 0..400);
-    // No one-second window holds more than the rate plus the one-second burst.
+    // No one-second window holds more than the rate (BifroMQ counts per second of its clock
+    // and discards the rest); a little more at the subscriber, where mosquitto may bunch them.
     let times: Vec<_> = rx.iter().map(|r| r.at).collect();
     let most = times
         .iter()
@@ -49,7 +50,7 @@ async fn publishes_are_paced_to_the_targets_max_publish_rate() {
         .max()
         .unwrap();
     assert!(
-        most <= 2 * RATE + 5,
+        most <= RATE + RATE / 10,
         "{most} messages within one second at {RATE}/s"
     );
     let span = *times.last().unwrap() - times[0];
@@ -62,10 +63,10 @@ async fn publishes_are_paced_to_the_targets_max_publish_rate() {
         "{}",
         bridge.log()
     );
-    // Held back again and again (about once per message beyond the first second's burst).
+    // Held back again and again (at least once in each second beyond the first).
     let body = http_get(&admin, "/metrics").await.expect("/metrics").1;
     let paced = metric(&body, "mqbridge_paced_total");
-    assert!(paced >= RATE as f64, "paced {paced} times:\n{body}");
+    assert!(paced >= 3.0, "paced {paced} times:\n{body}");
     assert!(
         bridge
             .stop(Duration::from_secs(10))
@@ -127,11 +128,15 @@ async fn auto_pool_grows_to_carry_the_load_and_shrinks_when_it_stops() {
     let mut cfg = RouteConfig::new(src.port(), Proto::V311, dst.port(), Proto::V311);
     cfg.qos = 1;
     cfg.pool_size = 1;
-    cfg.route_extra = "pool_size = \"auto\"\npool_size_min = 1\npool_size_max = 8".into();
+    // Two pairs to start: a step from nothing to 1,000 msg/s gives a lone pair's session at
+    // the source 1,000 messages in the first second and 500 more in the next while it sends
+    // 200 a second, past mosquitto's default queue of 1,000 before the pool has doubled twice
+    // (measured: 40 of 3,000 dropped by mosquitto). Two pairs take the step.
+    cfg.route_extra = "pool_size = \"auto\"\npool_size_min = 2\npool_size_max = 8".into();
     cfg.dst_extra = "max_publish_rate = 200\n".into();
     let toml = cfg.toml().replace("pool_size = 1\n", "");
     let collector = Collector::start(dst.port(), Proto::V5, "in/#", 1).await;
-    let mut bridge = start_ready(&toml, 1).await;
+    let mut bridge = start_ready(&toml, 2).await;
     publish_numbered_paced(
         src.port(),
         Proto::V311,
@@ -176,7 +181,7 @@ async fn auto_pool_grows_to_carry_the_load_and_shrinks_when_it_stops() {
             .lines()
             .rev()
             .find(|l| l.contains("pool resized"))
-            .is_some_and(|l| l.contains(" pairs=1 "))
+            .is_some_and(|l| l.contains(" pairs=2 "))
     })
     .await;
     assert!(shrunk, "{}", bridge.log());

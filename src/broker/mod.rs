@@ -10,6 +10,7 @@
 
 mod message;
 mod mqtt31;
+mod quotas;
 mod retained;
 mod script;
 mod server;
@@ -31,6 +32,7 @@ use std::{
 
 use tokio::sync::oneshot;
 
+pub use self::quotas::Quotas;
 pub use self::script::Script;
 pub use self::stats::{BrokerStats, ClientStats, ConnectInfo};
 
@@ -52,6 +54,9 @@ pub struct BrokerOptions {
     /// Bound on one session's queue; beyond it messages for that session are dropped (and
     /// counted in [`ClientStats::dropped`]).
     pub max_queued: usize,
+    /// Per-connection quotas (rates, filters per SUBSCRIBE, shared group size), enforced as
+    /// BifroMQ enforces them (see [`Quotas`]). Default: none.
+    pub quotas: Quotas,
     /// Fault-injection rules; keep a clone to change them while the broker runs.
     pub script: Script,
 }
@@ -65,6 +70,7 @@ impl Default for BrokerOptions {
             maximum_packet_size: None,
             outgoing_window: 32,
             max_queued: 10_000,
+            quotas: Quotas::default(),
             script: Script::default(),
         }
     }
@@ -77,6 +83,47 @@ impl BrokerOptions {
             name: name.to_string(),
             ..BrokerOptions::default()
         }
+    }
+
+    /// Shaped as BifroMQ by default, for both roles: 200 PUBLISH/s and 512 KiB/s each way per
+    /// connection, Receive Maximum 200, 10 filters per SUBSCRIBE, 200 members per shared
+    /// group, a session inbox of 1,000 that drops beyond it, and no window of its own towards
+    /// clients (BifroMQ sends MQTT 3.x subscribers as much as their inbox holds; MQTT 5 ones
+    /// their Receive Maximum).
+    pub fn bifromq(name: &str) -> BrokerOptions {
+        BrokerOptions {
+            name: name.to_string(),
+            receive_maximum: 200,
+            outgoing_window: u16::MAX,
+            max_queued: 1_000,
+            quotas: Quotas::BIFROMQ,
+            ..BrokerOptions::default()
+        }
+    }
+
+    /// The limits in force, for people ("200 PUBLISH/s in, 512 KiB/s each way, …").
+    pub fn describe(&self) -> String {
+        let q = &self.quotas;
+        let mut parts = Vec::new();
+        if let Some(r) = q.publish_rate {
+            parts.push(format!("{r} PUBLISH/s in"));
+        }
+        match (q.inbound_bytes, q.outbound_bytes) {
+            (Some(i), Some(o)) if i == o => parts.push(format!("{} KiB/s each way", i / 1024)),
+            (i, o) => {
+                parts.extend(i.map(|i| format!("{} KiB/s in", i / 1024)));
+                parts.extend(o.map(|o| format!("{} KiB/s out", o / 1024)));
+            }
+        }
+        parts.push(format!("Receive Maximum {}", self.receive_maximum));
+        parts.push(format!("inbox {}", self.max_queued));
+        if let Some(f) = q.max_filters_per_subscribe {
+            parts.push(format!("{f} filters per SUBSCRIBE"));
+        }
+        if let Some(m) = q.max_shared_group_members {
+            parts.push(format!("{m} members per shared group"));
+        }
+        parts.join(", ")
     }
 }
 
@@ -102,6 +149,8 @@ impl EmbeddedBroker {
         let limits = state::Limits {
             outgoing_window: options.outgoing_window.max(1),
             max_queued: options.max_queued,
+            quotas: options.quotas,
+            started: std::time::Instant::now(),
         };
         let advertised = server::Advertised {
             receive_maximum: options.receive_maximum.max(1),
@@ -116,11 +165,14 @@ impl EmbeddedBroker {
                     .name(&name)
                     .build(ntex_net::DefaultRuntime)
                     .block_on(async move {
-                        let state = Rc::new(RefCell::new(state::State::new(
-                            limits,
-                            script,
-                            thread_stats,
-                        )));
+                        let state = Rc::new_cyclic(|me| {
+                            RefCell::new(state::State::new(
+                                limits,
+                                script,
+                                thread_stats,
+                                me.clone(),
+                            ))
+                        });
                         server::serve(listener, state, advertised, ready_tx, stop_rx).await;
                     });
             })?;

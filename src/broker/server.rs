@@ -32,8 +32,9 @@ use tracing::{debug, warn};
 use super::{
     message::Message,
     mqtt31::{self, Sniff},
+    quotas::{ByteClock, PublishCounter},
     script::AckPlan,
-    state::{ConnectRequest, RetainHandling, State},
+    state::{ConnectRequest, RetainHandling, State, SubRefused},
     stats::ConnectInfo,
     subscriptions::SubOptions,
     wire::Wire,
@@ -81,6 +82,11 @@ pub(crate) struct Conn {
     /// Packet ids of QoS 2 publishes handed to ntex-mqtt as QoS 1 (see the module docs),
     /// so the publish handler knows their real QoS.
     qos2_in_progress: RefCell<HashSet<NonZeroU16>>,
+    /// The connection's quotas (see `quotas`): PUBLISH/s, inbound bytes/s, filters per
+    /// SUBSCRIBE.
+    publishes: RefCell<Option<PublishCounter>>,
+    inbound: RefCell<Option<ByteClock>>,
+    max_filters: Option<usize>,
 }
 
 impl Drop for Conn {
@@ -104,6 +110,51 @@ enum Received {
 }
 
 impl Conn {
+    fn new(state: &Shared, client: Rc<str>, id: u64, window: u16, max_qos: QoS) -> Conn {
+        let (quotas, started) = state.borrow().quotas();
+        let now = Instant::now();
+        Conn {
+            state: state.clone(),
+            client,
+            id,
+            window,
+            max_qos,
+            qos2_in_progress: RefCell::default(),
+            publishes: RefCell::new(quotas.publish_rate.map(|r| PublishCounter::new(r, started))),
+            inbound: RefCell::new(quotas.inbound_bytes.map(|r| ByteClock::new(r, now))),
+            max_filters: quotas.max_filters_per_subscribe,
+        }
+    }
+
+    /// Counts a PUBLISH of `size` bytes against the quotas; false if it is over the
+    /// PUBLISH/s quota (discard it).
+    fn count_quota(&self, size: usize) -> bool {
+        let now = Instant::now();
+        if let Some(clock) = self.inbound.borrow_mut().as_mut() {
+            clock.spend(now, size);
+        }
+        let passed = self
+            .publishes
+            .borrow_mut()
+            .as_mut()
+            .is_none_or(|c| c.pass(now));
+        if !passed {
+            self.state
+                .borrow()
+                .stats
+                .update(&self.client, |c| c.over_rate += 1);
+        }
+        passed
+    }
+
+    /// How long reading waits for the inbound byte quota.
+    fn inbound_wait(&self) -> Option<Duration> {
+        self.inbound
+            .borrow()
+            .as_ref()
+            .and_then(|c| c.wait(Instant::now()))
+    }
+
     fn activate(&self) {
         self.state
             .borrow_mut()
@@ -195,7 +246,10 @@ impl Conn {
             .on_pubcomp(&self.client, self.id, id);
     }
 
-    fn subscribe(&self, requests: Vec<(String, SubOptions, RetainHandling)>) -> Vec<Option<QoS>> {
+    fn subscribe(
+        &self,
+        requests: Vec<(String, SubOptions, RetainHandling)>,
+    ) -> Vec<Result<QoS, SubRefused>> {
         self.state.borrow_mut().subscribe(&self.client, requests)
     }
 
@@ -266,14 +320,7 @@ fn handshake_v3(state: &Shared, h: v3::Handshake) -> v3::HandshakeAck<Conn> {
     };
     let (id, present) = st.connect(request, Wire::v3(io, h.sink()));
     drop(st);
-    let conn = Conn {
-        state: state.clone(),
-        client,
-        id,
-        window: u16::MAX,
-        max_qos: QoS::ExactlyOnce,
-        qos2_in_progress: RefCell::default(),
-    };
+    let conn = Conn::new(state, client, id, u16::MAX, QoS::ExactlyOnce);
     h.ack(conn, present)
 }
 
@@ -314,8 +361,8 @@ async fn protocol_v3(
             let granted = session.subscribe(requests);
             for (mut s, g) in sub.iter_mut().zip(granted) {
                 match g {
-                    Some(qos) => s.confirm(qos),
-                    None => s.fail(),
+                    Ok(qos) => s.confirm(qos),
+                    Err(_) => s.fail(),
                 }
             }
             sub.ack()
@@ -373,14 +420,8 @@ fn handshake_v5(
     let wire = Wire::v5(io, h.sink(), maximum_packet_size);
     let (id, present) = st.connect(request, wire);
     drop(st);
-    let conn = Conn {
-        state: state.clone(),
-        client: client.clone(),
-        id,
-        window: receive_maximum.unwrap_or(u16::MAX),
-        max_qos,
-        qos2_in_progress: RefCell::default(),
-    };
+    let window = receive_maximum.unwrap_or(u16::MAX);
+    let conn = Conn::new(state, client.clone(), id, window, max_qos);
     h.ack(conn).with(|ack| {
         ack.session_present = present;
         ack.receive_max = NonZeroU16::new(receive_max).unwrap_or(NonZeroU16::MAX);
@@ -445,8 +486,13 @@ async fn protocol_v5(
             let granted = session.subscribe(requests);
             for (mut s, g) in sub.iter_mut().zip(granted) {
                 match g {
-                    Some(qos) => s.confirm(qos),
-                    None => s.fail(v5::codec::SubscribeAckReason::TopicFilterInvalid),
+                    Ok(qos) => s.confirm(qos),
+                    Err(SubRefused::Invalid) => {
+                        s.fail(v5::codec::SubscribeAckReason::TopicFilterInvalid);
+                    }
+                    Err(SubRefused::GroupFull) => {
+                        s.fail(v5::codec::SubscribeAckReason::QuotaExceeded);
+                    }
                 }
             }
             sub.ack()
@@ -496,6 +542,16 @@ pub(crate) trait AckPackets: 'static {
     /// accepted; anything else is handed back.
     fn as_pubrec(resp: Self::Encoded) -> Result<(NonZeroU16, bool, Self::Encoded), Self::Encoded>;
     fn pubcomp(id: NonZeroU16, known: bool) -> Self::Encoded;
+    /// A PUBLISH's size in bytes, or `None` for any other packet.
+    fn publish_size(req: &Self::Decoded) -> Option<usize>;
+    /// How many filters a SUBSCRIBE carries, or `None` for any other packet.
+    fn subscribe_filters(req: &Self::Decoded) -> Option<usize>;
+    /// A PUBLISH over the PUBLISH/s quota was discarded: BifroMQ says nothing on MQTT 3.x
+    /// and disconnects an MQTT 5 client with 0x96 Message Rate Too High.
+    fn over_rate(session: &Self::Session);
+    /// A SUBSCRIBE with more filters than the quota: the connection is closed (MQTT 5:
+    /// DISCONNECT 0x98 Administrative Action).
+    fn too_many_filters(session: &Self::Session);
 }
 
 pub(crate) struct V3;
@@ -549,6 +605,28 @@ impl AckPackets for V3 {
 
     fn pubcomp(packet_id: NonZeroU16, _known: bool) -> Self::Encoded {
         v3::codec::Encoded::Packet(v3::codec::Packet::PublishComplete { packet_id })
+    }
+
+    fn publish_size(req: &Self::Decoded) -> Option<usize> {
+        match req {
+            v3::codec::Decoded::Publish(_, _, size) => Some(*size as usize),
+            _ => None,
+        }
+    }
+
+    fn subscribe_filters(req: &Self::Decoded) -> Option<usize> {
+        match req {
+            v3::codec::Decoded::Packet(v3::codec::Packet::Subscribe { topic_filters, .. }, _) => {
+                Some(topic_filters.len())
+            }
+            _ => None,
+        }
+    }
+
+    fn over_rate(_: &Self::Session) {}
+
+    fn too_many_filters(session: &Self::Session) {
+        session.sink().close();
     }
 }
 
@@ -624,6 +702,34 @@ impl AckPackets for V5 {
             reason_string: None,
         }))
     }
+
+    fn publish_size(req: &Self::Decoded) -> Option<usize> {
+        match req {
+            v5::codec::Decoded::Publish(_, _, size) => Some(*size as usize),
+            _ => None,
+        }
+    }
+
+    fn subscribe_filters(req: &Self::Decoded) -> Option<usize> {
+        match req {
+            v5::codec::Decoded::Packet(v5::codec::Packet::Subscribe(sub), _) => {
+                Some(sub.topic_filters.len())
+            }
+            _ => None,
+        }
+    }
+
+    fn over_rate(session: &Self::Session) {
+        session.sink().close_with_reason(v5::codec::Disconnect::new(
+            v5::codec::DisconnectReasonCode::MessageRateTooHigh,
+        ));
+    }
+
+    fn too_many_filters(session: &Self::Session) {
+        session.sink().close_with_reason(v5::codec::Disconnect::new(
+            v5::codec::DisconnectReasonCode::AdministrativeAction,
+        ));
+    }
 }
 
 /// See the module docs: acks of our deliveries and incoming QoS 2, before ntex-mqtt; one
@@ -659,9 +765,17 @@ where
     type Response = Option<V::Encoded>;
     type Error = S::Error;
 
-    ntex_service::forward_ready!(service);
     ntex_service::forward_poll!(service);
     ntex_service::forward_shutdown!(service);
+
+    /// Reading waits while the connection is ahead of its inbound byte quota: TCP pushes
+    /// back on the client, as BifroMQ's traffic shaping does.
+    async fn ready(&self, ctx: ServiceCtx<'_, Self>) -> Result<(), Self::Error> {
+        if let Some(wait) = self.session.inbound_wait() {
+            tokio::time::sleep(wait).await;
+        }
+        ctx.ready(&self.service).await
+    }
 
     async fn call(
         &self,
@@ -669,6 +783,20 @@ where
         ctx: ServiceCtx<'_, Self>,
     ) -> Result<Self::Response, Self::Error> {
         let conn = &*self.session;
+        if let Some(size) = V::publish_size(&req)
+            && !conn.count_quota(size)
+        {
+            debug!(client = %conn.client, "over the PUBLISH/s quota: discarded");
+            V::over_rate(&self.session);
+            return Ok(None);
+        }
+        if let Some(n) = V::subscribe_filters(&req)
+            && conn.max_filters.is_some_and(|max| n > max)
+        {
+            debug!(client = %conn.client, filters = n, "SUBSCRIBE over the filters quota: closing");
+            V::too_many_filters(&self.session);
+            return Ok(None);
+        }
         match V::sort(conn, &req) {
             Sorted::Qos2Publish(id) => {
                 if conn.qos2_seen(id) {

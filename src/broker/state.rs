@@ -4,9 +4,10 @@
 //! writes go out through each connected session's `Wire`.
 
 use std::{
+    cell::RefCell,
     collections::{HashMap, HashSet},
     num::NonZeroU16,
-    rc::Rc,
+    rc::{Rc, Weak},
     time::{Duration, Instant},
 };
 
@@ -15,6 +16,7 @@ use tracing::debug;
 
 use super::{
     message::{Delivery, Message},
+    quotas::{ByteClock, Quotas},
     retained::Retained,
     script::Script,
     session::{Session, Transmit},
@@ -31,6 +33,9 @@ pub(crate) struct Limits {
     pub outgoing_window: u16,
     /// Bound on one session's queue (online or offline).
     pub max_queued: usize,
+    pub quotas: Quotas,
+    /// When the broker started: its quota seconds count from here.
+    pub started: Instant,
 }
 
 /// A CONNECT as the state needs it.
@@ -42,6 +47,15 @@ pub(crate) struct ConnectRequest {
     pub persistent: bool,
     /// MQTT 5 Session Expiry (`None`: never, as for 3.x persistent sessions).
     pub expiry: Option<Duration>,
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SubRefused {
+    /// Not a valid filter.
+    Invalid,
+    /// Its shared group has as many members as the quota allows.
+    GroupFull,
 }
 
 /// Retain handling of one new subscription (MQTT 5; 3.x always sends).
@@ -57,6 +71,9 @@ struct Connected {
     wire: Wire,
     /// Set once CONNACK is out: nothing is written before it.
     active: bool,
+    /// The outbound byte quota, if any, and whether a flush is already set for when it allows.
+    outbound: Option<ByteClock>,
+    flush_pending: bool,
 }
 
 struct Entry {
@@ -77,11 +94,19 @@ pub(crate) struct State {
     next_client: u64,
     /// ntex io ids of connections that spoke MQTT 3.1 (their CONNECT was rewritten).
     v31: HashSet<ntex_io::Id>,
+    /// This state, for flushes set for later (outbound quota).
+    me: Weak<RefCell<State>>,
 }
 
 impl State {
-    pub fn new(limits: Limits, script: Script, stats: BrokerStats) -> State {
+    pub fn new(
+        limits: Limits,
+        script: Script,
+        stats: BrokerStats,
+        me: Weak<RefCell<State>>,
+    ) -> State {
         State {
+            me,
             limits,
             script,
             stats,
@@ -92,6 +117,11 @@ impl State {
             next_client: 0,
             v31: HashSet::new(),
         }
+    }
+
+    /// The per-connection quotas and when the broker started (their seconds count from it).
+    pub fn quotas(&self) -> (Quotas, Instant) {
+        (self.limits.quotas, self.limits.started)
     }
 
     pub fn mark_v31(&mut self, io: ntex_io::Id) {
@@ -153,6 +183,12 @@ impl State {
             id: conn_id,
             wire,
             active: false,
+            outbound: self
+                .limits
+                .quotas
+                .outbound_bytes
+                .map(|rate| ByteClock::new(rate, now)),
+            flush_pending: false,
         });
         let open = entry.session.inbound_qos2.len();
         self.stats.update(&client, |c| {
@@ -254,26 +290,32 @@ impl State {
         n
     }
 
-    /// Adds subscriptions; returns the granted QoS per filter (`None`: refused). Retained
-    /// messages for new plain subscriptions are queued right away (MQTT allows them before
-    /// the SUBACK).
+    /// Adds subscriptions; returns the granted QoS per filter or why it was refused.
+    /// Retained messages for new plain subscriptions are queued right away (MQTT allows them
+    /// before the SUBACK).
     pub fn subscribe(
         &mut self,
         client: &Rc<str>,
         requests: Vec<(String, SubOptions, RetainHandling)>,
-    ) -> Vec<Option<QoS>> {
+    ) -> Vec<Result<QoS, SubRefused>> {
         let max_qos = self.max_qos();
+        let max_members = self.limits.quotas.max_shared_group_members;
         let mut granted = Vec::with_capacity(requests.len());
         let mut retained_for: Vec<(Filter, SubOptions)> = Vec::new();
         for (raw, mut options, handling) in requests {
             let Ok(filter) = Filter::parse(&raw) else {
-                granted.push(None);
+                granted.push(Err(SubRefused::Invalid));
                 continue;
             };
             options.qos = options.qos.min(max_qos);
-            let new = self
-                .subscriptions
-                .subscribe(client, &filter, options.clone());
+            let Some(new) =
+                self.subscriptions
+                    .subscribe(client, &filter, options.clone(), max_members)
+            else {
+                debug!(client = %client, filter = %raw, "shared group full: subscription refused");
+                granted.push(Err(SubRefused::GroupFull));
+                continue;
+            };
             // Retained messages are not sent to shared subscriptions (MQTT 5 4.8.2).
             let send = !filter.is_shared()
                 && match handling {
@@ -284,7 +326,7 @@ impl State {
             if send {
                 retained_for.push((filter, options.clone()));
             }
-            granted.push(Some(options.qos));
+            granted.push(Ok(options.qos));
         }
         let now = Instant::now();
         for (filter, options) in retained_for {
@@ -378,21 +420,41 @@ impl State {
         known
     }
 
-    /// Writes whatever `client`'s session has ready, within its window, until the
-    /// connection's write buffer pushes back.
+    /// Writes whatever `client`'s session has ready, within its window and its outbound byte
+    /// quota, until the connection's write buffer pushes back. Held back by the quota, it
+    /// sets itself to run again when the quota allows.
     pub fn flush(&mut self, client: &Rc<str>) {
         let Some(entry) = self.sessions.get_mut(client) else {
             return;
         };
-        let Some(conn) = entry.conn.as_ref().filter(|c| c.active) else {
+        let Some(conn) = entry.conn.as_mut().filter(|c| c.active) else {
             return;
         };
         let now = Instant::now();
         let (mut sent, mut dropped) = (0u64, 0u64);
         while !conn.wire.is_backpressured() {
+            if let Some(wait) = conn.outbound.as_ref().and_then(|c| c.wait(now)) {
+                if !conn.flush_pending {
+                    conn.flush_pending = true;
+                    let (me, client, id) = (self.me.clone(), client.clone(), conn.id);
+                    ntex_rt::spawn(async move {
+                        tokio::time::sleep(wait).await;
+                        if let Some(state) = me.upgrade() {
+                            state.borrow_mut().flush_later(&client, id);
+                        }
+                    });
+                }
+                break;
+            }
             let Some(t) = entry.session.next_transmit(now, &mut dropped) else {
                 break;
             };
+            if let (Some(clock), Transmit::Publish { delivery, .. }) = (conn.outbound.as_mut(), &t)
+            {
+                let m = &delivery.message;
+                // Fixed header, topic, packet id: near enough for a rate.
+                clock.spend(now, m.payload.len() + m.topic.len() + 6);
+            }
             match conn.wire.send(&t, now) {
                 Ok(()) => sent += 1,
                 Err(e) => {
@@ -418,6 +480,19 @@ impl State {
             });
         }
         self.stats.set_unacked(client, unacked);
+    }
+
+    /// The flush `flush` set for when the outbound quota allows (if the connection is still
+    /// the same).
+    fn flush_later(&mut self, client: &Rc<str>, conn_id: u64) {
+        let Some(conn) = self
+            .entry_for(client, conn_id)
+            .and_then(|e| e.conn.as_mut())
+        else {
+            return;
+        };
+        conn.flush_pending = false;
+        self.flush(client);
     }
 
     /// Closes every connection (the broker is stopping).

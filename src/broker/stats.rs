@@ -46,6 +46,9 @@ pub struct ClientStats {
     pub dropped: u64,
     /// QoS 1/2 publishes from the client the broker refused with a scripted reason code.
     pub refused: u64,
+    /// PUBLISH packets discarded over the PUBLISH/s quota (never routed nor acknowledged on
+    /// MQTT 3.x; the MQTT 5 client was disconnected).
+    pub over_rate: u64,
     /// QoS 2 exchanges the client opened towards the broker (PUBLISH taken) and has not yet
     /// ended with PUBREL, now: held in its session across reconnects (MQTT-4.4.0-1).
     pub qos2_open: usize,

@@ -106,17 +106,24 @@ pub(crate) struct Subscriptions {
 
 impl Subscriptions {
     /// Adds or replaces `client`'s subscription. Returns whether it is new (MQTT 5 Retain
-    /// Handling 1 sends retained messages only then).
-    pub fn subscribe(&mut self, client: &Rc<str>, filter: &Filter, options: SubOptions) -> bool {
+    /// Handling 1 sends retained messages only then); `None` if it would make its shared
+    /// group larger than `max_members` (nothing changed).
+    pub fn subscribe(
+        &mut self,
+        client: &Rc<str>,
+        filter: &Filter,
+        options: SubOptions,
+        max_members: Option<usize>,
+    ) -> Option<bool> {
         match filter {
             Filter::Plain(f) => {
                 let subs = self.plain.entry(client.clone()).or_default();
                 if let Some(existing) = subs.iter_mut().find(|(g, _)| g == f) {
                     existing.1 = options;
-                    false
+                    Some(false)
                 } else {
                     subs.push((f.clone(), options));
-                    true
+                    Some(true)
                 }
             }
             Filter::Shared {
@@ -137,10 +144,12 @@ impl Subscriptions {
                 });
                 if let Some(m) = g.members.iter_mut().find(|(c, _)| c == client) {
                     m.1 = options;
-                    false
+                    Some(false)
+                } else if max_members.is_some_and(|max| g.members.len() >= max) {
+                    None
                 } else {
                     g.members.push((client.clone(), options));
-                    true
+                    Some(true)
                 }
             }
         }
@@ -323,6 +332,7 @@ mod tests {
             &client(c),
             &Filter::parse(f).unwrap(),
             opts(QoS::AtLeastOnce),
+            None,
         );
     }
 
@@ -408,11 +418,29 @@ mod tests {
     }
 
     #[test]
+    fn a_full_shared_group_refuses_a_new_member_not_an_old_one() {
+        let mut t = Subscriptions::default();
+        let f = Filter::parse("$share/g/x").unwrap();
+        let o = || opts(QoS::AtLeastOnce);
+        assert_eq!(t.subscribe(&client("a"), &f, o(), Some(2)), Some(true));
+        assert_eq!(t.subscribe(&client("b"), &f, o(), Some(2)), Some(true));
+        assert_eq!(t.subscribe(&client("c"), &f, o(), Some(2)), None);
+        // A member subscribing again is not a new member.
+        assert_eq!(t.subscribe(&client("a"), &f, o(), Some(2)), Some(false));
+        // Other groups and plain filters are not counted.
+        let other = Filter::parse("$share/h/x").unwrap();
+        assert_eq!(t.subscribe(&client("c"), &other, o(), Some(2)), Some(true));
+        assert_eq!(targets(&mut t, "x").len(), 2);
+        assert!(t.unsubscribe(&client("b"), &f));
+        assert_eq!(t.subscribe(&client("c"), &f, o(), Some(2)), Some(true));
+    }
+
+    #[test]
     fn no_local_skips_the_publisher() {
         let mut t = Subscriptions::default();
         let mut o = opts(QoS::AtMostOnce);
         o.no_local = true;
-        t.subscribe(&client("pub"), &Filter::parse("x").unwrap(), o);
+        t.subscribe(&client("pub"), &Filter::parse("x").unwrap(), o, None);
         assert!(t.route("x", "pub", |_| true).is_empty());
         assert_eq!(t.route("x", "other", |_| true).len(), 1);
     }
