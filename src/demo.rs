@@ -1,7 +1,9 @@
 //! `mqbridge demo`: the bridge end to end with nothing installed. Two embedded brokers ("edge"
 //! speaking to the bridge in MQTT 3.1.1, "cloud" in MQTT 5), a real config file loaded like
 //! `run` loads one, sample telemetry published on the edge and read back on the cloud, with
-//! what arrives and the live rates printed, and a zero-loss check at the end.
+//! what arrives and the live rates printed, and a zero-loss check at the end. Both brokers are
+//! shaped as BifroMQ by default (`BrokerOptions::bifromq`); a surge above one pair's 200
+//! PUBLISH/s shows the pacing and the auto pool at work.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -28,6 +30,8 @@ pub struct DemoOptions {
     pub duration: Option<Duration>,
     /// Sample messages published per second on the edge.
     pub rate: u32,
+    /// Messages per second during the surge (`SURGE_FROM` for `SURGE_FOR`); 0: no surge.
+    pub surge: u32,
 }
 
 impl Default for DemoOptions {
@@ -35,9 +39,18 @@ impl Default for DemoOptions {
         DemoOptions {
             duration: None,
             rate: 20,
+            surge: 600,
         }
     }
 }
+
+/// When the surge starts and how long it lasts: more than one pair carries at the cloud's
+/// 200 PUBLISH/s per connection, so the auto pool grows, and shrinks back after.
+const SURGE_FROM: Duration = Duration::from_secs(5);
+const SURGE_FOR: Duration = Duration::from_secs(10);
+/// Edge publishers: each stays under the edge's own 200 PUBLISH/s per connection (BifroMQ
+/// discards beyond it) up to 800 msg/s in all.
+const PUBLISHERS: u64 = 4;
 
 /// The end of a demo run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +63,9 @@ pub struct Summary {
     pub duplicates: u64,
 }
 
-const POOL_SIZE: usize = 2;
+/// The auto pool's bounds.
+const POOL_MIN: usize = 1;
+const POOL_MAX: usize = 8;
 const SUBSCRIBER_FILTER: &str = "sites/demo/+/telemetry/#";
 /// How long the end of the run waits for the last messages to cross.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -71,16 +86,21 @@ name = "demo"
 instance = "local"
 drain_timeout = "5s"
 
+# Both brokers are shaped as BifroMQ by default: its per-connection quotas, told to the bridge.
 [brokers.edge]
 url = "{edge}"
 protocol = "3.1.1"
 keep_alive = "10s"
 session_expiry = "1h"
+bandwidth_limit = "512KiB/s"
+max_filters_per_subscribe = 10
 
 [brokers.cloud]
 url = "{cloud}"
 protocol = "5"
 keep_alive = "10s"
+max_publish_rate = 200
+bandwidth_limit = "512KiB/s"
 
 [[routes]]
 name = "telemetry-up"
@@ -89,7 +109,9 @@ to = "cloud"
 topics = ["factory/+/telemetry/#"]
 share = "$share"
 qos = 1
-pool_size = {POOL_SIZE}
+pool_size = "auto"
+pool_size_min = {POOL_MIN}
+pool_size_max = {POOL_MAX}
 
 [[routes.rewrite]]
 match = "factory/+/telemetry/#"
@@ -126,9 +148,9 @@ impl Shared {
 /// Runs the demo; prints as it goes. Returns the summary (`lost` > 0 is for the caller to
 /// turn into a failure).
 pub async fn run(options: DemoOptions) -> anyhow::Result<Summary> {
-    let edge = EmbeddedBroker::start(BrokerOptions::named("edge"))
+    let edge = EmbeddedBroker::start(BrokerOptions::bifromq("edge"))
         .context("cannot start the edge broker")?;
-    let cloud = EmbeddedBroker::start(BrokerOptions::named("cloud"))
+    let cloud = EmbeddedBroker::start(BrokerOptions::bifromq("cloud"))
         .context("cannot start the cloud broker")?;
     let dir = std::env::temp_dir().join(format!("mqbridge-demo-{}", std::process::id()));
     let result = run_with(&options, &edge, &cloud, &dir).await;
@@ -157,6 +179,10 @@ async fn run_with(
         "  cloud broker {}  (the bridge speaks MQTT 5 to it)",
         cloud.addr()
     );
+    println!(
+        "  both shaped as BifroMQ by default: {}",
+        BrokerOptions::bifromq("").describe()
+    );
     println!("bridge config ({}):", path.display());
     for line in toml.lines().filter(|l| !l.starts_with('#')) {
         println!("  | {line}");
@@ -171,17 +197,34 @@ async fn run_with(
     }));
     wait_for_bridge(edge).await?;
     println!(
-        "bridge ready: {POOL_SIZE} pairs share $share/demo-telemetry-up/factory/+/telemetry/#; publishing {}/s on the edge{}",
+        "bridge ready: an auto pool of {POOL_MIN} to {POOL_MAX} pairs shares $share/demo-telemetry-up/factory/+/telemetry/#; publishing {}/s on the edge{}",
         options.rate,
         match options.duration {
             Some(d) => format!(" for {}", humantime::format_duration(d)),
             None => " until Ctrl-C".to_string(),
         }
     );
+    if options.surge > 0 {
+        println!(
+            "surge: {}/s from {}s to {}s, more than one pair carries at 200 PUBLISH/s: watch the pairs",
+            options.surge,
+            SURGE_FROM.as_secs(),
+            (SURGE_FROM + SURGE_FOR).as_secs()
+        );
+    }
     let _ = std::io::stdout().flush();
 
-    let publisher = Publisher::start(edge.port(), shared.clone());
-    let outcome = traffic(options, &publisher, &shared, stop_signal(options.duration)).await;
+    let publishers: Vec<Publisher> = (0..PUBLISHERS)
+        .map(|i| Publisher::start(edge.port(), i, shared.clone()))
+        .collect();
+    let outcome = traffic(
+        options,
+        &publishers,
+        &shared,
+        (edge, cloud),
+        stop_signal(options.duration),
+    )
+    .await;
 
     // Drain: everything the edge acknowledged must cross before the bridge stops.
     let drained = wait(DRAIN, || {
@@ -191,7 +234,9 @@ async fn run_with(
     .await;
     let _ = stop_bridge.send(());
     let bridge_result = tokio::time::timeout(Duration::from_secs(20), bridge).await;
-    publisher.stop().await;
+    for p in publishers {
+        p.stop().await;
+    }
     viewer.abort();
     outcome?;
     match bridge_result {
@@ -209,48 +254,76 @@ async fn run_with(
         duplicates: t.duplicates,
     };
     println!(
-        "summary: sent={} received={} lost={} duplicates={}{}",
+        "summary: sent={} received={} lost={} duplicates={} over_quota={}{}",
         summary.sent,
         summary.received,
         summary.lost,
         summary.duplicates,
+        over_quota(cloud),
         if drained { "" } else { " (drain timed out)" }
     );
     Ok(summary)
 }
 
-/// Publishes at the configured rate and prints a rate line per second until `stop`.
+/// PUBLISH packets the cloud discarded over its PUBLISH/s quota (the bridge paces to stay
+/// under it: 0).
+fn over_quota(cloud: &EmbeddedBroker) -> u64 {
+    let stats = cloud.stats();
+    stats
+        .client_ids()
+        .iter()
+        .filter_map(|c| stats.client(c))
+        .map(|c| c.over_rate)
+        .sum()
+}
+
+/// Publishes at the configured rate (the surge's during it) and prints a rate line per second,
+/// with the bridge's pairs as the edge sees them, until `stop`.
 async fn traffic(
     options: &DemoOptions,
-    publisher: &Publisher,
+    publishers: &[Publisher],
     shared: &Shared,
+    (edge, cloud): (&EmbeddedBroker, &EmbeddedBroker),
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tokio::pin!(stop);
     let started = Instant::now();
-    let period = Duration::from_secs_f64(1.0 / f64::from(options.rate.max(1)));
-    let mut tick = tokio::time::interval(period);
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut report = tokio::time::interval(Duration::from_secs(1));
     report.tick().await;
     let (mut last_published, mut last_received) = (0u64, 0u64);
     let mut seq = 0u64;
+    // Messages due so far (fractional), from the rate in force at each tick.
+    let (mut due, mut last_tick) = (0.0f64, started);
     loop {
         tokio::select! {
             _ = &mut stop => return Ok(()),
             _ = tick.tick() => {
-                publisher.publish(seq, shared).await?;
-                seq += 1;
+                let now = Instant::now();
+                let since = now.duration_since(started);
+                let surging = options.surge > 0 && since >= SURGE_FROM && since < SURGE_FROM + SURGE_FOR;
+                let rate = if surging { options.surge } else { options.rate };
+                due += f64::from(rate) * now.duration_since(last_tick).as_secs_f64();
+                last_tick = now;
+                while due >= 1.0 {
+                    publishers[(seq % PUBLISHERS) as usize].publish(seq, shared).await?;
+                    seq += 1;
+                    due -= 1.0;
+                }
             }
             _ = report.tick() => {
+                let pairs = pairs_subscribed(edge);
                 let t = shared.lock();
                 let received = t.received.len() as u64;
                 println!(
-                    "[{:>3}s] published {}/s  forwarded {}/s  in flight {}  (sent {}, received {})",
+                    "[{:>3}s] published {}/s  forwarded {}/s  in flight {}  pairs {}  over quota {}  (sent {}, received {})",
                     started.elapsed().as_secs(),
                     t.published - last_published,
                     received - last_received,
                     t.published.saturating_sub(received),
+                    pairs,
+                    over_quota(cloud),
                     t.acked,
                     received,
                 );
@@ -295,16 +368,20 @@ async fn wait(timeout: Duration, condition: impl Fn() -> bool) -> bool {
     true
 }
 
-/// Waits until every pair has its shared subscription on the edge (so nothing published from
-/// now on finds no subscriber).
+/// The bridge's pairs subscribed on the edge (an auto pool's parked pairs unsubscribe).
+fn pairs_subscribed(edge: &EmbeddedBroker) -> usize {
+    edge.stats()
+        .subscriptions()
+        .iter()
+        .filter(|(_, f)| f.starts_with("$share/"))
+        .count()
+}
+
+/// Waits until the pool's first pairs have their shared subscription on the edge (so nothing
+/// published from now on finds no subscriber).
 async fn wait_for_bridge(edge: &EmbeddedBroker) -> anyhow::Result<()> {
     let ready = wait(Duration::from_secs(15), || {
-        edge.stats()
-            .subscriptions()
-            .iter()
-            .filter(|(_, f)| f.starts_with("$share/"))
-            .count()
-            >= POOL_SIZE
+        pairs_subscribed(edge) >= POOL_MIN
     })
     .await;
     if !ready {
@@ -322,8 +399,9 @@ struct Publisher {
 }
 
 impl Publisher {
-    fn start(port: u16, shared: Arc<Shared>) -> Publisher {
-        let mut options = rumqttc::MqttOptions::new("demo-edge-sensors", "127.0.0.1", port);
+    fn start(port: u16, index: u64, shared: Arc<Shared>) -> Publisher {
+        let id = format!("demo-edge-sensors-{index}");
+        let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
         options
             .set_keep_alive(Duration::from_secs(10))
             .set_inflight(100);

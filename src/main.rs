@@ -51,6 +51,10 @@ enum Command {
         /// Sample messages published per second.
         #[arg(long, default_value_t = 20)]
         rate: u32,
+        /// Messages per second from 5 s to 15 s (0: no surge): above one pair's 200
+        /// PUBLISH/s at the BifroMQ-shaped cloud, so the pool grows.
+        #[arg(long, default_value_t = 600)]
+        surge: u32,
     },
     /// A live view of a running bridge from its admin endpoint's /status: one line per route
     /// and pair (state, msg/s, in flight/window, drops, last ack age). Full screen on a
@@ -182,7 +186,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Demo { duration, rate } => {
+        Command::Demo {
+            duration,
+            rate,
+            surge,
+        } => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {
@@ -190,7 +198,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            let options = mqbridge::demo::DemoOptions { duration, rate };
+            let options = mqbridge::demo::DemoOptions {
+                duration,
+                rate,
+                surge,
+            };
             match runtime.block_on(mqbridge::demo::run(options)) {
                 Ok(summary) if summary.lost == 0 => ExitCode::SUCCESS,
                 Ok(summary) => {

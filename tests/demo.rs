@@ -38,3 +38,36 @@ fn demo_runs_for_its_duration_and_loses_nothing() {
     assert!(field("sent") >= 40, "about 20/s for 3s: {summary}");
     assert_eq!(field("sent"), field("received"), "{summary}");
 }
+
+/// The demo's brokers are shaped as BifroMQ: during the surge (600/s from 5 s, three times one
+/// pair's 200 PUBLISH/s at the cloud) the auto pool grows, nothing goes over the cloud's quota,
+/// and nothing is lost.
+#[test]
+fn demo_surge_grows_the_pool_within_bifromqs_quotas() {
+    let out = mqbridge_cli(&["demo", "--duration", "9s"], &[]);
+    let stdout = &out.stdout;
+    assert_eq!(out.code(), Some(0), "{stdout}\n{}", out.stderr);
+    assert!(
+        stdout.contains("both shaped as BifroMQ by default: 200 PUBLISH/s in, 512 KiB/s each way, Receive Maximum 200"),
+        "{stdout}"
+    );
+    let most_pairs = stdout
+        .lines()
+        .filter_map(|l| {
+            l.split("  pairs ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u32>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        most_pairs >= 2,
+        "the pool grew during the surge: {most_pairs}\n{stdout}"
+    );
+    let summary = stdout.lines().find(|l| l.starts_with("summary:")).unwrap();
+    assert!(summary.contains("lost=0"), "{summary}");
+    assert!(summary.contains("over_quota=0"), "{summary}");
+}
