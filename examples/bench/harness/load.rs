@@ -95,6 +95,8 @@ pub struct LoadSpec {
     pub nap: Duration,
     /// Publish at most this many messages per second (`None`: as fast as the window allows).
     pub rate: Option<u64>,
+    /// With `rate`: rise to it linearly over this long (traffic that grows, not a step).
+    pub ramp: Option<Duration>,
 }
 
 /// The publisher's side of a run.
@@ -212,7 +214,15 @@ async fn publish(addr: SocketAddr, spec: LoadSpec, shared: Arc<Shared>) -> io::R
         let now_ns = shared.now_ns();
         // `--rate`: what the clock allows so far (a steady stream, not a burst).
         let allowed = spec.rate.map_or(u64::MAX, |r| {
-            (started.elapsed().as_secs_f64() * r as f64) as u64 + 1
+            let t = started.elapsed().as_secs_f64();
+            let r = r as f64;
+            // The area under the rate: a triangle while ramping, then the steady part.
+            let sent = match spec.ramp.map(|d| d.as_secs_f64()).filter(|d| *d > 0.0) {
+                Some(ramp) if t < ramp => r * t * t / (2.0 * ramp),
+                Some(ramp) => r * (t - ramp / 2.0),
+                None => r * t,
+            };
+            sent as u64 + 1
         });
         while next < spec.count && next < allowed && wbuf.len() < WRITE_BATCH {
             let pkid = if spec.qos == 0 {

@@ -115,6 +115,17 @@ pub struct Opts {
     /// loopback, and moved these results by tens of percent (docs/BENCHMARKS.md). Needs root.
     #[arg(long, value_name = "ALGORITHM")]
     pub congestion: Option<String>,
+    /// Broker B is the embedded broker shaped as this broker ("bifromq": 200 PUBLISH/s and
+    /// 512 KiB/s in per connection, Receive Maximum 200), in a process of its own, and mqbridge
+    /// is told its quotas. mqbridge paths only.
+    #[arg(long, value_name = "PROFILE")]
+    pub shaped_target: Option<String>,
+    /// `pool_size_min` of `mqbridge-auto`.
+    #[arg(long, default_value_t = 1)]
+    pub pool_min: u16,
+    /// With --rate: rise to the rate linearly over this long.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ramp: Option<Duration>,
 }
 
 /// The ways from the publisher to the subscriber.
@@ -251,6 +262,9 @@ struct Context {
     target_protocol: String,
     default_windows: bool,
     rate: Option<u64>,
+    ramp: Option<Duration>,
+    shaped_target: Option<String>,
+    pool_min: u16,
 }
 
 /// Runs the benchmark once per `--delay` value (or once without), the reports one after the
@@ -362,7 +376,17 @@ pub fn run(opts: &Opts, args: &str) -> Result<Report, String> {
         target_protocol: opts.target_protocol.clone(),
         default_windows: opts.default_windows,
         rate: opts.rate,
+        ramp: opts.ramp,
+        shaped_target: opts.shaped_target.clone(),
+        pool_min: opts.pool_min,
     };
+    if ctx.shaped_target.is_some()
+        && paths
+            .iter()
+            .any(|p| matches!(p, Path::Direct | Path::Mosquitto))
+    {
+        return Err("--shaped-target: mqbridge paths only (--paths mqbridge-auto)".into());
+    }
     let reps = opts.reps.unwrap_or(if opts.quick { 1 } else { 5 });
     // Only the probes run here; publisher and subscriber have threads of their own.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -549,9 +573,17 @@ fn run_case(rt: &tokio::runtime::Runtime, ctx: &Context, case: &Case) -> io::Res
         | Path::MqbridgeSpool(pool_size)
         | Path::MqbridgeAuto(pool_size) => {
             let a = Broker::start(&dir, "broker-a", &settings, None)?;
-            let b = Broker::start(&dir, "broker-b", &settings, None)?;
+            let b = match &ctx.shaped_target {
+                Some(profile) => Broker::start_shaped(&dir, profile)?,
+                None => Broker::start(&dir, "broker-b", &settings, None)?,
+            };
             let (port, link) = remote(&b)?;
             links = link;
+            let target_extra = if ctx.shaped_target.is_some() {
+                "max_publish_rate = 200\nbandwidth_limit = \"512KiB/s\"\n"
+            } else {
+                ""
+            };
             let bridge = Mqbridge::start(
                 &dir,
                 &MqbridgeSettings {
@@ -562,6 +594,8 @@ fn run_case(rt: &tokio::runtime::Runtime, ctx: &Context, case: &Case) -> io::Res
                     qos: case.qos,
                     pool_size,
                     pool_auto: matches!(case.path, Path::MqbridgeAuto(_)),
+                    pool_min: ctx.pool_min,
+                    target_extra,
                     max_inflight: (!ctx.default_windows).then_some(case.window),
                     cpus: ctx.bridge_cpus.as_ref(),
                     spool: matches!(case.path, Path::MqbridgeSpool(_)),
@@ -580,6 +614,7 @@ fn run_case(rt: &tokio::runtime::Runtime, ctx: &Context, case: &Case) -> io::Res
         idle_timeout: case.idle_timeout,
         nap: case.nap,
         rate: ctx.rate,
+        ramp: ctx.ramp,
     };
     let load1 = std::fs::read_to_string("/proc/loadavg")
         .ok()
@@ -612,6 +647,15 @@ fn run_case(rt: &tokio::runtime::Runtime, ctx: &Context, case: &Case) -> io::Res
     let published = publisher.and_then(load::join);
     let (received, after, published) = (received?, after?, published?);
     let peak_rss = bridge.as_ref().map(|b| b.proc.peak_rss_kib()).transpose()?;
+    if ctx.shaped_target.is_some() {
+        let shaped = procs::ShapedStats::read(&dir);
+        let threads = bridge.as_ref().and_then(|b| procs::threads(b.proc.pid()));
+        eprintln!(
+            "shaped target: {} PUBLISH over its quota (discarded), {} dropped from full \
+             inboxes; mqbridge threads {threads:?}, peak RSS {peak_rss:?} KiB",
+            shaped.over_rate, shaped.dropped
+        );
+    }
     let fsyncs = bridge.as_ref().and_then(Mqbridge::spool_fsyncs);
     drop(bridge);
     drop(links);

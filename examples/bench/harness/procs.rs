@@ -285,6 +285,23 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// Broker B as the embedded broker shaped as BifroMQ (`BrokerOptions::bifromq`), in a
+    /// process of its own (this benchmark run again with `--serve-shaped`), so that its CPU is
+    /// its own. It writes its counters to `shaped.stats` in `dir` (see [`ShapedStats`]).
+    pub fn start_shaped(dir: &Path, profile: &str) -> io::Result<Broker> {
+        let port = free_port()?;
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("--serve-shaped")
+            .arg(profile)
+            .arg(port.to_string())
+            .arg(dir.join("shaped.stats"));
+        let mut proc = Proc::spawn("shaped-broker", cmd, dir.join("shaped-broker.out"))?;
+        proc.wait_until(Duration::from_secs(10), || {
+            TcpStream::connect(loopback(port)).is_ok()
+        })?;
+        Ok(Broker { proc, port })
+    }
+
     pub fn start(
         dir: &Path,
         name: &'static str,
@@ -374,6 +391,65 @@ fn broker_config(
     conf
 }
 
+/// What the shaped broker counted, from its stats file: PUBLISH packets over its PUBLISH/s
+/// quota (discarded) and messages dropped from full session inboxes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ShapedStats {
+    pub over_rate: u64,
+    pub dropped: u64,
+}
+
+impl ShapedStats {
+    pub fn read(dir: &Path) -> ShapedStats {
+        let text = std::fs::read_to_string(dir.join("shaped.stats")).unwrap_or_default();
+        let field = |name: &str| {
+            text.split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.parse().ok())
+                .unwrap_or(0)
+        };
+        ShapedStats {
+            over_rate: field("over_rate="),
+            dropped: field("dropped="),
+        }
+    }
+}
+
+/// `--serve-shaped PROFILE PORT STATS`: runs the embedded broker shaped as `PROFILE` on
+/// `PORT` until killed, writing its counters to `STATS` every 200 ms. The outbound quota is
+/// left off: the counting subscriber is the instrument, not the system measured (BifroMQ's
+/// 512 KiB/s would hold it to about 6,000 msg/s of 64 B).
+pub fn serve_shaped(profile: &str, port: u16, stats: &Path) -> io::Result<()> {
+    if profile != "bifromq" {
+        return Err(io::Error::other(format!(
+            "--shaped-target {profile}: only \"bifromq\""
+        )));
+    }
+    let mut options = mqbridge::broker::BrokerOptions::bifromq("shaped");
+    options.addr = loopback(port);
+    options.quotas.outbound_bytes = None;
+    let broker = mqbridge::broker::EmbeddedBroker::start(options)?;
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let s = broker.stats();
+        let (mut over, mut dropped) = (0, 0);
+        for c in s.client_ids().iter().filter_map(|c| s.client(c)) {
+            over += c.over_rate;
+            dropped += c.dropped;
+        }
+        let tmp = stats.with_extension("tmp");
+        std::fs::write(&tmp, format!("over_rate={over} dropped={dropped}\n"))?;
+        std::fs::rename(&tmp, stats)?;
+    }
+}
+
+/// Threads of a process now (`/proc/PID/status`).
+pub fn threads(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:")?.trim().parse().ok())
+}
+
 /// `mqbridge run` with one route A → B over MQTT 3.1.1 and an admin port for `/readyz`.
 pub struct Mqbridge {
     pub proc: Proc,
@@ -389,9 +465,12 @@ pub struct MqbridgeSettings<'a> {
     /// "3.1.1" or "5".
     pub target_protocol: &'a str,
     pub qos: u8,
-    /// Pairs, or with `pool_auto` the most pairs (`pool_size = "auto"` from 1).
+    /// Pairs, or with `pool_auto` the most pairs (`pool_size = "auto"` from `pool_min`).
     pub pool_size: u16,
     pub pool_auto: bool,
+    pub pool_min: u16,
+    /// Lines for broker B's table (its quotas, for a shaped target).
+    pub target_extra: &'a str,
     /// `max_inflight` on both brokers; `None`: mqbridge's defaults.
     pub max_inflight: Option<u64>,
     /// `spool = true` on the route, the spool under the run's directory.
@@ -445,7 +524,7 @@ protocol = "3.1.1"
 [brokers.b]
 url = "mqtt://127.0.0.1:{target}"
 protocol = "{target_protocol}"
-{inflight}
+{inflight}{target_extra}
 [[routes]]
 name = "bench"
 from = "a"
@@ -457,14 +536,15 @@ qos = {qos}
         source = s.source,
         target = s.target,
         target_protocol = s.target_protocol,
+        target_extra = s.target_extra,
         inflight = s
             .max_inflight
             .map_or(String::new(), |n| format!("max_inflight = {n}\n")),
         qos = s.qos,
         pool = if s.pool_auto {
             format!(
-                "pool_size = \"auto\"\npool_size_min = 1\npool_size_max = {}",
-                s.pool_size
+                "pool_size = \"auto\"\npool_size_min = {}\npool_size_max = {}",
+                s.pool_min, s.pool_size
             )
         } else {
             format!("pool_size = {}", s.pool_size)
