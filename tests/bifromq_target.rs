@@ -69,3 +69,65 @@ async fn an_auto_pool_into_bifromq_quotas_grows_loses_nothing_and_is_never_disca
         drop(bridge);
     }
 }
+
+/// An operator who did not tell the bridge the target's quota: BifroMQ (3.x) drops what is over
+/// 200 PUBLISH/s in a second without an ack and acknowledges the next second's publishes. The
+/// pair sees an ack for a later publish and none for the earlier one, takes it for dropped after
+/// `SKIPPED_ACK_GRACE` (10 s), says what to set, and sends it again on a new connection:
+/// every message arrives. Before, the pair and the source held the dropped ones for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_dropping_publishes_without_an_ack_gets_them_again() {
+    // mosquitto's window towards the bridge at 1,000 (its default is 20): with 20, the dropped
+    // ones fill it, no later publish reaches the target, and only the 60 s silence rule (the
+    // machine's unit test) notices.
+    let src = Mosquitto::start_with(MosquittoOpts {
+        max_inflight_messages: Some(1000),
+        ..Default::default()
+    })
+    .await;
+    let dst = EmbeddedBroker::start(BrokerOptions::bifromq("cloud")).unwrap();
+    let mut cfg = RouteConfig::new(src.port(), Proto::V311, dst.port(), Proto::V311);
+    cfg.qos = 1;
+    let collector = Collector::start(dst.port(), Proto::V5, "in/#", 1).await;
+    let bridge = start_ready(&cfg.toml(), 1).await;
+    // 300 msg/s for 2 s: about 100 a second over the quota.
+    let count = 600;
+    publish_numbered_paced(
+        src.port(),
+        Proto::V311,
+        |i| format!("in/{}", i % 3),
+        1,
+        0,
+        count,
+        "s",
+        Duration::from_micros(3_333),
+    )
+    .await;
+    let all = collector
+        .wait_for_count(count as usize, Duration::from_secs(60))
+        .await;
+    let ids: BTreeSet<u32> = collector
+        .received()
+        .iter()
+        .filter_map(|r| r.payload_str().strip_prefix("s-")?.parse().ok())
+        .collect();
+    let log = bridge.log();
+    let over: u64 = dst
+        .stats()
+        .client_ids()
+        .iter()
+        .filter_map(|c| dst.stats().client(c))
+        .map(|c| c.over_rate)
+        .sum();
+    assert!(over > 0, "the target dropped nothing: no test\n{log}");
+    assert!(
+        all,
+        "{} of {count} arrived ({over} dropped by the target):\n{log}",
+        ids.len()
+    );
+    assert_eq!(ids.len(), count as usize);
+    assert!(
+        log.contains("it dropped it without a word") && log.contains("max_publish_rate"),
+        "{log}"
+    );
+}

@@ -67,6 +67,7 @@ struct RouteSample<'a> {
     dead_letters_unsendable: u64,
     paced: u64,
     window_full_ms: u64,
+    skipped_acks: u64,
     retried: u64,
     subscriptions_downgraded: u64,
     in_flight: u64,
@@ -111,6 +112,7 @@ impl<'a> RouteSample<'a> {
             s.dead_lettered += g(&p.dead_lettered);
             s.paced += g(&p.paced);
             s.window_full_ms += g(&p.window_full_ms);
+            s.skipped_acks += g(&p.skipped_acks);
             s.retried += g(&p.retried);
             s.subscriptions_downgraded += g(&p.subscriptions_downgraded);
             s.in_flight += g(&p.in_flight);
@@ -179,6 +181,12 @@ const ROUTE_FAMILIES: &[RouteFamily] = &[
         "Milliseconds the pairs' windows towards the target were full while it was connected, summed over pairs: rising by about 1000 per second per pair, the route is window-bound (it carries window / round trip per pair; pool_size = \"auto\" adds pairs).",
         MetricType::Counter,
         |s| s.window_full_ms,
+    ),
+    (
+        "mqbridge_skipped_acks",
+        "Target reconnects because it acknowledged publishes written after one it never acknowledged (brokers acknowledge in order): it dropped that publish without a word, as BifroMQ does over its PUBLISH/s quota on MQTT 3.x; the publish is sent again. Set the target's max_publish_rate.",
+        MetricType::Counter,
+        |s| s.skipped_acks,
     ),
     (
         "mqbridge_publishes_retried",

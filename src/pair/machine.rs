@@ -80,6 +80,15 @@ pub const PARK_QUIET: Duration = Duration::from_millis(500);
 const UNSUBSCRIBE_PKID: u16 = 900;
 /// The machine wakes at least this often (stats, the pool's controller).
 const IDLE_TICK: Duration = Duration::from_secs(1);
+/// How long a publish may stay unacknowledged while the target acknowledges ones written after
+/// it before the pair takes it for dropped and reconnects to send it again (see `skipped_since`).
+pub const SKIPPED_ACK_GRACE: Duration = Duration::from_secs(10);
+/// How long a target that answers pings may acknowledge nothing while publishes wait for their
+/// acks before the pair takes them for dropped and reconnects to send them again. A slow target
+/// still acknowledges something now and then (a throttled one, tens a second); a silent one
+/// dropped what it was sent (BifroMQ over its quota drops a whole second's excess, and the
+/// source's window then holds no later publish whose ack would show it).
+pub const ACK_SILENCE: Duration = Duration::from_secs(60);
 
 /// Which connection of the pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -421,6 +430,17 @@ pub struct Machine {
     /// First write per target packet id, for `mqbridge_forward_latency_seconds`. The source is
     /// read only while the window has room, so this is (within a pass) the receive time.
     sent_at: super::window::IdMap<Instant>,
+    /// Target packet ids in the order first written (with that time; entries whose publish was
+    /// acknowledged or let go are skipped lazily): to see a publish the target passed over.
+    send_order: VecDeque<(u16, Instant)>,
+    /// Since when the oldest publish awaiting its ack was written before one the target has
+    /// acknowledged. Brokers acknowledge in order (MQTT 3.1.1 and 5, 4.6), so after
+    /// `SKIPPED_ACK_GRACE` the target dropped it without a word (BifroMQ over its PUBLISH/s
+    /// quota on MQTT 3.x) and only a reconnect sends it again; without this the pair's window
+    /// and the source's held that message, and what came after, for ever.
+    skipped_since: Option<Instant>,
+    /// The target's last PUBACK or PUBREC (or its CONNACK): see `ACK_SILENCE`.
+    last_target_ack: Instant,
     /// The target's per-connection quotas (PUBLISH/s, bytes/s) for what we publish to it.
     target_pacer: Pacer,
     /// The source's per-connection byte quota for what we read from it.
@@ -519,6 +539,9 @@ impl Machine {
             target_progress: false,
             target_fail_streak: 0,
             sent_at: Default::default(),
+            send_order: VecDeque::new(),
+            skipped_since: None,
+            last_target_ack: now,
             target_pacer: Pacer::new(route.to.max_publish_rate, route.to.bandwidth_limit, now),
             source_pacer: Pacer::new(None, route.from.bandwidth_limit, now),
             last_pacing_log: None,
@@ -866,6 +889,7 @@ impl Machine {
         }
         let deadlines = [
             self.keep_alive_due(),
+            self.dropped_ack_due(),
             self.intake.as_ref().and_then(|i| i.retry_at()),
             self.intake.as_ref().and_then(|i| i.too_old_at()),
             self.probe.as_ref().and_then(ShareProbe::poll_timeout),
@@ -883,6 +907,7 @@ impl Machine {
     /// Acts on every deadline that passed.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.keep_alive_tick(now);
+        self.dropped_ack_check(now);
         let t = self.probe.as_mut().and_then(|p| p.handle_timeout(now));
         self.probe_transmit(t);
         if self.suback_deadline.is_some_and(|d| now >= d) {
@@ -1020,6 +1045,8 @@ impl Machine {
             info.session_present = true;
         }
         self.target_progress = false;
+        self.skipped_since = None;
+        self.last_target_ack = now;
         let broker_window = info.receive_maximum.unwrap_or(u16::MAX);
         let window = usize::from(broker_window.min(self.target.broker.max_inflight));
         self.target_max_qos = info
@@ -1286,12 +1313,89 @@ impl Machine {
             let taken = self.window.held_mut(pkid).map(|m| m.payload.len());
             PairStats::add(&self.spec.stats.bytes_forwarded, taken.unwrap_or(0) as u64);
         }
-        if let Some(at) = self.sent_at.remove(&pkid)
-            && reason < 0x80
-        {
+        self.last_target_ack = now;
+        let Some(at) = self.sent_at.remove(&pkid) else {
+            return;
+        };
+        if reason < 0x80 {
             let secs = now.saturating_duration_since(at).as_secs_f64();
             self.spec.stats.forward_latency.record(secs);
         }
+        self.note_skipped(now, at);
+    }
+
+    /// Whether an entry of `send_order` is a publish still waiting for its ack.
+    fn waiting_for_ack(&self, (id, at): (u16, Instant)) -> bool {
+        self.sent_at.get(&id) == Some(&at) && self.window.awaits_ack(id)
+    }
+
+    /// The oldest publish still waiting for its ack (`send_order` pruned up to it).
+    fn oldest_waiting(&mut self) -> Option<(u16, Instant)> {
+        while let Some(&front) = self.send_order.front() {
+            if self.waiting_for_ack(front) {
+                return Some(front);
+            }
+            self.send_order.pop_front();
+        }
+        None
+    }
+
+    /// After an ack for a publish first written at `acked`: is an older one still unacknowledged
+    /// (`skipped_since`)? Keeps `send_order` to the publishes still waiting.
+    fn note_skipped(&mut self, now: Instant, acked: Instant) {
+        match self.oldest_waiting() {
+            Some((_, at)) if at < acked => {
+                self.skipped_since.get_or_insert(now);
+            }
+            _ => self.skipped_since = None,
+        }
+        // Bounded: a stuck front keeps acknowledged entries behind it.
+        if self.send_order.len() > 2 * self.sent_at.len() + 1024 {
+            let order = std::mem::take(&mut self.send_order);
+            self.send_order = order
+                .into_iter()
+                .filter(|e| self.waiting_for_ack(*e))
+                .collect();
+        }
+    }
+
+    /// When the target is due to have dropped a publish: `SKIPPED_ACK_GRACE` after it passed
+    /// one over, `ACK_SILENCE` after its last ack.
+    fn dropped_ack_due(&self) -> Option<Instant> {
+        if !self.target.is_up() {
+            return None;
+        }
+        let silence = self.last_target_ack + ACK_SILENCE;
+        Some(
+            self.skipped_since
+                .map_or(silence, |s| (s + SKIPPED_ACK_GRACE).min(silence)),
+        )
+    }
+
+    /// The target passed a publish over (`SKIPPED_ACK_GRACE`) or acknowledged nothing for
+    /// `ACK_SILENCE` while publishes waited: it dropped them; reconnect to send them again.
+    fn dropped_ack_check(&mut self, now: Instant) {
+        if self.dropped_ack_due().is_none_or(|due| now < due) {
+            return;
+        }
+        let skipped = self.skipped_since.take().is_some();
+        let Some((pkid, _)) = self.oldest_waiting() else {
+            // Nothing waits (what was held was acknowledged or let go): look again later.
+            self.last_target_ack = now;
+            return;
+        };
+        let broker = self.target.broker.name.clone();
+        if skipped {
+            error!(route = %self.spec.route.name, pair = self.spec.index, broker = %broker, pkid, "the target acknowledged publishes written after packet id {pkid} but not it for {SKIPPED_ACK_GRACE:?}: it dropped it without a word (BifroMQ does over its PUBLISH/s quota on MQTT 3.x: set brokers.{broker}.max_publish_rate to its MsgPubPerSec); reconnecting to send it again");
+        } else {
+            error!(route = %self.spec.route.name, pair = self.spec.index, broker = %broker, pkid, "the target answers pings but acknowledged nothing for {ACK_SILENCE:?} while packet id {pkid} and others waited: taking them for dropped (BifroMQ drops over its PUBLISH/s quota on MQTT 3.x without an ack: set brokers.{broker}.max_publish_rate); reconnecting to send them again");
+        }
+        PairStats::add(&self.spec.stats.skipped_acks, 1);
+        self.lost(
+            now,
+            Role::Target,
+            &"publishes the target never acknowledged",
+        );
     }
 
     fn process_source_input(&mut self, now: Instant) {
@@ -1801,11 +1905,15 @@ impl Machine {
                         .codec
                         .publish(pkid, dup, m, expiry, &mut self.target.wbuf);
                     self.last_publish_write = Some(now);
-                    if dup {
+                    let first = if dup {
                         // A resend keeps its first time: the outage counts in its latency.
-                        self.sent_at.entry(pkid).or_insert(now);
+                        !self.sent_at.contains_key(&pkid)
                     } else {
+                        true
+                    };
+                    if first {
                         self.sent_at.insert(pkid, now);
+                        self.send_order.push_back((pkid, now));
                     }
                 }
                 Action::SendQos0(m) => self.send_qos0(now, m),

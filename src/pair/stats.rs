@@ -66,6 +66,9 @@ pub struct PairStats {
     /// the pair could have taken more from the source had the window been larger (an
     /// automatically sized pool grows on it).
     pub window_full_ms: AtomicU64,
+    /// Reconnects of the target because it acknowledged later publishes and not an earlier one
+    /// for `SKIPPED_ACK_GRACE`: it dropped that one without a word.
+    pub skipped_acks: AtomicU64,
 }
 
 impl PairStats {

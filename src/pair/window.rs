@@ -685,6 +685,13 @@ impl Window {
 
     // ---- internals ---------------------------------------------------------------------------
 
+    /// Whether the PUBLISH with this packet id is written and waits for its PUBACK or PUBREC.
+    pub fn awaits_ack(&self, pkid: u16) -> bool {
+        self.slots
+            .get(&pkid)
+            .is_some_and(|s| s.stage == Stage::Published)
+    }
+
     fn is(&self, pkid: u16, stage: Stage, qos: Qos) -> bool {
         self.slots
             .get(&pkid)

@@ -1669,3 +1669,142 @@ fn a_parking_pair_waits_for_quiet_after_its_acks_not_after_its_last_read() {
     h.m.handle_timeout(h.now);
     assert_eq!(h.m.handle_input(h.now), Some(Ended::Parked));
 }
+
+impl H {
+    /// Sleeps until `done` or `limit` passed, answering both brokers' pings (other output to
+    /// the source, its PUBACKs, is kept for `out`).
+    fn sleep_until(&mut self, limit: Duration, done: impl Fn(&H) -> bool) {
+        let start = self.now;
+        while !done(self) && self.now - start < limit {
+            self.sleep();
+            if self.m.is_up(Role::Target) && self.out(Role::Target).contains(&v4::Packet::PingReq) {
+                self.feed(Role::Target, v4::Packet::PingResp);
+            }
+            if self.m.is_up(Role::Source) && self.m.transmit(Role::Source) == [0xc0, 0] {
+                self.out(Role::Source);
+                self.feed(Role::Source, v4::Packet::PingResp);
+            }
+        }
+    }
+
+    /// Two QoS 1 publishes from the source, 5 ms apart; their target packet ids.
+    fn two_publishes(&mut self) -> [u16; 2] {
+        self.publish(1, QoS::AtLeastOnce, "first");
+        self.now += Duration::from_millis(5);
+        self.publish(2, QoS::AtLeastOnce, "second");
+        let ids: Vec<u16> = self
+            .out(Role::Target)
+            .into_iter()
+            .map(|p| match p {
+                v4::Packet::Publish(p) => p.pkid,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        [ids[0], ids[1]]
+    }
+}
+
+/// BifroMQ over its PUBLISH/s quota on MQTT 3.x drops a publish without an ack and acknowledges
+/// the next ones: brokers ack in order, so the pair takes the first for dropped, says so and
+/// reconnects, and the resumed session gets it again. Before, the pair (and the source) held it
+/// for ever.
+#[test]
+fn a_publish_the_target_passes_over_is_sent_again_after_a_reconnect() {
+    let mut h = H::ready("", "keep_alive = \"5s\"");
+    let [dropped, taken] = h.two_publishes();
+    h.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(taken)));
+    let acked_at = h.now;
+    h.sleep_until(Duration::from_secs(30), |h| !h.closed.is_empty());
+    let waited = h.now - acked_at;
+    assert!(
+        waited >= SKIPPED_ACK_GRACE && waited <= SKIPPED_ACK_GRACE + Duration::from_millis(2),
+        "closed after {waited:?}"
+    );
+    assert_eq!(h.closed, vec![Role::Target]);
+    h.sleep_until(Duration::from_secs(5), |h| !h.connects.is_empty());
+    assert_eq!(PairStats::get(&h.stats.skipped_acks), 1);
+    h.up(Role::Target, true);
+    match h.out(Role::Target).as_slice() {
+        [v4::Packet::Publish(p)] => {
+            assert!(p.dup);
+            assert_eq!((p.pkid, &p.payload[..]), (dropped, &b"first"[..]));
+        }
+        other => panic!("expected the resend, got {other:?}"),
+    }
+    h.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(dropped)));
+    // The source hears of both now, in the order it sent them (MQTT 4.6).
+    let acks: Vec<v4::Packet> = h
+        .out(Role::Source)
+        .into_iter()
+        .filter(|p| matches!(p, v4::Packet::PubAck(_)))
+        .collect();
+    assert_eq!(
+        acks,
+        vec![
+            v4::Packet::PubAck(v4::PubAck::new(1)),
+            v4::Packet::PubAck(v4::PubAck::new(2))
+        ]
+    );
+    // Nothing more: no second reconnect.
+    h.sleep_until(Duration::from_secs(30), |h| !h.connects.is_empty());
+    assert!(h.connects.is_empty());
+}
+
+/// Acks in order, however slow, and a first ack that comes late but within the grace, are no
+/// reason to reconnect.
+#[test]
+fn slow_acks_in_order_or_late_within_the_grace_do_not_reconnect() {
+    let mut h = H::ready("", "keep_alive = \"5s\"");
+    let [first, second] = h.two_publishes();
+    h.sleep_until(SKIPPED_ACK_GRACE * 2, |_| false);
+    h.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(first)));
+    h.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(second)));
+    let [first, second] = h.two_publishes();
+    h.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(second)));
+    h.sleep_until(SKIPPED_ACK_GRACE - Duration::from_secs(1), |_| false);
+    h.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(first)));
+    h.sleep_until(SKIPPED_ACK_GRACE * 2, |_| false);
+    assert!(h.closed.is_empty() && h.connects.is_empty());
+    assert_eq!(PairStats::get(&h.stats.skipped_acks), 0);
+    let acks = h
+        .out(Role::Source)
+        .into_iter()
+        .filter(|p| matches!(p, v4::Packet::PubAck(_)))
+        .count();
+    assert_eq!(acks, 4, "each acknowledged to the source");
+}
+
+/// The tail of a burst over BifroMQ's quota: dropped, and no later publish acknowledged (the
+/// source's window holds the dropped ones). A target that answers pings and acknowledges nothing
+/// for `ACK_SILENCE` gets them again on a new connection.
+#[test]
+fn a_target_that_answers_pings_but_acknowledges_nothing_gets_the_publishes_again() {
+    let mut h = H::ready("", "keep_alive = \"5s\"");
+    // Silence counts from the target's last word, its CONNACK here.
+    let connected = h.now;
+    let [first, second] = h.two_publishes();
+    h.sleep_until(ACK_SILENCE * 2, |h| !h.closed.is_empty());
+    let waited = h.now - connected;
+    assert!(
+        waited >= ACK_SILENCE && waited <= ACK_SILENCE + Duration::from_millis(2),
+        "closed after {waited:?}"
+    );
+    assert_eq!(PairStats::get(&h.stats.skipped_acks), 1);
+    h.sleep_until(Duration::from_secs(5), |h| !h.connects.is_empty());
+    h.up(Role::Target, true);
+    let resent: Vec<(u16, bool)> = h
+        .out(Role::Target)
+        .into_iter()
+        .map(|p| match p {
+            v4::Packet::Publish(p) => (p.pkid, p.dup),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(resent, vec![(first, true), (second, true)]);
+    // An idle pair with nothing waiting is left alone.
+    h.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(first)));
+    h.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(second)));
+    h.out(Role::Source);
+    h.sleep_until(ACK_SILENCE * 3, |h| h.closed.len() > 1);
+    assert_eq!(h.closed, vec![Role::Target]);
+}
