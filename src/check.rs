@@ -186,6 +186,22 @@ fn write_route(out: &mut String, plan: &Plan, route: &RoutePlan) -> fmt::Result 
     for subscription in route.subscriptions() {
         writeln!(out, "      {subscription}")?;
     }
+    if route.from.protocol.is_v5() {
+        writeln!(
+            out,
+            "    {} is told the target's window as its Receive Maximum (at most {}): no more \
+             unacknowledged to a pair",
+            route.from.name, route.to.max_inflight
+        )?;
+    } else {
+        writeln!(
+            out,
+            "    {} speaks MQTT {} and cannot be told a window: its own in-flight limit caps each \
+             pair at that many messages per round trip (mosquitto: max_inflight_messages, 20 by \
+             default); on a long link raise it there, or add pairs",
+            route.from.name, route.from.protocol
+        )?;
+    }
 
     let pairs = route.pool_size_max;
     if route.pool_auto {

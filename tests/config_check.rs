@@ -638,3 +638,27 @@ fn one_broker_declared_twice_gets_two_client_ids() {
         client_id(&plan.bridge, route, 0, Side::Source)
     );
 }
+
+#[test]
+fn check_says_what_caps_a_pair_on_the_source_side() {
+    let v311 = load(&MINIMAL.replace(
+        "url = \"mqtt://127.0.0.1:21883\"",
+        "url = \"mqtt://127.0.0.1:21883\"\nprotocol = \"3.1.1\"",
+    ))
+    .unwrap();
+    let text = render_plan(&v311);
+    assert!(
+        text.contains("edge speaks MQTT 3.1.1 and cannot be told a window: its own in-flight limit caps each pair"),
+        "{text}"
+    );
+    let v5 = load(&MINIMAL.replace(
+        "url = \"mqtt://127.0.0.1:21883\"",
+        "url = \"mqtt://127.0.0.1:21883\"\nprotocol = \"5\"",
+    ))
+    .unwrap();
+    let text = render_plan(&v5);
+    assert!(
+        text.contains("edge is told the target's window as its Receive Maximum (at most 1024)"),
+        "{text}"
+    );
+}
