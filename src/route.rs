@@ -219,7 +219,7 @@ async fn watch_pool(
             } else {
                 "pool_size = \"auto\" would add pairs (or raise pool_size)".to_string()
             };
-            tracing::warn!(route = %route.name, pairs = active, "route {} is limited by the target's window: {} in flight per pair (the window), acknowledged every {:?} ({:.0} msg/s per pair), the windows full {:.0} % of the last {:?}; {advice}", route.name, w.window, w.round_trip, w.per_pair_rate, w.full_share * 100.0, w.span);
+            tracing::warn!(route = %route.name, pairs = active, "route {} is limited by the target's window: {} in flight per pair (the window), acknowledged every {:?} ({:.0} msg/s per pair){}, the windows full {:.0} % of the last {:?}; {advice}", route.name, w.window, w.round_trip, w.per_pair_rate, w.against_the_path(), w.full_share * 100.0, w.span);
         }
         let Some(sizer) = sizer.as_mut() else {
             continue;
@@ -251,6 +251,8 @@ pub struct Sample {
     pub in_flight: u64,
     /// The largest pair window (the target's Receive Maximum capped by `max_inflight`).
     pub window: u64,
+    /// The longest round trip to the target an idle pair measured (PINGREQ), µs; 0: none yet.
+    pub round_trip_us: u64,
 }
 
 impl Sample {
@@ -269,6 +271,11 @@ impl Sample {
                 .map(|p| PairStats::get(&p.window))
                 .max()
                 .unwrap_or(0),
+            round_trip_us: pairs
+                .iter()
+                .map(|p| PairStats::get(&p.target_round_trip_us))
+                .max()
+                .unwrap_or(0),
         }
     }
 }
@@ -282,6 +289,30 @@ pub struct WindowBound {
     pub per_pair_rate: f64,
     pub full_share: f64,
     pub span: Duration,
+    /// The path's round trip as an idle pair's PINGREQ measured it, if one did.
+    pub path_round_trip: Option<Duration>,
+}
+
+impl WindowBound {
+    /// What the acks' pace says against the path's round trip, in words.
+    pub fn against_the_path(&self) -> String {
+        let Some(path) = self.path_round_trip else {
+            return String::new();
+        };
+        let extra = self.round_trip.saturating_sub(path);
+        if extra * 4 <= path {
+            format!(
+                ", the path's own round trip being {path:?} (PINGREQ while idle): the window over \
+                 the distance is the limit"
+            )
+        } else {
+            format!(
+                ", while the path's round trip is {path:?} (PINGREQ while idle): the acks take \
+                 {extra:?} more than the distance (the target holds them back, e.g. mosquitto's \
+                 default set_tcp_nodelay false delays its PUBACKs)"
+            )
+        }
+    }
 }
 
 /// Says (at most every `WATCH_REPEAT` ticks) when the last `WATCH_TICKS` ticks had the windows
@@ -323,6 +354,8 @@ impl WindowWatch {
             per_pair_rate,
             full_share: full_share.min(1.0),
             span,
+            path_round_trip: (now.round_trip_us > 0)
+                .then(|| Duration::from_micros(now.round_trip_us)),
         })
     }
 }
@@ -618,6 +651,41 @@ mod tests {
             s.window_full_ms += 800;
             assert_eq!(w.next(s, 2), None);
         }
+    }
+
+    #[test]
+    fn the_acks_pace_is_set_against_the_paths_round_trip() {
+        let bound = |path_ms: Option<u64>| {
+            let mut w = WindowWatch::default();
+            let mut s = Sample {
+                window: 20,
+                round_trip_us: path_ms.map_or(0, |ms| ms * 1000),
+                ..Sample::default()
+            };
+            (0..=WATCH_TICKS)
+                .filter_map(|_| {
+                    // One pair, 200 acks/s with 20 in flight: a window every 100 ms.
+                    s.forwarded += 200;
+                    s.window_full_ms += 900;
+                    w.next(s, 1)
+                })
+                .next()
+                .expect("window-bound")
+        };
+        assert_eq!(bound(None).path_round_trip, None);
+        assert_eq!(bound(None).against_the_path(), "");
+        let far = bound(Some(95)).against_the_path();
+        assert!(
+            far.contains("the path's own round trip being 95ms")
+                && far.contains("the window over the distance is the limit"),
+            "{far}"
+        );
+        let held = bound(Some(51)).against_the_path();
+        assert!(
+            held.contains("the path's round trip is 51ms")
+                && held.contains("the acks take 49ms more than the distance"),
+            "{held}"
+        );
     }
 
     #[test]

@@ -80,9 +80,25 @@ async fn auto_grows_on_a_window_bound_route_and_shrinks_back_stranding_nothing()
 /// A fixed pool on the same link says what limits it, in figures, and what would help.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fixed_pool_limited_by_its_window_says_so_with_the_round_trip() {
-    let (src, dst, _link, cfg) = long_link().await;
+    let (src, dst, _link, mut cfg) = long_link().await;
+    let admin = format!("127.0.0.1:{}", free_port());
+    cfg.tail = format!("[admin]\nlisten = \"{admin}\"\n");
     let collector = Collector::start(dst.port(), Proto::V311, "in/#", 1).await;
     let bridge = start_ready(&cfg.toml(), 1).await;
+    // Idle first: the keep-alive PINGREQ (at 3/4 of 5 s) measures the path, 100 ms and a bit.
+    let measured = wait_until_async(Duration::from_secs(10), || async {
+        let body = http_get(&admin, "/metrics")
+            .await
+            .map(|r| r.1)
+            .unwrap_or_default();
+        body.contains("mqbridge_target_round_trip_microseconds")
+            && metric(&body, "mqbridge_target_round_trip_microseconds") > 0.0
+    })
+    .await;
+    assert!(measured, "no round trip measured:\n{}", bridge.log());
+    let body = http_get(&admin, "/metrics").await.unwrap().1;
+    let rtt_us = metric(&body, "mqbridge_target_round_trip_microseconds");
+    assert!((100_000.0..150_000.0).contains(&rtt_us), "{rtt_us} µs");
     // 250 msg/s for 12 s against 200 msg/s: the source's backlog stays under its 1,000.
     let count = 3000;
     publish_numbered_paced(
@@ -106,8 +122,13 @@ async fn a_fixed_pool_limited_by_its_window_says_so_with_the_round_trip() {
         line.contains("pool_size = \"auto\" would add pairs"),
         "{line}"
     );
-    // The round trip is 100 ms plus the brokers' own time: "acknowledged every 1xx ms".
+    // The round trip is 100 ms plus the brokers' own time: "acknowledged every 1xx ms", set
+    // against the path's as the idle ping measured it.
     assert!(line.contains("acknowledged every 1"), "{line}");
+    assert!(
+        line.contains("round trip") && line.contains("(PINGREQ while idle)"),
+        "{line}"
+    );
     assert!(
         collector
             .wait_for_count(count as usize, Duration::from_secs(30))

@@ -68,6 +68,7 @@ struct RouteSample<'a> {
     paced: u64,
     window_full_ms: u64,
     skipped_acks: u64,
+    round_trip_us: u64,
     retried: u64,
     subscriptions_downgraded: u64,
     in_flight: u64,
@@ -113,6 +114,7 @@ impl<'a> RouteSample<'a> {
             s.paced += g(&p.paced);
             s.window_full_ms += g(&p.window_full_ms);
             s.skipped_acks += g(&p.skipped_acks);
+            s.round_trip_us = s.round_trip_us.max(g(&p.target_round_trip_us));
             s.retried += g(&p.retried);
             s.subscriptions_downgraded += g(&p.subscriptions_downgraded);
             s.in_flight += g(&p.in_flight);
@@ -187,6 +189,12 @@ const ROUTE_FAMILIES: &[RouteFamily] = &[
         "Target reconnects because it acknowledged publishes written after one it never acknowledged (brokers acknowledge in order): it dropped that publish without a word, as BifroMQ does over its PUBLISH/s quota on MQTT 3.x; the publish is sent again. Set the target's max_publish_rate.",
         MetricType::Counter,
         |s| s.skipped_acks,
+    ),
+    (
+        "mqbridge_target_round_trip_microseconds",
+        "The longest round trip to the target a pair of the route measured while idle (keep-alive PINGREQ to PINGRESP; 0 until one did): against the forward latency, what the distance costs and what the target adds.",
+        MetricType::Gauge,
+        |s| s.round_trip_us,
     ),
     (
         "mqbridge_publishes_retried",

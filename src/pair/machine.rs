@@ -225,6 +225,9 @@ struct Side {
     /// source): losing it restarts the backoff from `BACKOFF_MIN`.
     healthy: bool,
     ping_sent: Option<Instant>,
+    /// When the keep-alive PINGREQ now unanswered was written (kept until its PINGRESP, which
+    /// `ping_sent` is not): an idle connection's round trip.
+    probe_sent: Option<Instant>,
     /// Successful connections so far (the first is not a reconnect).
     connects: u64,
     /// The current connection's Server Keep Alive (v5 CONNACK).
@@ -250,6 +253,7 @@ impl Side {
             up_since: now,
             healthy: false,
             ping_sent: None,
+            probe_sent: None,
             connects: 0,
             server_keep_alive: None,
             quick_closes: 0,
@@ -279,6 +283,7 @@ impl Side {
         self.healthy = false;
         self.last_write = now;
         self.ping_sent = None;
+        self.probe_sent = None;
         self.connects += 1;
         self.server_keep_alive = connack
             .server_keep_alive
@@ -1275,7 +1280,14 @@ impl Machine {
                     self.target_acks += 1;
                     self.window.target_pubcomp(pkid)
                 }
-                Inbound::PingResp | Inbound::SubAck { .. } | Inbound::UnsubAck { .. } => {}
+                Inbound::PingResp => {
+                    // Written while idle: the path's round trip, without the acks' queueing.
+                    if let Some(sent) = self.target.probe_sent.take() {
+                        let us = now.saturating_duration_since(sent).as_micros();
+                        PairStats::set(&self.spec.stats.target_round_trip_us, us.max(1) as u64);
+                    }
+                }
+                Inbound::SubAck { .. } | Inbound::UnsubAck { .. } => {}
                 Inbound::PingReq => self.target.codec.pingresp(&mut self.target.wbuf),
                 Inbound::Publish(p) => {
                     // We subscribe nothing on the target; a stale session might still deliver.
@@ -2179,6 +2191,7 @@ impl Machine {
             if now.duration_since(side.last_write) >= ka.mul_f32(0.75) && side.ping_sent.is_none() {
                 side.codec.pingreq(&mut side.wbuf);
                 side.ping_sent = Some(now);
+                side.probe_sent.get_or_insert(now);
             }
         }
     }

@@ -69,6 +69,9 @@ pub struct PairStats {
     /// Reconnects of the target because it acknowledged later publishes and not an earlier one
     /// for `SKIPPED_ACK_GRACE`: it dropped that one without a word.
     pub skipped_acks: AtomicU64,
+    /// The target's round trip in µs, from the last keep-alive PINGREQ of an idle connection to
+    /// its PINGRESP (0: not measured yet).
+    pub target_round_trip_us: AtomicU64,
 }
 
 impl PairStats {

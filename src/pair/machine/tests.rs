@@ -1808,3 +1808,20 @@ fn a_target_that_answers_pings_but_acknowledges_nothing_gets_the_publishes_again
     h.sleep_until(ACK_SILENCE * 3, |h| h.closed.len() > 1);
     assert_eq!(h.closed, vec![Role::Target]);
 }
+
+/// An idle target's keep-alive PINGREQ measures the path's round trip, exported per pair.
+#[test]
+fn an_idle_targets_ping_measures_its_round_trip() {
+    let mut h = H::ready("keep_alive = \"60s\"", "keep_alive = \"10s\"");
+    assert_eq!(PairStats::get(&h.stats.target_round_trip_us), 0);
+    while !h.out(Role::Target).contains(&v4::Packet::PingReq) {
+        h.sleep();
+    }
+    h.now += Duration::from_millis(37);
+    h.feed(Role::Target, v4::Packet::PingResp);
+    assert_eq!(PairStats::get(&h.stats.target_round_trip_us), 37_000);
+    // A PINGRESP nobody asked for measures nothing.
+    h.now += Duration::from_millis(500);
+    h.feed(Role::Target, v4::Packet::PingResp);
+    assert_eq!(PairStats::get(&h.stats.target_round_trip_us), 37_000);
+}
