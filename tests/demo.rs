@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::mqbridge_cli;
+use support::{largest_after, mqbridge_cli};
 
 #[test]
 fn demo_runs_for_its_duration_and_loses_nothing() {
@@ -51,18 +51,7 @@ fn demo_surge_grows_the_pool_within_bifromqs_quotas() {
         stdout.contains("both shaped as BifroMQ by default: 200 PUBLISH/s in, 512 KiB/s each way, Receive Maximum 200"),
         "{stdout}"
     );
-    let most_pairs = stdout
-        .lines()
-        .filter_map(|l| {
-            l.split("  pairs ")
-                .nth(1)?
-                .split(' ')
-                .next()?
-                .parse::<u32>()
-                .ok()
-        })
-        .max()
-        .unwrap_or(0);
+    let most_pairs = largest_after(stdout, "  pairs ").unwrap_or(0);
     assert!(
         most_pairs >= 2,
         "the pool grew during the surge: {most_pairs}\n{stdout}"

@@ -158,19 +158,12 @@ async fn auto_pool_grows_to_carry_the_load_and_shrinks_when_it_stops() {
     );
     assert_at_least_once(&collector.received(), "a", 0..N);
     let log = bridge.log();
-    let most = log
+    let resized: String = log
         .lines()
         .filter(|l| l.contains("pool resized"))
-        .filter_map(|l| {
-            l.split(" pairs=")
-                .nth(1)?
-                .split(' ')
-                .next()?
-                .parse::<u32>()
-                .ok()
-        })
-        .max()
-        .unwrap_or(1);
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let most = largest_after(&resized, " pairs=").unwrap_or(1);
     assert!(
         most >= 5,
         "1,000 msg/s at 200/s per pair needs ≥ 5 pairs; grew to {most}\n{log}"

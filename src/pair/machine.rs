@@ -83,8 +83,8 @@ const IDLE_TICK: Duration = Duration::from_secs(1);
 /// How long a publish may stay unacknowledged while the target acknowledges ones written after
 /// it before the pair takes it for dropped and reconnects to send it again (see `skipped_since`).
 pub const SKIPPED_ACK_GRACE: Duration = Duration::from_secs(10);
-/// How long a target that answers pings may acknowledge nothing while publishes wait for their
-/// acks before the pair takes them for dropped and reconnects to send them again. A slow target
+/// How long a connected target (its keep-alive answered) may acknowledge nothing while
+/// publishes wait for their acks before the pair takes them for dropped and reconnects to send them again. A slow target
 /// still acknowledges something now and then (a throttled one, tens a second); a silent one
 /// dropped what it was sent (BifroMQ over its quota drops a whole second's excess, and the
 /// source's window then holds no later publish whose ack would show it).
@@ -1400,7 +1400,7 @@ impl Machine {
         if skipped {
             error!(route = %self.spec.route.name, pair = self.spec.index, broker = %broker, pkid, "the target acknowledged publishes written after packet id {pkid} but not it for {SKIPPED_ACK_GRACE:?}: it dropped it without a word (BifroMQ does over its PUBLISH/s quota on MQTT 3.x: set brokers.{broker}.max_publish_rate to its MsgPubPerSec); reconnecting to send it again");
         } else {
-            error!(route = %self.spec.route.name, pair = self.spec.index, broker = %broker, pkid, "the target answers pings but acknowledged nothing for {ACK_SILENCE:?} while packet id {pkid} and others waited: taking them for dropped (BifroMQ drops over its PUBLISH/s quota on MQTT 3.x without an ack: set brokers.{broker}.max_publish_rate); reconnecting to send them again");
+            error!(route = %self.spec.route.name, pair = self.spec.index, broker = %broker, pkid, "the target is connected but acknowledged nothing for {ACK_SILENCE:?} while packet id {pkid} and others waited: taking them for dropped (BifroMQ drops over its PUBLISH/s quota on MQTT 3.x without an ack: set brokers.{broker}.max_publish_rate); reconnecting to send them again");
         }
         PairStats::add(&self.spec.stats.skipped_acks, 1);
         self.lost(

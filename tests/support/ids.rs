@@ -22,6 +22,14 @@ pub fn padded_payload(prefix: &str, id: u32, len: usize) -> Bytes {
     Bytes::from(payload)
 }
 
+/// The largest number that follows `marker` on a line of `text` ("pairs=4", "pairs 4"): the
+/// most pairs a log or the demo's output reported.
+pub fn largest_after(text: &str, marker: &str) -> Option<u32> {
+    text.lines()
+        .filter_map(|l| l.split(marker).nth(1)?.split(' ').next()?.parse().ok())
+        .max()
+}
+
 /// The id in a numbered payload of `prefix`; `None` for any other payload.
 pub fn parse_id(payload: &[u8], prefix: &str) -> Option<u32> {
     let rest = payload

@@ -35,7 +35,7 @@ pub use configs::{RouteConfig, start_ready, wait_ready};
 #[allow(unused_imports)]
 pub use ids::{
     IdCount, assert_at_least_once, assert_exactly_once, count_ids, duplicate_ids, ids_in_order,
-    numbered_payload, padded_payload, parse_id,
+    largest_after, numbered_payload, padded_payload, parse_id,
 };
 #[allow(unused_imports)]
 pub use mosquitto::{Mosquitto, MosquittoOpts};
