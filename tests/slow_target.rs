@@ -2,8 +2,8 @@
 //! steady QoS 1 stream of 4 KiB messages on the source broker while the target takes a tenth of
 //! it (every target connection throttled by the harness proxy). The source broker holds the
 //! growing backlog; the bridge holds its window and no more, so its resident memory must stay
-//! flat (within 10 % between minute 1 and the end) and under 64 MiB with a pool of 4 (issue #6,
-//! "done when" 3). Not part of the default suite (`#[ignore]`); run it with
+//! flat (within 5 % between half-way and the end, once the windows and write buffers filled)
+//! and under 64 MiB with a pool of 4 (issue #6, "done when" 3). Not part of the default suite (`#[ignore]`); run it with
 //! `scripts/slow-target.sh`.
 //!
 //! Then the throttle goes, the backlog drains, and every offered message must have arrived.
@@ -223,7 +223,10 @@ async fn target_ten_times_slower_for_minutes_keeps_rss_flat_and_bounded() {
         .find(|s| s.at >= MINUTE_1)
         .expect("a sample at minute 1");
     let steady: Vec<&Sample> = samples.iter().filter(|s| s.at >= MINUTE_1).collect();
-    let full = steady.iter().filter(|s| s.in_flight >= s.window).count();
+    let half_full = steady
+        .iter()
+        .filter(|s| s.in_flight * 2 >= s.window)
+        .count();
     let slow_rate = at_end.forwarded as f64 / at_end.at.as_secs_f64();
     let offered_rate = f64::from(total) / publishing.as_secs_f64();
     let proxy_rate = up_bytes as f64 / slow_phase.as_secs_f64();
@@ -238,8 +241,8 @@ async fn target_ten_times_slower_for_minutes_keeps_rss_flat_and_bounded() {
         .unwrap_or(0);
     eprintln!(
         "slow-target done: RSS {} KiB at {}s, {} KiB at {}s ({:+.1} %), peak {peak} KiB (drain \
-         included); fds {} → {}, tasks {} → {}, threads {} → {}; window full at {full} of {} \
-         samples from minute 1; offered {total} in {:.0}s ({offered_rate:.1} msg/s), forwarded {} \
+         included); fds {} → {}, tasks {} → {}, threads {} → {}; at least half the window held at \
+         {half_full} of {} samples from minute 1; offered {total} in {:.0}s ({offered_rate:.1} msg/s), forwarded {} \
          in {:.0}s ({slow_rate:.1} msg/s, {:.1} % of offered; proxy {:.0} B/s towards the target), \
          backlog {} drained in {:.1}s ({:.0} msg/s); {count}",
         minute_1.res.rss_kib,
@@ -264,16 +267,18 @@ async fn target_ten_times_slower_for_minutes_keeps_rss_flat_and_bounded() {
         (u64::from(total) - at_end.forwarded) as f64 / drain.as_secs_f64(),
     );
 
-    // The target really was the bottleneck: the window stayed full, at about a tenth.
+    // The target really was the bottleneck: the bridge held most of its window all along (QoS 1
+    // towards a 3.1.1 target: 1024 per pair since #17; it fills up to what the target's socket
+    // and our write buffer hold, between 71 and 100 % here), while the target took a tenth.
     assert_eq!(
         minute_1.window,
-        20 * POOL as u64,
-        "window per pair 20 (3.1.1 target)"
+        1024 * POOL as u64,
+        "QoS 1 window per pair 1024 (3.1.1 target)"
     );
-    assert!(
-        full * 4 >= steady.len() * 3,
-        "the window was full at only {full} of {} samples from minute 1",
-        steady.len()
+    assert_eq!(
+        half_full,
+        steady.len(),
+        "the bridge held less than half its window at some samples from minute 1"
     );
     assert!(
         proxy_rate <= (POOL as u64 * per_connection) as f64 * 1.02,
@@ -288,11 +293,16 @@ async fn target_ten_times_slower_for_minutes_keeps_rss_flat_and_bounded() {
         "a slow but live target is not a dead one"
     );
     // Flat and bounded.
-    let (rss_1, rss_end) = (minute_1.res.rss_kib, at_end.res.rss_kib);
+    // From half-way: with the QoS 1 window of 1024 (since #17) the first minutes fill, at the
+    // target's pace, the windows and each pair's write buffer (up to 1 MiB each): RSS rose in
+    // 1 MiB steps from 28.8 MiB at 60 s to 32.0 MiB at 200 s and stayed there. A leak keeps
+    // rising in the second half too.
+    let half_way = *steady[steady.len() / 2];
+    let (rss_half, rss_end) = (half_way.res.rss_kib, at_end.res.rss_kib);
     assert!(
-        rss_end.abs_diff(rss_1) * 10 <= rss_1,
-        "RSS went from {rss_1} KiB at {}s to {rss_end} KiB at {}s (more than 10 %)",
-        minute_1.at.as_secs(),
+        rss_end.abs_diff(rss_half) * 20 <= rss_half,
+        "RSS went from {rss_half} KiB at {}s to {rss_end} KiB at {}s (more than 5 %)",
+        half_way.at.as_secs(),
         at_end.at.as_secs()
     );
     assert!(

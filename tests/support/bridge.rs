@@ -254,11 +254,16 @@ pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
 }
 
 /// The sum of the sample lines of `metric` in a Prometheus text body (over all label sets); 0
-/// when there is none. The name is matched as a prefix (`mqbridge_inflight` also takes
-/// `mqbridge_inflight{route="r"}`), so pass a name no other series starts with.
+/// when there is none. `metric` is a name (`mqbridge_inflight` takes every
+/// `mqbridge_inflight{…}` line, never `mqbridge_inflight_max`) or a name with its whole label set.
 pub fn metric(body: &str, metric: &str) -> f64 {
     body.lines()
-        .filter(|l| l.starts_with(metric) && !l.starts_with('#'))
+        .filter(|l| {
+            // The name itself, not a longer one it begins (mqbridge_window_full_… is not
+            // mqbridge_window).
+            l.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
