@@ -76,6 +76,7 @@ pub fn start(
             target_client_id: client_id(bridge, route, index, Side::Target),
             stats: stats.clone(),
             drain_timeout: bridge.drain_timeout,
+            ack_silence: crate::pair::machine::ack_silence(bridge.stall_timeout),
             epoch,
             loops: loops.clone(),
             spool: spool.as_ref().map(|spool| SpoolLink {
@@ -113,6 +114,7 @@ pub fn start(
         target_client_id: String::new(),
         stats: Arc::new(PairStats::default()),
         drain_timeout: bridge.drain_timeout,
+        ack_silence: crate::pair::machine::ack_silence(bridge.stall_timeout),
         epoch,
         loops: loops.clone(),
         spool: None,

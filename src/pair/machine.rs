@@ -84,11 +84,19 @@ const IDLE_TICK: Duration = Duration::from_secs(1);
 /// it before the pair takes it for dropped and reconnects to send it again (see `skipped_since`).
 pub const SKIPPED_ACK_GRACE: Duration = Duration::from_secs(10);
 /// How long a connected target (its keep-alive answered) may acknowledge nothing while
-/// publishes wait for their acks before the pair takes them for dropped and reconnects to send them again. A slow target
-/// still acknowledges something now and then (a throttled one, tens a second); a silent one
-/// dropped what it was sent (BifroMQ over its quota drops a whole second's excess, and the
-/// source's window then holds no later publish whose ack would show it).
+/// publishes wait for their acks before the pair takes them for dropped and reconnects to send
+/// them again, at least. A slow target still acknowledges something now and then (a throttled
+/// one, tens a second); a silent one dropped what it was sent (BifroMQ over its quota drops a
+/// whole second's excess, and the source's window then holds no later publish whose ack would
+/// show it).
 pub const ACK_SILENCE: Duration = Duration::from_secs(60);
+
+/// The silence a pair allows its target: `ACK_SILENCE`, or twice `bridge.stall_timeout` when
+/// the operator raised that for a target known to be slow (a pair is reported stalled first,
+/// and only then sends again).
+pub fn ack_silence(stall_timeout: Duration) -> Duration {
+    ACK_SILENCE.max(stall_timeout.saturating_mul(2))
+}
 
 /// Which connection of the pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1377,7 +1385,7 @@ impl Machine {
         if !self.target.is_up() {
             return None;
         }
-        let silence = self.last_target_ack + ACK_SILENCE;
+        let silence = self.last_target_ack + self.spec.ack_silence;
         Some(
             self.skipped_since
                 .map_or(silence, |s| (s + SKIPPED_ACK_GRACE).min(silence)),
@@ -1400,7 +1408,7 @@ impl Machine {
         if skipped {
             error!(route = %self.spec.route.name, pair = self.spec.index, broker = %broker, pkid, "the target acknowledged publishes written after packet id {pkid} but not it for {SKIPPED_ACK_GRACE:?}: it dropped it without a word (BifroMQ does over its PUBLISH/s quota on MQTT 3.x: set brokers.{broker}.max_publish_rate to its MsgPubPerSec); reconnecting to send it again");
         } else {
-            error!(route = %self.spec.route.name, pair = self.spec.index, broker = %broker, pkid, "the target is connected but acknowledged nothing for {ACK_SILENCE:?} while packet id {pkid} and others waited: taking them for dropped (BifroMQ drops over its PUBLISH/s quota on MQTT 3.x without an ack: set brokers.{broker}.max_publish_rate); reconnecting to send them again");
+            error!(route = %self.spec.route.name, pair = self.spec.index, broker = %broker, pkid, "the target is connected but acknowledged nothing for {:?} while packet id {pkid} and others waited: taking them for dropped (BifroMQ drops over its PUBLISH/s quota on MQTT 3.x without an ack: set brokers.{broker}.max_publish_rate); reconnecting to send them again", self.spec.ack_silence);
         }
         PairStats::add(&self.spec.stats.skipped_acks, 1);
         self.lost(

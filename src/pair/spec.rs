@@ -15,6 +15,9 @@ pub struct PairSpec {
     pub target_client_id: String,
     pub stats: Arc<PairStats>,
     pub drain_timeout: Duration,
+    /// How long a connected target may acknowledge nothing while publishes wait before they are
+    /// taken for dropped and sent again on a new connection (`machine::ack_silence`).
+    pub ack_silence: Duration,
     /// Process start, the zero of `PairStats::last_progress_ms`.
     pub epoch: std::time::Instant,
     pub loops: LoopGuard,

@@ -108,6 +108,7 @@ impl H {
             target_client_id: "t".into(),
             stats: stats.clone(),
             drain_timeout: Duration::from_secs(5),
+            ack_silence: ACK_SILENCE,
             epoch: now,
             loops: LoopGuard {
                 bridge_name: "b".into(),
@@ -1824,4 +1825,16 @@ fn an_idle_targets_ping_measures_its_round_trip() {
     h.now += Duration::from_millis(500);
     h.feed(Role::Target, v4::Packet::PingResp);
     assert_eq!(PairStats::get(&h.stats.target_round_trip_us), 37_000);
+}
+
+/// An operator who raised `bridge.stall_timeout` for a slow target gets a longer silence before
+/// the pair sends again; the default (30 s) keeps `ACK_SILENCE`.
+#[test]
+fn the_ack_silence_follows_a_raised_stall_timeout() {
+    assert_eq!(ack_silence(Duration::from_secs(30)), ACK_SILENCE);
+    assert_eq!(ack_silence(Duration::from_secs(5)), ACK_SILENCE);
+    assert_eq!(
+        ack_silence(Duration::from_secs(300)),
+        Duration::from_secs(600)
+    );
 }
