@@ -579,10 +579,17 @@ fn run_case(rt: &tokio::runtime::Runtime, ctx: &Context, case: &Case) -> io::Res
             };
             let (port, link) = remote(&b)?;
             links = link;
-            let target_extra = if ctx.shaped_target.is_some() {
-                "max_publish_rate = 200\nbandwidth_limit = \"512KiB/s\"\n"
-            } else {
-                ""
+            // The shaped broker's own quotas, told to mqbridge as an operator would.
+            let target_extra = match ctx.shaped_target {
+                Some(_) => {
+                    let q = mqbridge::broker::Quotas::BIFROMQ;
+                    format!(
+                        "max_publish_rate = {}\nbandwidth_limit = \"{}KiB/s\"\n",
+                        q.publish_rate.unwrap_or(0),
+                        q.inbound_bytes.unwrap_or(0) / 1024
+                    )
+                }
+                None => String::new(),
             };
             let bridge = Mqbridge::start(
                 &dir,
@@ -595,7 +602,7 @@ fn run_case(rt: &tokio::runtime::Runtime, ctx: &Context, case: &Case) -> io::Res
                     pool_size,
                     pool_auto: matches!(case.path, Path::MqbridgeAuto(_)),
                     pool_min: ctx.pool_min,
-                    target_extra,
+                    target_extra: &target_extra,
                     max_inflight: (!ctx.default_windows).then_some(case.window),
                     cpus: ctx.bridge_cpus.as_ref(),
                     spool: matches!(case.path, Path::MqbridgeSpool(_)),
