@@ -355,6 +355,26 @@ async fn resumed_qos2_exchange(port: u16, id: &str) -> u8 {
 /// connection, then the second connection resends the PUBLISH with DUP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qos2_publish_resent_after_its_exchange_completed_is_not_forwarded_again() {
+    resent_after_completion(0).await;
+}
+
+/// Bug 5, second part (fixed): the resend may come after more than one connection. The chaos
+/// tests cut the source's connections right after their CONNACK, several in a row, and mosquitto
+/// resent the released PUBLISHes on the first connection that lasted: the bridge kept their
+/// digests for the next connection only, and forwarded them again (269 and 680 duplicates, one
+/// run in about 80). Now they are kept until a connection gets past the broker's resends. Here
+/// the fake source accepts three connections (CONNACK, session present) and drops each as soon
+/// as the bridge subscribes, then resends the PUBLISH with DUP on the fourth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_qos2_publish_resent_after_connections_that_died_at_once_is_not_forwarded_again()
+{
+    resent_after_completion(3).await;
+}
+
+/// A fake 3.1.1 source completes a QoS 2 exchange with the bridge (the PUBCOMP lost with the
+/// connection), accepts `dying` connections and drops each once the bridge subscribed, then
+/// sends the same PUBLISH again with DUP, as mosquitto does: it must reach the target once.
+async fn resent_after_completion(dying: usize) {
     use support::fake_broker::{PUBREL, ack, connack, publish, spawn_reader, suback};
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
@@ -368,8 +388,8 @@ async fn a_qos2_publish_resent_after_its_exchange_completed_is_not_forwarded_aga
     cfg.src_extra = "share_probe = false".into();
     cfg.qos = 2;
     let mut bridge = Bridge::start(&cfg.toml());
-    let mut round = 0u8;
-    while round < 2 {
+    let mut connection = 0;
+    while connection < dying + 2 {
         let (stream, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
             .await
             .expect("the bridge connects")
@@ -383,20 +403,28 @@ async fn a_qos2_publish_resent_after_its_exchange_completed_is_not_forwarded_aga
             write.write_all(&connack(false, false)).await.unwrap();
             continue;
         }
-        write.write_all(&connack(false, round > 0)).await.unwrap();
+        write
+            .write_all(&connack(false, connection > 0))
+            .await
+            .unwrap();
         let (first, subscribe) = rx.recv().await.unwrap();
         assert_eq!(first >> 4, 8, "SUBSCRIBE");
         write.write_all(&suback(false, &subscribe)).await.unwrap();
-        // Round 0: the message; round 1: the same PUBLISH again, DUP, as mosquitto resends it.
-        let bytes = publish(false, 2, round > 0, 7, b"in/q2", b"q2-0");
+        connection += 1;
+        if (2..dying + 2).contains(&connection) {
+            // Taken (CONNACK, SUBACK) and gone before the broker resent anything.
+            continue;
+        }
+        // The first connection: the message; the last: the same PUBLISH again, DUP, as
+        // mosquitto resends it.
+        let bytes = publish(false, 2, connection > 1, 7, b"in/q2", b"q2-0");
         write.write_all(&bytes).await.unwrap();
         let (first, _) = rx.recv().await.unwrap();
         assert_eq!(first >> 4, 5, "PUBREC");
         write.write_all(&ack(PUBREL, 7)).await.unwrap();
         let (first, _) = rx.recv().await.unwrap();
         assert_eq!(first >> 4, 7, "PUBCOMP");
-        // Round 0 ends as if the PUBCOMP had been lost with the connection.
-        round += 1;
+        // The first connection ends as if the PUBCOMP had been lost with it.
     }
     collector
         .settle(Duration::from_millis(500), Duration::from_secs(5))
