@@ -109,10 +109,12 @@ fn write_broker(out: &mut String, plan: &Plan, broker: &BrokerPlan) -> fmt::Resu
     }
     writeln!(
         out,
-        "    keep alive {}, max in flight {} (QoS 2: {}), at most {} filters per SUBSCRIBE",
+        "    keep alive {}, max in flight {} (QoS 2: {}; {} per pair), at most {} filters per \
+         SUBSCRIBE",
         format_duration(broker.keep_alive),
         broker.max_inflight,
         broker.max_inflight_qos2,
+        ByteSize(broker.max_inflight_bytes).display().iec(),
         broker.max_filters_per_subscribe
     )?;
     let mut limits = Vec::new();

@@ -136,6 +136,7 @@ fn broker_parts(parts: &mut Parts, broker: &BrokerPlan) {
         keep_alive,
         session_expiry,
         max_inflight,
+        max_inflight_bytes,
         max_inflight_qos2,
         bandwidth_limit,
         max_publish_rate,
@@ -155,6 +156,7 @@ fn broker_parts(parts: &mut Parts, broker: &BrokerPlan) {
     parts.public(key("keep_alive"), keep_alive);
     parts.public(key("session_expiry"), session_expiry);
     parts.public(key("max_inflight"), max_inflight);
+    parts.public(key("max_inflight_bytes"), max_inflight_bytes);
     parts.public(key("max_inflight_qos2"), max_inflight_qos2);
     parts.public(key("bandwidth_limit"), bandwidth_limit);
     parts.public(key("max_publish_rate"), max_publish_rate);

@@ -107,17 +107,22 @@ fn minimal_config_gets_production_defaults() {
     let edge = &plan.brokers["edge"];
     let cloud = &plan.brokers["cloud"];
     assert_eq!(edge.protocol, Protocol::V5);
-    assert_eq!(edge.max_inflight, 1024);
+    assert_eq!(edge.max_inflight, 16384);
     assert_eq!(
-        cloud.max_inflight, 1024,
+        cloud.max_inflight, 16384,
         "QoS 1: nothing lost at any window"
+    );
+    assert_eq!(
+        (edge.max_inflight_bytes, cloud.max_inflight_bytes),
+        (4 << 20, 4 << 20),
+        "a pair's memory bound whatever the message size"
     );
     assert_eq!(
         cloud.max_inflight_qos2, 20,
         "QoS 2: mosquitto's window towards 3.x"
     );
     assert_eq!(
-        edge.max_inflight_qos2, 1024,
+        edge.max_inflight_qos2, 16384,
         "v5: the Receive Maximum counts both"
     );
     assert_eq!(
@@ -318,6 +323,34 @@ fn an_env_variable_naming_an_unknown_broker_says_so() {
         assert!(err.contains("which the config file does not have"), "{err}");
         assert!(err.contains("cloud"), "lists the brokers it has: {err}");
     }
+}
+
+#[test]
+fn max_inflight_bytes_takes_a_size_and_refuses_zero() {
+    let with = |v: &str| {
+        load(&MINIMAL.replace(
+            "url = \"mqtt://127.0.0.1:21883\"",
+            &format!("url = \"mqtt://127.0.0.1:21883\"\nmax_inflight_bytes = {v}"),
+        ))
+    };
+    assert_eq!(
+        with("\"16MiB\"").unwrap().brokers["edge"].max_inflight_bytes,
+        16 << 20
+    );
+    assert_eq!(
+        with("65536").unwrap().brokers["edge"].max_inflight_bytes,
+        65536
+    );
+    let err = with("0").unwrap_err().to_string();
+    assert!(
+        err.starts_with("brokers.edge.max_inflight_bytes: 0 would hold no message"),
+        "{err}"
+    );
+    let err = with("\"lots\"").unwrap_err().to_string();
+    assert!(
+        err.contains("brokers.edge.max_inflight_bytes") && err.contains("16MiB"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -658,7 +691,7 @@ fn check_says_what_caps_a_pair_on_the_source_side() {
     .unwrap();
     let text = render_plan(&v5);
     assert!(
-        text.contains("edge is told the target's window as its Receive Maximum (at most 1024)"),
+        text.contains("edge is told the target's window as its Receive Maximum (at most 16384)"),
         "{text}"
     );
 }

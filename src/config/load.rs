@@ -400,6 +400,16 @@ fn broker_plan(
         v => Ok(v),
     };
     let bandwidth_limit = nonzero("bandwidth_limit", broker.bandwidth_limit)?;
+    let max_inflight_bytes = match broker.max_inflight_bytes {
+        None => schema::default_max_inflight_bytes(),
+        Some(0) => {
+            return Err(invalid(
+                at("max_inflight_bytes"),
+                r#"0 would hold no message; remove the key for 4 MiB, or write e.g. "16MiB""#,
+            ));
+        }
+        Some(n) => n,
+    };
     let max_publish_rate = nonzero("max_publish_rate", broker.max_publish_rate)?
         .map(|n| {
             u32::try_from(n)
@@ -456,6 +466,7 @@ fn broker_plan(
         keep_alive,
         session_expiry,
         max_inflight,
+        max_inflight_bytes,
         max_inflight_qos2,
         bandwidth_limit,
         max_publish_rate,

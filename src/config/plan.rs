@@ -95,8 +95,10 @@ pub struct BrokerPlan {
     pub keep_alive: Duration,
     /// Zero: clean session. Above zero: persistent session (v3 clean_session=false, v5 Session Expiry).
     pub session_expiry: Duration,
-    /// Cap on our outgoing window towards this broker (default 1024): for 3.x the QoS 1 window.
+    /// Cap on our outgoing window towards this broker (default 16384): for 3.x the QoS 1 window.
     pub max_inflight: u16,
+    /// Bytes of messages a pair holds in flight towards this broker (default 4 MiB).
+    pub max_inflight_bytes: u64,
     /// Cap on QoS 2 messages in flight, within `max_inflight` (default 20 for 3.x).
     pub max_inflight_qos2: u16,
     /// Bytes per second each connection may send to/receive from this broker.

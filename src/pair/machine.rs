@@ -513,6 +513,7 @@ impl Machine {
             source_free_since: None,
             window: {
                 let mut w = Window::new(usize::from(route.to.max_inflight));
+                w.set_max_bytes(usize::try_from(route.to.max_inflight_bytes).unwrap_or(usize::MAX));
                 if spec.spool.is_some() {
                     w.source_connected(true); // its source is the spool, always there
                 }

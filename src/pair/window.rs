@@ -114,6 +114,8 @@ struct Slot {
     /// Counted in `qos2_on_wire` when it was written (its QoS may be lowered afterwards, to a
     /// v5 target's Maximum QoS, by `held_mut`).
     wire_qos2: bool,
+    /// What it counts against `max_bytes` ([`cost`]), fixed when it was taken.
+    cost: usize,
 }
 
 /// Counters the driver turns into metrics.
@@ -148,11 +150,28 @@ pub enum Unsent {
     TooLarge,
 }
 
+/// What a held message counts against `max_bytes`: its topic, payload and properties, and the
+/// slot that holds it (about 200 bytes; small messages cost mostly that).
+fn cost(m: &Message) -> usize {
+    std::mem::size_of::<Slot>()
+        + m.topic.len()
+        + m.payload.len()
+        + m.source_topic.as_ref().map_or(0, String::len)
+        + m.properties
+            .as_ref()
+            .map_or(0, |_| std::mem::size_of::<crate::message::Properties>())
+}
+
 /// The window and ack-chaining state of one pair.
 #[derive(Debug)]
 pub struct Window {
     /// Most QoS ≥ 1 messages held at once (= target Receive Maximum capped by `max_inflight`).
     window: usize,
+    /// Most bytes of held messages ([`cost`]): with small messages the count allows thousands,
+    /// with large ones this bounds the memory (`max_inflight_bytes`).
+    max_bytes: usize,
+    /// The `cost` of every slot held.
+    held_bytes: usize,
     slots: IdMap<Slot>,
     /// Held messages not yet written, in arrival order.
     queued: VecDeque<u16>,
@@ -208,6 +227,8 @@ impl Window {
     pub fn new(window: usize) -> Self {
         Window {
             window: window.clamp(1, u16::MAX as usize),
+            max_bytes: usize::MAX,
+            held_bytes: 0,
             slots: IdMap::default(),
             queued: VecDeque::new(),
             on_wire: 0,
@@ -237,7 +258,18 @@ impl Window {
     /// True while one more source message may be read: the target is up and the window has room.
     /// The driver stops reading the source socket otherwise, so the source broker holds the rest.
     pub fn can_accept(&self) -> bool {
-        self.target_up && self.slots.len() < self.window
+        self.target_up && self.slots.len() < self.window && self.held_bytes < self.max_bytes
+    }
+
+    /// Bounds the bytes of held messages (the last one taken may cross it: a message larger
+    /// than the bound still goes, alone).
+    pub fn set_max_bytes(&mut self, max_bytes: usize) {
+        self.max_bytes = max_bytes.max(1);
+    }
+
+    /// Bytes of the messages held, as counted against `max_bytes`.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
     }
 
     /// QoS ≥ 1 messages held (written or queued), the `mqbridge_inflight` gauge.
@@ -256,6 +288,9 @@ impl Window {
 
     /// Slots of the window not held (whether or not the target is up).
     pub fn free(&self) -> usize {
+        if self.held_bytes >= self.max_bytes {
+            return 0;
+        }
         self.window.saturating_sub(self.slots.len())
     }
 
@@ -535,7 +570,7 @@ impl Window {
             match slot.stage {
                 Stage::Released if !session_present => {
                     // A new target session knows nothing of it, but the target took it at PUBREC.
-                    self.slots.remove(&pkid);
+                    self.take_slot(pkid);
                 }
                 Stage::Released => {
                     self.on_wire += 1;
@@ -618,7 +653,7 @@ impl Window {
             self.counters.unsolicited_acks += 1;
             return;
         }
-        let slot = self.slots.remove(&pkid).expect("checked above");
+        let slot = self.take_slot(pkid).expect("checked above");
         self.off_wire(&slot);
         self.send_queued();
     }
@@ -652,7 +687,7 @@ impl Window {
         if slot.stage != Stage::Published {
             return;
         }
-        let slot = self.slots.remove(&pkid).expect("checked above");
+        let slot = self.take_slot(pkid).expect("checked above");
         self.off_wire(&slot);
         match how {
             Unsent::Expired => self.counters.expired += 1,
@@ -676,7 +711,7 @@ impl Window {
             .filter(|(_, s)| s.stage != Stage::Released)
             .min_by_key(|(_, s)| s.seq)
             .map(|(id, _)| *id)?;
-        let slot = self.slots.remove(&pkid).expect("found above");
+        let slot = self.take_slot(pkid).expect("found above");
         if slot.stage == Stage::Published {
             self.off_wire(&slot);
         }
@@ -713,7 +748,7 @@ impl Window {
 
     /// The first ack of a published slot: done (or refused). Frees the slot and acks the source.
     fn finish(&mut self, pkid: u16, reason: u8) {
-        let slot = self.slots.remove(&pkid).expect("caller checked");
+        let slot = self.take_slot(pkid).expect("caller checked");
         self.off_wire(&slot);
         if is_transient(reason) {
             return self.requeue(pkid, slot, reason);
@@ -749,7 +784,7 @@ impl Window {
         slot.stage = Stage::Queued;
         slot.sent = false; // a new PUBLISH, not a resend: no DUP
         let seq = slot.seq;
-        self.slots.insert(new, slot);
+        self.put_slot(new, slot);
         let at = self
             .queued
             .iter()
@@ -765,7 +800,8 @@ impl Window {
     fn insert_slot(&mut self, pkid: u16, message: Message, source: Option<SourceRef>) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.slots.insert(
+        let cost = cost(&message);
+        self.put_slot(
             pkid,
             Slot {
                 message,
@@ -774,10 +810,24 @@ impl Window {
                 seq,
                 sent: false,
                 wire_qos2: false,
+                cost,
             },
         );
         self.queued.push_back(pkid);
         self.send_queued();
+    }
+
+    fn put_slot(&mut self, pkid: u16, slot: Slot) {
+        self.held_bytes += slot.cost;
+        if let Some(old) = self.slots.insert(pkid, slot) {
+            self.held_bytes -= old.cost;
+        }
+    }
+
+    fn take_slot(&mut self, pkid: u16) -> Option<Slot> {
+        let slot = self.slots.remove(&pkid)?;
+        self.held_bytes -= slot.cost;
+        Some(slot)
     }
 
     /// Writes queued messages while the target is up and the window has room.
@@ -1219,6 +1269,8 @@ mod tests {
             assert!(self.w.on_wire() <= self.window);
             assert!(self.w.qos2_on_wire() <= self.qos2_window);
             assert!(self.w.in_flight() <= self.window);
+            let held: usize = self.w.slots.values().map(|s| s.cost).sum();
+            assert_eq!(self.w.held_bytes(), held);
         }
 
         /// Reconnect everything and let every exchange finish.
@@ -1274,8 +1326,12 @@ mod tests {
         /// target never sees more than the window; nothing is lost across disconnects; QoS 2
         /// reaches the target's subscribers exactly once.
         #[test]
-        fn ack_chaining_survives_any_interleaving(qos in qos_list(), window in 1usize..8, steps in prop::collection::vec(step(), 0..300)) {
+        fn ack_chaining_survives_any_interleaving(qos in qos_list(), window in 1usize..8, bytes_bound in prop::option::of(1usize..4), steps in prop::collection::vec(step(), 0..300)) {
             let mut world = World::new(qos.clone(), window);
+            if let Some(n) = bytes_bound {
+                // A bytes bound of 1 to 3 messages, below or above the count.
+                world.w.set_max_bytes(n * cost(&msg(0, Qos::AtLeastOnce)));
+            }
             for s in steps {
                 world.apply(s);
             }
@@ -1399,6 +1455,48 @@ mod tests {
         w.target_connected(target_session, size);
         w.source_connected(source_session);
         w
+    }
+
+    /// `max_inflight_bytes`: with room in the count, the bytes held stop the reading; an ack
+    /// gives them back; a message larger than the whole bound still goes, alone.
+    #[test]
+    fn held_bytes_bound_the_window_as_the_count_does() {
+        let one = cost(&msg(1, Qos::AtLeastOnce));
+        let mut w = connected(100, false, false);
+        w.set_max_bytes(3 * one);
+        let mut sent = Vec::new();
+        for id in 1..=3u16 {
+            assert!(w.can_accept(), "message {id}");
+            w.source_publish(
+                Some(id),
+                Qos::AtLeastOnce,
+                false,
+                msg(id.into(), Qos::AtLeastOnce),
+            );
+            while let Some(a) = w.poll_action() {
+                if let Action::SendPublish { pkid, .. } = a {
+                    sent.push(pkid);
+                }
+            }
+        }
+        assert_eq!(w.held_bytes(), 3 * one);
+        assert!(!w.can_accept(), "3 messages hold the bytes allowed");
+        assert_eq!(
+            w.free(),
+            0,
+            "full for the pool and the window-full time too"
+        );
+        w.target_puback(sent[0], 0);
+        while w.poll_action().is_some() {}
+        assert_eq!(w.held_bytes(), 2 * one);
+        assert!(w.can_accept());
+
+        let mut w = connected(100, false, false);
+        w.set_max_bytes(one / 2);
+        assert!(w.can_accept());
+        w.source_publish(Some(1), Qos::AtLeastOnce, false, msg(1, Qos::AtLeastOnce));
+        assert!(matches!(w.poll_action(), Some(Action::SendPublish { .. })));
+        assert!(!w.can_accept(), "nothing more until it is acknowledged");
     }
 
     /// The QoS 2 exchange of `pkid` with `message` goes all the way through (PUBCOMP to the source).
