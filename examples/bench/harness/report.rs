@@ -410,11 +410,13 @@ fn link_table(out: &mut String, opts: &Opts, rows: &[Summary]) {
             Path::Direct => continue,
         };
         // The window a pair is given towards broker B: --window, or the defaults (mosquitto's
-        // Receive Maximum 20 as a v5 target; mqbridge's 1024 for QoS 1 and 20 for QoS 2 to 3.x).
+        // Receive Maximum 20 as a v5 target; mqbridge's own for QoS 1 and 20 for QoS 2 to 3.x).
         let window = match (opts.default_windows, opts.target_protocol.as_str(), r.qos) {
             (false, _, _) => r.window as f64,
             (true, "5", _) | (true, _, 2) => 20.0,
-            (true, _, _) => 1024.0,
+            (true, _, _) => f64::from(mqbridge::config::schema::default_max_inflight(
+                mqbridge::config::Protocol::V311,
+            )),
         };
         let ceiling = f64::from(pairs) * window / rtt;
         let _ = writeln!(
