@@ -1515,6 +1515,31 @@ mod tests {
         std::iter::from_fn(|| w.poll_action()).any(|a| matches!(a, Action::SendPublish { .. }))
     }
 
+    /// The source connection drops and comes back, `times` times, its session kept.
+    fn reconnect_source(w: &mut Window, times: usize) {
+        for _ in 0..times {
+            w.source_disconnected();
+            w.source_connected(true);
+        }
+    }
+
+    /// The broker moves past its resends on this connection: a new PUBLISH without DUP.
+    fn past_resends(w: &mut Window) {
+        w.source_publish(Some(3), Qos::ExactlyOnce, false, msg(2, Qos::ExactlyOnce));
+        while w.poll_action().is_some() {}
+    }
+
+    /// The DUP PUBLISH of `online` under id 7 is answered PUBREC, not forwarded.
+    fn resend_is_answered(w: &mut Window, online: Message) {
+        w.source_publish(Some(7), Qos::ExactlyOnce, true, online);
+        assert_eq!(
+            w.poll_action(),
+            Some(Action::AckSource(SourceAck::PubRec(7))),
+            "answered, not forwarded"
+        );
+        assert_eq!(w.poll_action(), None);
+    }
+
     /// Issue #14, hole 3: the digest of a released QoS 2 message (kept for mosquitto's resend
     /// of it at a reconnect) swallowed a new message that reused the id with the same topic and
     /// payload (a repeated "online") when that one came with DUP. It is good only for the resends
@@ -1525,10 +1550,8 @@ mod tests {
         // Past the resends on the next connection: a new message with DUP is forwarded.
         let mut w = connected(8, true, true);
         complete_qos2(&mut w, 7, online());
-        w.source_disconnected();
-        w.source_connected(true);
-        w.source_publish(Some(3), Qos::ExactlyOnce, false, msg(2, Qos::ExactlyOnce));
-        while w.poll_action().is_some() {}
+        reconnect_source(&mut w, 1);
+        past_resends(&mut w);
         w.source_publish(Some(7), Qos::ExactlyOnce, true, online());
         assert!(
             forwarded(&mut w),
@@ -1538,12 +1561,9 @@ mod tests {
         // Two connections later, the one between past its resends: forwarded too.
         let mut w = connected(8, true, true);
         complete_qos2(&mut w, 7, online());
-        w.source_disconnected();
-        w.source_connected(true);
-        w.source_publish(Some(3), Qos::ExactlyOnce, false, msg(2, Qos::ExactlyOnce));
-        while w.poll_action().is_some() {}
-        w.source_disconnected();
-        w.source_connected(true);
+        reconnect_source(&mut w, 1);
+        past_resends(&mut w);
+        reconnect_source(&mut w, 1);
         w.source_publish(Some(7), Qos::ExactlyOnce, true, online());
         assert!(forwarded(&mut w));
 
@@ -1552,30 +1572,14 @@ mod tests {
         // cut three in a row): it is still mosquitto's resend on the one after them, answered.
         let mut w = connected(8, true, true);
         complete_qos2(&mut w, 7, online());
-        for _ in 0..3 {
-            w.source_disconnected();
-            w.source_connected(true);
-        }
-        w.source_publish(Some(7), Qos::ExactlyOnce, true, online());
-        assert_eq!(
-            w.poll_action(),
-            Some(Action::AckSource(SourceAck::PubRec(7))),
-            "answered, not forwarded"
-        );
-        assert_eq!(w.poll_action(), None);
+        reconnect_source(&mut w, 3);
+        resend_is_answered(&mut w, online());
 
         // Right at the start of the next connection it is still mosquitto's resend: answered.
         let mut w = connected(8, true, true);
         complete_qos2(&mut w, 7, online());
-        w.source_disconnected();
-        w.source_connected(true);
-        w.source_publish(Some(7), Qos::ExactlyOnce, true, online());
-        assert_eq!(
-            w.poll_action(),
-            Some(Action::AckSource(SourceAck::PubRec(7))),
-            "answered, not forwarded"
-        );
-        assert_eq!(w.poll_action(), None);
+        reconnect_source(&mut w, 1);
+        resend_is_answered(&mut w, online());
     }
 
     /// The broker says PUBREL again for a released exchange (our PUBCOMP was lost with the
@@ -1588,24 +1592,15 @@ mod tests {
         let online = || msg(1, Qos::ExactlyOnce);
         let mut w = connected(8, true, true);
         complete_qos2(&mut w, 7, online());
-        w.source_disconnected();
-        w.source_connected(true);
+        reconnect_source(&mut w, 1);
         w.source_pubrel(7);
         assert_eq!(
             w.poll_action(),
             Some(Action::AckSource(SourceAck::PubComp(7)))
         );
-        w.source_publish(Some(3), Qos::ExactlyOnce, false, msg(2, Qos::ExactlyOnce));
-        while w.poll_action().is_some() {}
-        w.source_disconnected();
-        w.source_connected(true);
-        w.source_publish(Some(7), Qos::ExactlyOnce, true, online());
-        assert_eq!(
-            w.poll_action(),
-            Some(Action::AckSource(SourceAck::PubRec(7))),
-            "answered, not forwarded"
-        );
-        assert_eq!(w.poll_action(), None);
+        past_resends(&mut w);
+        reconnect_source(&mut w, 1);
+        resend_is_answered(&mut w, online());
     }
 
     /// Issue #14, hole 5: 0x97 (quota exceeded) means "not now". It was dead-lettered and acked
