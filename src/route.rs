@@ -221,7 +221,7 @@ async fn watch_pool(
             } else {
                 "pool_size = \"auto\" would add pairs (or raise pool_size)".to_string()
             };
-            tracing::warn!(route = %route.name, pairs = active, "route {} is limited by the target's window: {} in flight per pair (the window), acknowledged every {:?} ({:.0} msg/s per pair){}, the windows full {:.0} % of the last {:?}; {advice}", route.name, w.window, w.round_trip, w.per_pair_rate, w.against_the_path(), w.full_share * 100.0, w.span);
+            tracing::warn!(route = %route.name, pairs = active, "route {} is limited by the target's window: {} in flight per pair ({}), acknowledged every {:?} ({:.0} msg/s per pair){}, the windows full {:.0} % of the last {:?}; {advice}", route.name, w.held, w.limit(), w.round_trip, w.per_pair_rate, w.against_the_path(), w.full_share * 100.0, w.span);
         }
         let Some(sizer) = sizer.as_mut() else {
             continue;
@@ -286,6 +286,8 @@ impl Sample {
 #[derive(Debug, Clone, PartialEq)]
 pub struct WindowBound {
     pub window: u64,
+    /// Messages a full window held per pair: `window`, or fewer when its bytes bound binds.
+    pub held: u64,
     /// Window / acks per second per pair: the forward time a window takes (Little's law).
     pub round_trip: Duration,
     pub per_pair_rate: f64,
@@ -296,6 +298,18 @@ pub struct WindowBound {
 }
 
 impl WindowBound {
+    /// What bounds a pair's window, in words.
+    pub fn limit(&self) -> String {
+        if self.held < self.window {
+            format!(
+                "its max_inflight_bytes: the window of {} messages is not reached",
+                self.window
+            )
+        } else {
+            "the window".to_string()
+        }
+    }
+
     /// What the acks' pace says against the path's round trip, in words.
     pub fn against_the_path(&self) -> String {
         let Some(path) = self.path_round_trip else {
@@ -350,9 +364,17 @@ impl WindowWatch {
         }
         self.quiet_for = WATCH_REPEAT;
         let per_pair_rate = acked as f64 / span.as_secs_f64() / active as f64;
+        // What a full window holds: the count, or fewer when `max_inflight_bytes` binds (large
+        // messages); the fullest sample shows it.
+        let fullest = self.samples.iter().map(|s| s.in_flight).max().unwrap_or(0);
+        let held = match fullest / active as u64 {
+            0 => now.window,
+            n => n.min(now.window),
+        };
         Some(WindowBound {
             window: now.window,
-            round_trip: Duration::from_millis((now.window as f64 / per_pair_rate * 1000.0) as u64),
+            held,
+            round_trip: Duration::from_millis((held as f64 / per_pair_rate * 1000.0) as u64),
             per_pair_rate,
             full_share: full_share.min(1.0),
             span,
@@ -653,6 +675,29 @@ mod tests {
             s.window_full_ms += 800;
             assert_eq!(w.next(s, 2), None);
         }
+    }
+
+    /// With large messages `max_inflight_bytes` fills before the count: the round trip is what
+    /// the fuller windows held over the acks' pace, and the warning names the bytes bound.
+    #[test]
+    fn a_window_bound_by_bytes_is_measured_by_what_it_held() {
+        let mut w = WindowWatch::default();
+        let mut s = Sample {
+            window: 16384,
+            ..Sample::default()
+        };
+        let mut said = None;
+        for tick in 0..=WATCH_TICKS {
+            // 2 pairs, each 9,700 acks/s with 970 in flight (4 MiB of 4 KiB messages): 100 ms.
+            s.forwarded += 2 * 9_700;
+            s.window_full_ms += 1800;
+            s.in_flight = if tick % 3 == 0 { 2 * 900 } else { 2 * 970 };
+            said = w.next(s, 2).or(said);
+        }
+        let b = said.expect("window-bound");
+        assert_eq!((b.held, b.window), (970, 16384));
+        assert_eq!(b.round_trip, Duration::from_millis(100));
+        assert!(b.limit().contains("max_inflight_bytes"), "{}", b.limit());
     }
 
     #[test]

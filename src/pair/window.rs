@@ -340,7 +340,7 @@ impl Window {
         // What earlier connections released stays answerable until a connection gets past the
         // broker's resends (`source_publish`), however many connections die before one does:
         // mosquitto resends a released PUBLISH after a connection that died right after its
-        // CONNACK, and the chaos tests cut connections that fast (269 and 680 duplicates when
+        // CONNACK, and the chaos tests cut connections that fast (269 to 898 duplicates when
         // the digests were kept for the next connection only).
         self.resend_phase = true;
         if !session_present {
