@@ -8,8 +8,8 @@ use bytesize::ByteSize;
 use humantime::format_duration;
 
 use crate::config::{
-    BrokerPlan, Plan, PropertiesMode, RetainMode, RoutePlan, Share, Side, Transport, client_id,
-    load::sample_topic,
+    BrokerPlan, Plan, PropertiesMode, Qos, RetainMode, RoutePlan, Share, Side, Transport,
+    client_id, load::sample_topic,
 };
 use crate::loops::analysis::{self, Cut};
 use crate::topic::{RewriteRule, TopicFilter, TopicName};
@@ -117,6 +117,13 @@ fn write_broker(out: &mut String, plan: &Plan, broker: &BrokerPlan) -> fmt::Resu
         ByteSize(broker.max_inflight_bytes).display().iec(),
         broker.max_filters_per_subscribe
     )?;
+    if broker.max_qos < Qos::ExactlyOnce {
+        let q = broker.max_qos as u8;
+        writeln!(
+            out,
+            "    as a target: QoS {q} at most (max_qos); messages of a higher QoS go at QoS {q}"
+        )?;
+    }
     let mut limits = Vec::new();
     if let Some(rate) = broker.bandwidth_limit {
         limits.push(format!("{}/s", ByteSize(rate).display().iec()));

@@ -137,6 +137,7 @@ fn broker_parts(parts: &mut Parts, broker: &BrokerPlan) {
         session_expiry,
         max_inflight,
         max_inflight_bytes,
+        max_qos,
         max_inflight_qos2,
         bandwidth_limit,
         max_publish_rate,
@@ -157,6 +158,7 @@ fn broker_parts(parts: &mut Parts, broker: &BrokerPlan) {
     parts.public(key("session_expiry"), session_expiry);
     parts.public(key("max_inflight"), max_inflight);
     parts.public(key("max_inflight_bytes"), max_inflight_bytes);
+    parts.public(key("max_qos"), max_qos);
     parts.public(key("max_inflight_qos2"), max_inflight_qos2);
     parts.public(key("bandwidth_limit"), bandwidth_limit);
     parts.public(key("max_publish_rate"), max_publish_rate);

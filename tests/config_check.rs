@@ -354,6 +354,33 @@ fn max_inflight_bytes_takes_a_size_and_refuses_zero() {
 }
 
 #[test]
+fn max_qos_caps_a_target_and_check_says_so() {
+    let with = |v: &str| {
+        load(&MINIMAL.replace(
+            "url = \"mqtt://127.0.0.1:1884\"",
+            &format!("url = \"mqtt://127.0.0.1:1884\"\nmax_qos = {v}"),
+        ))
+    };
+    assert_eq!(MINIMAL.matches("127.0.0.1:1884").count(), 1);
+    let plan = with("1").unwrap();
+    assert_eq!(plan.brokers["cloud"].max_qos, Qos::AtLeastOnce);
+    assert_eq!(
+        load(MINIMAL).unwrap().brokers["cloud"].max_qos,
+        Qos::ExactlyOnce
+    );
+    let text = render_plan(&plan);
+    assert!(
+        text.contains("as a target: QoS 1 at most (max_qos); messages of a higher QoS go at QoS 1"),
+        "{text}"
+    );
+    let err = with("3").unwrap_err().to_string();
+    assert!(
+        err.starts_with("brokers.cloud.max_qos: 3 is not a QoS: 0, 1 or 2"),
+        "{err}"
+    );
+}
+
+#[test]
 fn env_errors_say_which_variable() {
     let err = load_env(MINIMAL, &[("MQBRIDGE__ROUTES__0__POOL_SIZE", "lots")])
         .unwrap_err()

@@ -240,7 +240,7 @@ const ROUTE_FAMILIES: &[RouteFamily] = &[
     ),
     (
         "mqbridge_qos_downgraded",
-        "Messages forwarded at a lower QoS than received because of the target's Maximum QoS.",
+        "Messages forwarded at a lower QoS than received because of the target's Maximum QoS (or its max_qos).",
         MetricType::Counter,
         |s| s.qos_downgraded,
     ),

@@ -16,7 +16,7 @@ use super::{
     env::{blame_env, process_env, read, strip_env_prefix},
     error::*,
     plan::{
-        BridgePlan, BrokerPlan, Plan, Protocol, RoutePlan, Secret, Share, TlsPlan, Transport,
+        BridgePlan, BrokerPlan, Plan, Protocol, Qos, RoutePlan, Secret, Share, TlsPlan, Transport,
         default_broker_id,
     },
     schema,
@@ -410,6 +410,17 @@ fn broker_plan(
         }
         Some(n) => n,
     };
+    let max_qos = match broker.max_qos {
+        None => Qos::ExactlyOnce,
+        Some(n) => u8::try_from(n).ok().and_then(Qos::from_u8).ok_or_else(|| {
+            invalid(
+                at("max_qos"),
+                format!(
+                    "{n} is not a QoS: 0, 1 or 2 (1 for a 3.x broker without QoS 2, e.g. NATS)"
+                ),
+            )
+        })?,
+    };
     let max_publish_rate = nonzero("max_publish_rate", broker.max_publish_rate)?
         .map(|n| {
             u32::try_from(n)
@@ -467,6 +478,7 @@ fn broker_plan(
         session_expiry,
         max_inflight,
         max_inflight_bytes,
+        max_qos,
         max_inflight_qos2,
         bandwidth_limit,
         max_publish_rate,

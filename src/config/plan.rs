@@ -99,6 +99,8 @@ pub struct BrokerPlan {
     pub max_inflight: u16,
     /// Bytes of messages a pair holds in flight towards this broker (default 4 MiB).
     pub max_inflight_bytes: u64,
+    /// The highest QoS forwarded to this broker (default 2; a v5 broker's Maximum QoS caps it).
+    pub max_qos: Qos,
     /// Cap on QoS 2 messages in flight, within `max_inflight` (default 20 for 3.x).
     pub max_inflight_qos2: u16,
     /// Bytes per second each connection may send to/receive from this broker.

@@ -194,6 +194,11 @@ pub struct Broker {
     /// pair's memory stays bounded whatever the message size.
     #[serde(default, deserialize_with = "parse::opt_byte_size")]
     pub max_inflight_bytes: Option<u64>,
+    /// The highest QoS this broker takes as a target, 0..=2 (default 2). MQTT 5 brokers say it
+    /// in their CONNACK; a 3.x broker cannot, and NATS closes the connection at a QoS 2
+    /// PUBLISH: `max_qos = 1` forwards QoS 2 messages to it at QoS 1 (at least once).
+    #[serde(default, deserialize_with = "parse::opt_uint")]
+    pub max_qos: Option<u64>,
     /// Cap on QoS 2 messages in flight towards this broker, within `max_inflight` (default: 20
     /// for 3.x, whose window cannot be learned and which mosquitto enforces by acknowledging and
     /// then dropping QoS 2 beyond it; for 5, `max_inflight`: Receive Maximum counts both).

@@ -388,6 +388,8 @@ pub struct Machine {
     rng: u64,
     /// The target's Maximum QoS (v5 CONNACK), 2 when unknown.
     target_max_qos: Qos,
+    /// The target answered a QoS 2 PUBLISH at least once (PUBREC): it takes QoS 2.
+    target_took_qos2: bool,
     /// The target's Maximum Packet Size, mirrored to the source on v5.
     target_max_packet: Option<u32>,
     /// The target keeps retained messages (v5 CONNACK Retain Available, 1 when absent).
@@ -536,6 +538,7 @@ impl Machine {
                 now,
             ),
             target_max_qos: Qos::ExactlyOnce,
+            target_took_qos2: false,
             target_max_packet: None,
             target_retain: true,
             suback_pending: Vec::new(),
@@ -809,7 +812,14 @@ impl Machine {
             .lost(now, why, jitter, peer_closed, operator);
         if self.target_fail_streak >= POISON_AFTER {
             self.target_fail_streak = 0;
-            self.give_up_poison(now);
+            if self.qos2_refused() {
+                // Not the message: the QoS. Kept (the source holds the rest); the operator
+                // decides whether exactly once may become at least once.
+                let broker = &self.target.broker.name;
+                error!(route = %self.spec.route.name, pair = self.spec.index, broker = %broker, "the target closed the connection {POISON_AFTER} times in a row right after a QoS 2 PUBLISH and has never acknowledged one: a 3.x broker without QoS 2 does that (NATS logs \"publish QoS=2 not supported\"); nothing is dropped and the route waits: set brokers.{broker}.max_qos = 1 to forward QoS 2 messages to it at QoS 1 (at least once), or lower routes.{}.qos", self.spec.route.name);
+            } else {
+                self.give_up_poison(now);
+            }
         }
     }
 
@@ -1063,10 +1073,12 @@ impl Machine {
         self.last_target_ack = now;
         let broker_window = info.receive_maximum.unwrap_or(u16::MAX);
         let window = usize::from(broker_window.min(self.target.broker.max_inflight));
+        // A v5 broker says its Maximum QoS; a 3.x one cannot, and the operator may (`max_qos`).
         self.target_max_qos = info
             .maximum_qos
             .and_then(Qos::from_u8)
-            .unwrap_or(Qos::ExactlyOnce);
+            .unwrap_or(Qos::ExactlyOnce)
+            .min(self.target.broker.max_qos);
         self.target_max_packet = info.maximum_packet_size;
         self.target_retain = info.retain_available != Some(0);
         if self.target.connects > 0 {
@@ -1249,6 +1261,16 @@ impl Machine {
     /// The target keeps closing the connection with our messages on the wire and acks none:
     /// the oldest held message is taken for the cause and treated as undeliverable, so the
     /// messages behind it move again.
+    /// The target keeps closing over a QoS 2 PUBLISH and never took one: it does not take QoS 2.
+    fn qos2_refused(&self) -> bool {
+        !self.target_took_qos2
+            && self.target.broker.protocol != Protocol::V5
+            && self
+                .window
+                .oldest()
+                .is_some_and(|m| m.qos == Qos::ExactlyOnce)
+    }
+
     fn give_up_poison(&mut self, now: Instant) {
         if let Some(m) = self.window.give_up_oldest() {
             let why = format!(
@@ -1282,6 +1304,7 @@ impl Machine {
                 }
                 Inbound::PubRec { pkid, reason } => {
                     self.target_ack(now, pkid, reason);
+                    self.target_took_qos2 = true;
                     self.window.target_pubrec(pkid, reason)
                 }
                 Inbound::PubComp { pkid } => {

@@ -705,12 +705,7 @@ impl Window {
     /// closing the connection over it): it is removed and acknowledged to the source, and
     /// returned for the driver to log, count and dead-letter.
     pub fn give_up_oldest(&mut self) -> Option<Message> {
-        let pkid = self
-            .slots
-            .iter()
-            .filter(|(_, s)| s.stage != Stage::Released)
-            .min_by_key(|(_, s)| s.seq)
-            .map(|(id, _)| *id)?;
+        let pkid = self.oldest_not_released()?;
         let slot = self.take_slot(pkid).expect("found above");
         if slot.stage == Stage::Published {
             self.off_wire(&slot);
@@ -723,6 +718,20 @@ impl Window {
         }
         self.send_queued();
         Some(slot.message)
+    }
+
+    /// The oldest held message not past PUBREC: what [`Window::give_up_oldest`] would give up.
+    pub fn oldest(&self) -> Option<&Message> {
+        let pkid = self.oldest_not_released()?;
+        self.slots.get(&pkid).map(|s| &s.message)
+    }
+
+    fn oldest_not_released(&self) -> Option<u16> {
+        self.slots
+            .iter()
+            .filter(|(_, s)| s.stage != Stage::Released)
+            .min_by_key(|(_, s)| s.seq)
+            .map(|(id, _)| *id)
     }
 
     // ---- internals ---------------------------------------------------------------------------
