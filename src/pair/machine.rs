@@ -1258,9 +1258,6 @@ impl Machine {
         self.spec.stats.subscribed.store(false, Relaxed);
     }
 
-    /// The target keeps closing the connection with our messages on the wire and acks none:
-    /// the oldest held message is taken for the cause and treated as undeliverable, so the
-    /// messages behind it move again.
     /// The target keeps closing over a QoS 2 PUBLISH and never took one: it does not take QoS 2.
     fn qos2_refused(&self) -> bool {
         !self.target_took_qos2
@@ -1271,6 +1268,9 @@ impl Machine {
                 .is_some_and(|m| m.qos == Qos::ExactlyOnce)
     }
 
+    /// The target keeps closing the connection with our messages on the wire and acks none:
+    /// the oldest held message is taken for the cause and treated as undeliverable, so the
+    /// messages behind it move again.
     fn give_up_poison(&mut self, now: Instant) {
         if let Some(m) = self.window.give_up_oldest() {
             let why = format!(

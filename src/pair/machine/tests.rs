@@ -1023,6 +1023,48 @@ fn a_target_that_closes_right_after_the_message_is_written_makes_it_poison() {
     );
 }
 
+/// A 3.x target without QoS 2 (NATS) closes the connection at every QoS 2 PUBLISH: that is no
+/// evidence against the message, which is kept (it was dropped as poison before `max_qos`).
+#[test]
+fn a_3x_target_closing_at_every_qos2_publish_drops_nothing() {
+    let mut h = H::ready_route("", "", "qos = 2");
+    h.publish(1, QoS::ExactlyOnce, "fine");
+    for _ in 0..(2 * POISON_AFTER) {
+        assert!(
+            h.out(Role::Target)
+                .iter()
+                .any(|p| matches!(p, v4::Packet::Publish(p) if p.qos == QoS::ExactlyOnce)),
+            "resent at QoS 2"
+        );
+        h.now += Duration::from_millis(20);
+        h.lose(Role::Target);
+        h.target_back();
+    }
+    assert_eq!(PairStats::get(&h.stats.dropped_target_disconnects), 0);
+    assert_eq!(h.m.in_flight(), 1, "still held");
+    let to_source = h.out(Role::Source);
+    assert!(
+        !to_source
+            .iter()
+            .any(|p| matches!(p, v4::Packet::PubRec(_) | v4::Packet::PubAck(_))),
+        "not acknowledged to the source: {to_source:?}"
+    );
+}
+
+/// `max_qos = 1` on the target: a QoS 2 message goes at QoS 1 (counted), and its PUBACK
+/// completes the source's QoS 2 exchange with PUBREC.
+#[test]
+fn max_qos_1_forwards_qos2_at_qos1() {
+    let mut h = H::ready_route("", "max_qos = 1", "qos = 2");
+    h.publish(1, QoS::ExactlyOnce, "m");
+    let out = h.out(Role::Target);
+    let Some(v4::Packet::Publish(p)) = out.first() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(p.qos, QoS::AtLeastOnce);
+    assert_eq!(PairStats::get(&h.stats.qos_downgraded), 1);
+}
+
 #[test]
 fn a_target_that_closes_long_after_the_write_is_no_evidence() {
     let mut h = H::ready("keep_alive = \"600s\"", "keep_alive = \"600s\"");
