@@ -284,6 +284,19 @@ fn write_route(out: &mut String, plan: &Plan, route: &RoutePlan) -> fmt::Result 
             "    undeliverable messages: logged and counted (no dead_letter topic)"
         )?,
     }
+    let per_pair = route.to.max_inflight_bytes;
+    writeln!(
+        out,
+        "    held in memory while the target is slow or away: at most {} of messages ({} pair{} × \
+         {}, {}'s max_inflight_bytes)",
+        ByteSize(per_pair.saturating_mul(pairs as u64))
+            .display()
+            .iec(),
+        pairs,
+        plural(pairs),
+        ByteSize(per_pair).display().iec(),
+        route.to.name
+    )?;
     match &route.spool {
         Some(spool) => writeln!(
             out,

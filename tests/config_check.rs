@@ -341,6 +341,21 @@ fn max_inflight_bytes_takes_a_size_and_refuses_zero() {
         with("65536").unwrap().brokers["edge"].max_inflight_bytes,
         65536
     );
+    // `check` says what a route may hold at most: pairs × the target's bound.
+    let cloud_bound = load(&MINIMAL.replace(
+        "url = \"mqtt://127.0.0.1:1884\"",
+        "url = \"mqtt://127.0.0.1:1884\"\nmax_inflight_bytes = \"16MiB\"",
+    ))
+    .unwrap();
+    let text = render_plan(&cloud_bound);
+    let pairs = cloud_bound.routes[0].pool_size_max;
+    assert!(
+        text.contains(&format!(
+            "held in memory while the target is slow or away: at most {}.0 MiB of messages ({pairs} pair",
+            16 * pairs
+        )),
+        "{text}"
+    );
     let err = with("0").unwrap_err().to_string();
     assert!(
         err.starts_with("brokers.edge.max_inflight_bytes: 0 would hold no message"),
