@@ -27,6 +27,9 @@ use procs::{BridgeSection, Broker, BrokerSettings, Mqbridge, MqbridgeSettings};
 /// Starts its own mosquitto brokers on free loopback ports for every measurement, runs the
 /// cases interleaved (direct, mosquitto bridge, mqbridge pools, then again…) and prints a
 /// Markdown table of medians; the raw runs go to the JSON file.
+/// mosquitto's default `max_inflight_messages`.
+const MOSQUITTO_DEFAULT_INFLIGHT: u64 = 20;
+
 #[derive(Parser, Debug, Clone)]
 #[command(name = "bench")]
 pub struct Opts {
@@ -400,7 +403,12 @@ pub fn run(opts: &Opts, args: &str) -> Result<Report, String> {
             let count = opts.count.unwrap_or_else(|| {
                 ((default_count(qos, payload, opts.quick) as f64 * opts.scale) as u64).max(1)
             });
-            let window = if qos == 2 {
+            let window = if qos == 2 && opts.default_windows {
+                // mosquitto 2.0.11 takes at most its max_inflight_messages (20 by default) QoS 2
+                // publishes from a client and fails the connection beyond them ("Bad socket
+                // read/write on client bench-pub"): the publisher honours the broker's default.
+                MOSQUITTO_DEFAULT_INFLIGHT.min(opts.window_qos2)
+            } else if qos == 2 {
                 opts.window_qos2
             } else {
                 opts.window
