@@ -64,6 +64,8 @@ pub fn start(
     let mut gauges: Vec<Arc<LogGauges>> = (0..route.pool_size_max)
         .map(|_| Arc::new(LogGauges::default()))
         .collect();
+    // Every pair of the route, and the sweep of indices past it, allow the same ack silence.
+    let ack_silence = crate::pair::machine::ack_silence(bridge.stall_timeout);
     let mut pairs = Vec::new();
     let mut tasks = Vec::new();
     let mut switches = Vec::new();
@@ -76,7 +78,7 @@ pub fn start(
             target_client_id: client_id(bridge, route, index, Side::Target),
             stats: stats.clone(),
             drain_timeout: bridge.drain_timeout,
-            ack_silence: crate::pair::machine::ack_silence(bridge.stall_timeout),
+            ack_silence,
             epoch,
             loops: loops.clone(),
             spool: spool.as_ref().map(|spool| SpoolLink {
@@ -114,7 +116,7 @@ pub fn start(
         target_client_id: String::new(),
         stats: Arc::new(PairStats::default()),
         drain_timeout: bridge.drain_timeout,
-        ack_silence: crate::pair::machine::ack_silence(bridge.stall_timeout),
+        ack_silence,
         epoch,
         loops: loops.clone(),
         spool: None,

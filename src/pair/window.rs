@@ -258,7 +258,7 @@ impl Window {
     /// True while one more source message may be read: the target is up and the window has room.
     /// The driver stops reading the source socket otherwise, so the source broker holds the rest.
     pub fn can_accept(&self) -> bool {
-        self.target_up && self.slots.len() < self.window && self.held_bytes < self.max_bytes
+        self.target_up && self.free() > 0
     }
 
     /// Bounds the bytes of held messages (the last one taken may cross it: a message larger

@@ -22,14 +22,14 @@ pub use report::Report;
 use load::{LoadSpec, Shared};
 use procs::{BridgeSection, Broker, BrokerSettings, Mqbridge, MqbridgeSettings};
 
+/// mosquitto's default `max_inflight_messages`.
+const MOSQUITTO_DEFAULT_INFLIGHT: u64 = 20;
+
 /// Side-by-side benchmark: direct (one broker hop) vs mosquitto's built-in bridge vs mqbridge.
 ///
 /// Starts its own mosquitto brokers on free loopback ports for every measurement, runs the
 /// cases interleaved (direct, mosquitto bridge, mqbridge pools, then again…) and prints a
 /// Markdown table of medians; the raw runs go to the JSON file.
-/// mosquitto's default `max_inflight_messages`.
-const MOSQUITTO_DEFAULT_INFLIGHT: u64 = 20;
-
 #[derive(Parser, Debug, Clone)]
 #[command(name = "bench")]
 pub struct Opts {
