@@ -141,6 +141,7 @@ fn broker_parts(parts: &mut Parts, broker: &BrokerPlan) {
         max_inflight_qos2,
         bandwidth_limit,
         max_publish_rate,
+        ack_delay,
         max_packet_size,
         max_filters_per_subscribe,
         try_private,
@@ -162,6 +163,7 @@ fn broker_parts(parts: &mut Parts, broker: &BrokerPlan) {
     parts.public(key("max_inflight_qos2"), max_inflight_qos2);
     parts.public(key("bandwidth_limit"), bandwidth_limit);
     parts.public(key("max_publish_rate"), max_publish_rate);
+    parts.public(key("ack_delay"), ack_delay);
     parts.public(key("max_packet_size"), max_packet_size);
     parts.public(key("max_filters_per_subscribe"), max_filters_per_subscribe);
     parts.public(key("try_private"), try_private);

@@ -369,6 +369,35 @@ fn max_inflight_bytes_takes_a_size_and_refuses_zero() {
 }
 
 #[test]
+fn ack_delay_is_said_by_check_and_refused_above_a_second() {
+    let with = |v: &str| {
+        load(&MINIMAL.replace(
+            "url = \"mqtt://127.0.0.1:21883\"",
+            &format!("url = \"mqtt://127.0.0.1:21883\"\nack_delay = {v}"),
+        ))
+    };
+    let plan = with("\"10ms\"").unwrap();
+    assert_eq!(
+        plan.brokers["edge"].ack_delay,
+        std::time::Duration::from_millis(10)
+    );
+    let text = render_plan(&plan);
+    assert!(
+        text.contains("acks to edge wait up to 10ms to leave together (ack_delay"),
+        "{text}"
+    );
+    assert!(
+        !render_plan(&load(MINIMAL).unwrap()).contains("ack_delay"),
+        "off by default, and then not mentioned"
+    );
+    let err = with("\"2s\"").unwrap_err().to_string();
+    assert!(
+        err.starts_with("brokers.edge.ack_delay: 2s is above 1s") && err.contains("\"10ms\""),
+        "{err}"
+    );
+}
+
+#[test]
 fn max_qos_caps_a_target_and_check_says_so() {
     let with = |v: &str| {
         load(&MINIMAL.replace(

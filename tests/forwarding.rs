@@ -183,3 +183,63 @@ async fn worker_threads_sets_the_threads_the_pairs_run_on() {
         "default {default} threads, with 3 workers {three}"
     );
 }
+
+/// `ack_delay` holds acks to the source, never messages, and never so many that a 3.x source's
+/// window (mosquitto's default of 20, its default queue of 1,000) stalls: at the extreme of
+/// 1 s, a burst that waited a second for every window's acks would take minutes, and one that
+/// overflowed mosquitto's queue would lose messages. Each message arrives exactly once. (Each
+/// QoS on fresh brokers: mosquitto 2.0.11 can leave a QoS 2 stream queued for good after a
+/// QoS 1 burst to the same session, with or without `ack_delay`; see docs/GUARANTEES.md.)
+async fn ack_delay_at_its_extreme(qos: u8) {
+    let src = Mosquitto::start().await;
+    // The test's own subscriber takes the burst slower than it comes (QoS 2, 20 in flight).
+    let dst = Mosquitto::start_with(MosquittoOpts::deep_queue()).await;
+    let mut cfg = RouteConfig::new(src.port(), Proto::V311, dst.port(), Proto::V311);
+    cfg.pool_size = 2;
+    cfg.qos = qos;
+    cfg.src_extra = "ack_delay = \"1s\"\n".into();
+    let collector = Collector::start(dst.port(), Proto::V5, "#", 2).await;
+    let mut bridge = start_ready(&cfg.toml(), 2).await;
+    let started = std::time::Instant::now();
+    publish_numbered(
+        src.port(),
+        Proto::V311,
+        |i| format!("in/{i}"),
+        qos,
+        0,
+        3000,
+        "d",
+    )
+    .await;
+    assert!(
+        collector
+            .wait_for_count(3000, Duration::from_secs(40))
+            .await,
+        "QoS {qos}: {} after {:?}\n{}",
+        count_ids(&collector.received(), "d", 0..3000),
+        started.elapsed(),
+        bridge.log()
+    );
+    collector
+        .settle(Duration::from_millis(300), Duration::from_secs(3))
+        .await;
+    assert_exactly_once(&collector.received(), "d", 0..3000);
+    assert!(
+        bridge
+            .stop(Duration::from_secs(15))
+            .await
+            .is_some_and(|s| s.success()),
+        "{}",
+        bridge.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_delay_at_its_extreme_neither_stalls_nor_loses_a_qos1_burst() {
+    ack_delay_at_its_extreme(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_delay_at_its_extreme_leaves_a_qos2_burst_alone() {
+    ack_delay_at_its_extreme(2).await;
+}

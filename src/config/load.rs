@@ -427,6 +427,15 @@ fn broker_plan(
                 .map_err(|_| invalid(at("max_publish_rate"), format!("{n} is too large")))
         })
         .transpose()?;
+    if broker.ack_delay > MAX_ACK_DELAY {
+        return Err(invalid(
+            at("ack_delay"),
+            format!(
+                "{} is above 1s: a source may take acks that late for lost; use e.g. \"10ms\", or \"0s\" for none",
+                humantime::format_duration(broker.ack_delay)
+            ),
+        ));
+    }
     // MQTT's own limit is 268,435,455 bytes of remaining length; below a few hundred bytes
     // not even a CONNACK with properties would fit.
     let max_packet_size = match broker.max_packet_size {
@@ -482,6 +491,7 @@ fn broker_plan(
         max_inflight_qos2,
         bandwidth_limit,
         max_publish_rate,
+        ack_delay: broker.ack_delay,
         max_packet_size,
         max_filters_per_subscribe,
         try_private: broker.try_private,
@@ -490,6 +500,10 @@ fn broker_plan(
         tls,
     })
 }
+
+/// The longest `ack_delay`: far below any broker's resend timer (EMQX: 30 s), and a second is
+/// already longer than a useful batch.
+const MAX_ACK_DELAY: Duration = Duration::from_secs(1);
 
 /// MQTT carries these intervals in whole seconds.
 fn whole_seconds(key: &str, d: Duration, max: u64) -> Result<Duration, ConfigError> {

@@ -107,6 +107,8 @@ pub struct BrokerPlan {
     pub bandwidth_limit: Option<u64>,
     /// PUBLISH packets per second each connection may send to this broker.
     pub max_publish_rate: Option<u32>,
+    /// As a source: how long an ack to it may wait for others to share its write (0: none).
+    pub ack_delay: Duration,
     /// The largest packet taken from this broker (told to v5 brokers; skipped on 3.x).
     pub max_packet_size: u32,
     /// SUBSCRIBE packets carry at most this many filters.

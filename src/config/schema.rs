@@ -214,6 +214,14 @@ pub struct Broker {
     /// as `too_large` (dead-lettered without its payload).
     #[serde(default, deserialize_with = "parse::opt_byte_size")]
     pub max_packet_size: Option<u64>,
+    /// As a route's source: how long an acknowledgement to this broker may wait for others to
+    /// leave in the same write, e.g. `"10ms"`, at most 1s (default `"0s"`: each leaves at once).
+    /// Saves CPU where many pairs each carry a message every few milliseconds; messages are
+    /// never held, only their acks. Against a broker that delays small writes (mosquitto's
+    /// default `set_tcp_nodelay false`) its next messages wait for the acks: latency rises by
+    /// about this much (docs/BENCHMARKS.md).
+    #[serde(default, deserialize_with = "parse::duration")]
+    pub ack_delay: Duration,
     /// PUBLISH packets per second each connection may send to this broker, e.g. `200`
     /// (BifroMQ's default). Absent: no limit.
     #[serde(default, deserialize_with = "parse::opt_uint")]

@@ -178,7 +178,7 @@ pub(super) async fn run_connected(
         let source_room = m.read_room(now, Role::Source);
         let draining = m.is_draining();
         let parking = m.is_parking() || !active_open;
-        let (source_rbuf, target_rbuf, source_out, target_out) = m.buffers();
+        let (source_rbuf, target_rbuf, source_out, target_out) = m.buffers(now);
         tokio::select! {
             // Reads first: what is readable is taken in before anything is written, so acks and
             // publishes leave in batches (fewer syscalls per message than a random pick).

@@ -21,6 +21,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{
     PairSpec,
+    ack_hold::AckHold,
     dead_letter::{self, DeadLetter, DeadLetters},
     linger,
     pacing::Pacer,
@@ -80,6 +81,9 @@ pub const PARK_QUIET: Duration = Duration::from_millis(500);
 const UNSUBSCRIBE_PKID: u16 = 900;
 /// The machine wakes at least this often (stats, the pool's controller).
 const IDLE_TICK: Duration = Duration::from_secs(1);
+/// What an MQTT 3.x source lets us have in flight, as far as we can tell: it cannot say, and
+/// mosquitto's default (`max_inflight_messages`) is 20. Bounds the acks held back from it.
+const MQTT3_SOURCE_WINDOW: usize = 20;
 /// How long a publish may stay unacknowledged while the target acknowledges ones written after
 /// it before the pair takes it for dropped and reconnects to send it again (see `skipped_since`).
 pub const SKIPPED_ACK_GRACE: Duration = Duration::from_secs(10);
@@ -404,6 +408,8 @@ pub struct Machine {
     dead_letters: DeadLetters,
     /// The window the source connection advertised (v5), to notice a change of the target's.
     advertised: Option<u16>,
+    /// Acks to the source waiting a few milliseconds for others to leave with them.
+    ack_hold: AckHold,
     last_drop_log: Option<Instant>,
     /// Drops not logged one by one since the last drop line (at most one a second).
     drops_unlogged: u64,
@@ -547,6 +553,7 @@ impl Machine {
             drain_deadline: None,
             dead_letters: DeadLetters::default(),
             advertised: None,
+            ack_hold: AckHold::new(spec.route.from.ack_delay),
             last_drop_log: None,
             drops_unlogged: 0,
             resumed_session: false,
@@ -655,14 +662,40 @@ impl Machine {
 
     /// Both read buffers and both pending transmits at once, for an I/O layer that waits on all
     /// four: (source read, target read, source transmit, target transmit).
-    pub fn buffers(&mut self) -> (&mut BytesMut, &mut BytesMut, &[u8], &[u8]) {
+    pub fn buffers(&mut self, now: Instant) -> (&mut BytesMut, &mut BytesMut, &[u8], &[u8]) {
+        let held = self.source_acks_wait(now);
         let Machine { source, target, .. } = self;
         (
             &mut source.rbuf,
             &mut target.rbuf,
-            &source.wbuf,
+            if held { &[] } else { &source.wbuf },
             &target.wbuf,
         )
+    }
+
+    /// What is to be written to `role`'s connection now: `transmit(role)`, unless the source's
+    /// buffer holds only acks that may wait a little longer for others (`ack_hold`).
+    pub fn transmit_now(&self, now: Instant, role: Role) -> &[u8] {
+        match role {
+            Role::Source if self.source_acks_wait(now) => &[],
+            _ => self.transmit(role),
+        }
+    }
+
+    /// Whether the source's write buffer is only acks that may wait: never while draining,
+    /// parking or spooling, at most a quarter of the source's window of them, and only while
+    /// the source has less than half its window in flight to us, held acks included (a window-
+    /// bound pair gets its acks out at once).
+    fn source_acks_wait(&self, now: Instant) -> bool {
+        let window = self
+            .advertised
+            .map_or(MQTT3_SOURCE_WINDOW, |w| usize::from(w).max(1));
+        let held = self.ack_hold.acks();
+        !self.draining
+            && self.parking.is_none()
+            && self.intake.is_none()
+            && (self.window.in_flight() + held) * 2 < window
+            && self.ack_hold.holds(now, self.source.wbuf.len(), window / 4)
     }
 
     /// A read of `n` bytes (of `room` offered) went into `recv_buf(role)`; 0 means the peer
@@ -698,6 +731,9 @@ impl Machine {
     pub fn written(&mut self, now: Instant, role: Role, n: usize) {
         if n == 0 {
             return;
+        }
+        if role == Role::Source {
+            self.ack_hold.clear();
         }
         let side = self.side(role);
         let _ = side.wbuf.split_to(n);
@@ -921,6 +957,9 @@ impl Machine {
             self.suback_deadline,
             self.drain_deadline,
             self.linger.until(),
+            self.source_acks_wait(now)
+                .then(|| self.ack_hold.due())
+                .flatten(),
         ];
         for d in deadlines.into_iter().flatten() {
             t = t.min(d);
@@ -1964,7 +2003,17 @@ impl Machine {
                 Action::SendPubRel(pkid) => self.target.codec.pubrel(pkid, &mut self.target.wbuf),
                 Action::AckSource(ack) if self.intake.is_some() => self.spool_outlet_ack(ack),
                 Action::AckSource(ack) => {
+                    let before = self.source.wbuf.len();
                     write_ack(self.source.codec, &mut self.source.wbuf, ack);
+                    match ack {
+                        // QoS 2 acks never wait: the source's next step (PUBREL) waits on them,
+                        // and its window (mosquitto's 20) holds the exchange until PUBCOMP.
+                        SourceAck::PubRec(_) | SourceAck::PubComp(_) => self.ack_hold.clear(),
+                        SourceAck::PubAck(_) => {
+                            let bytes = self.source.wbuf.len() - before;
+                            self.ack_hold.added(now, before, bytes);
+                        }
+                    }
                     self.mark_progress(now);
                 }
                 Action::Backoff { reason } => {

@@ -129,6 +129,10 @@ pub struct Opts {
     /// With --rate: rise to the rate linearly over this long.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub ramp: Option<Duration>,
+    /// mqbridge's `ack_delay` on broker A (its source), e.g. `10ms`: acks to the source wait
+    /// that long at most to leave together.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ack_delay: Option<Duration>,
 }
 
 /// The ways from the publisher to the subscriber.
@@ -268,6 +272,7 @@ struct Context {
     ramp: Option<Duration>,
     shaped_target: Option<String>,
     pool_min: u16,
+    ack_delay: Option<Duration>,
 }
 
 /// Runs the benchmark once per `--delay` value (or once without), the reports one after the
@@ -382,6 +387,7 @@ pub fn run(opts: &Opts, args: &str) -> Result<Report, String> {
         ramp: opts.ramp,
         shaped_target: opts.shaped_target.clone(),
         pool_min: opts.pool_min,
+        ack_delay: opts.ack_delay,
     };
     if ctx.shaped_target.is_some()
         && paths
@@ -611,6 +617,9 @@ fn run_case(rt: &tokio::runtime::Runtime, ctx: &Context, case: &Case) -> io::Res
                     pool_auto: matches!(case.path, Path::MqbridgeAuto(_)),
                     pool_min: ctx.pool_min,
                     target_extra: &target_extra,
+                    source_extra: &ctx.ack_delay.map_or(String::new(), |d| {
+                        format!("ack_delay = \"{}\"\n", humantime::format_duration(d))
+                    }),
                     max_inflight: (!ctx.default_windows).then_some(case.window),
                     cpus: ctx.bridge_cpus.as_ref(),
                     spool: matches!(case.path, Path::MqbridgeSpool(_)),

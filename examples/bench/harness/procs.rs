@@ -471,6 +471,8 @@ pub struct MqbridgeSettings<'a> {
     pub pool_min: u16,
     /// Lines for broker B's table (its quotas, for a shaped target).
     pub target_extra: &'a str,
+    /// Lines for broker A's table (the source), e.g. `ack_delay`.
+    pub source_extra: &'a str,
     /// `max_inflight` on both brokers; `None`: mqbridge's defaults.
     pub max_inflight: Option<u64>,
     /// `spool = true` on the route, the spool under the run's directory.
@@ -520,7 +522,7 @@ listen = "127.0.0.1:{admin}"
 [brokers.a]
 url = "mqtt://127.0.0.1:{source}"
 protocol = "3.1.1"
-{inflight}
+{inflight}{source_extra}
 [brokers.b]
 url = "mqtt://127.0.0.1:{target}"
 protocol = "{target_protocol}"
@@ -537,6 +539,7 @@ qos = {qos}
         target = s.target,
         target_protocol = s.target_protocol,
         target_extra = s.target_extra,
+        source_extra = s.source_extra,
         inflight = s
             .max_inflight
             .map_or(String::new(), |n| format!("max_inflight = {n}\n")),

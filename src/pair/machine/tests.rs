@@ -1880,3 +1880,133 @@ fn the_ack_silence_follows_a_raised_stall_timeout() {
         Duration::from_secs(600)
     );
 }
+
+impl H {
+    /// One message forwarded and acknowledged by the target: its ack to the source exists.
+    fn forward_and_ack(&mut self, pkid: u16) {
+        self.publish(pkid, QoS::AtLeastOnce, "m");
+        let id = match self.out(Role::Target).as_slice() {
+            [v4::Packet::Publish(p)] => p.pkid,
+            other => panic!("expected the PUBLISH forwarded at once, got {other:?}"),
+        };
+        self.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(id)));
+    }
+
+    /// What the driver would write to the source now (held acks are not), decoded.
+    fn source_now(&mut self) -> Vec<v4::Packet> {
+        let mut bytes = BytesMut::from(self.m.transmit_now(self.now, Role::Source));
+        let n = bytes.len();
+        self.m.written(self.now, Role::Source, n);
+        self.pass();
+        let mut packets = Vec::new();
+        while !bytes.is_empty() {
+            packets.push(v4::Packet::read(&mut bytes, MAX).unwrap());
+        }
+        packets
+    }
+}
+
+fn pubacks(ids: &[u16]) -> Vec<v4::Packet> {
+    ids.iter()
+        .map(|&i| v4::Packet::PubAck(v4::PubAck::new(i)))
+        .collect()
+}
+
+#[test]
+fn without_ack_delay_an_ack_leaves_as_soon_as_the_target_acknowledged() {
+    let mut h = H::ready("", "");
+    h.forward_and_ack(1);
+    assert_eq!(h.source_now(), pubacks(&[1]));
+}
+
+#[test]
+fn with_ack_delay_acks_wait_for_each_other_and_leave_together_when_it_ends() {
+    let mut h = H::ready("ack_delay = \"10ms\"", "");
+    let t0 = h.now;
+    h.forward_and_ack(1);
+    assert!(h.source_now().is_empty(), "the first ack waits");
+    h.now += Duration::from_millis(4);
+    h.forward_and_ack(2);
+    assert!(h.source_now().is_empty(), "the second joins it");
+    // The driver sleeps until the first ack's deadline, not longer.
+    assert_eq!(h.sleep(), Duration::from_millis(6));
+    assert_eq!(h.now, t0 + Duration::from_millis(10));
+    assert_eq!(h.source_now(), pubacks(&[1, 2]));
+    // The next ack starts its own wait.
+    h.forward_and_ack(3);
+    assert!(h.source_now().is_empty());
+    assert_eq!(h.sleep(), Duration::from_millis(10));
+    assert_eq!(h.source_now(), pubacks(&[3]));
+}
+
+#[test]
+fn held_acks_never_exceed_a_quarter_of_a_3x_sources_window() {
+    // A 3.x source cannot say its window: mosquitto's default of 20 is assumed, so 5 acks.
+    let mut h = H::ready("ack_delay = \"1s\"", "");
+    for id in 1..=4 {
+        h.forward_and_ack(id);
+        assert!(h.source_now().is_empty(), "ack {id} waits");
+    }
+    h.forward_and_ack(5);
+    assert_eq!(h.source_now(), pubacks(&[1, 2, 3, 4, 5]));
+}
+
+#[test]
+fn acks_leave_at_once_while_the_source_has_half_its_window_in_flight() {
+    let mut h = H::ready("ack_delay = \"1s\"", "");
+    // Ten messages forwarded, the first acknowledged by the target: with its ack held the
+    // source would have 10 of its 20 in flight to us (nine at the target, one held).
+    for id in 1..=10 {
+        h.publish(id, QoS::AtLeastOnce, "m");
+    }
+    let sent = h.out(Role::Target);
+    assert_eq!(sent.len(), 10);
+    let first = match &sent[0] {
+        v4::Packet::Publish(p) => p.pkid,
+        other => panic!("{other:?}"),
+    };
+    h.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(first)));
+    assert_eq!(h.m.transmit(Role::Source).len(), 4, "one PUBACK written");
+    assert_eq!(h.source_now(), pubacks(&[1]), "and not held");
+}
+
+#[test]
+fn a_draining_pair_holds_no_ack() {
+    let mut h = H::ready("ack_delay = \"1s\"", "");
+    h.forward_and_ack(1);
+    assert!(h.source_now().is_empty());
+    h.m.shutdown(h.now);
+    h.pass();
+    assert_eq!(
+        h.m.transmit_now(h.now, Role::Source),
+        [0x40, 2, 0, 1],
+        "the PUBACK leaves now"
+    );
+}
+
+#[test]
+fn a_v5_source_holds_up_to_a_quarter_of_the_window_it_was_told() {
+    // Told Receive Maximum 8 (the target's window): 2 acks at most wait.
+    let mut h = H::new(
+        "protocol = \"5\"\nack_delay = \"1s\"",
+        "protocol = \"5\"\nmax_inflight = 8",
+    );
+    h.pass();
+    h.up(Role::Target, false);
+    h.up(Role::Source, false);
+    h.discard_out(Role::Source);
+    h.suback_v5();
+    h.forward_and_ack_v5(1);
+    assert_eq!(h.m.transmit_now(h.now, Role::Source), &[] as &[u8]);
+    h.forward_and_ack_v5(2);
+    assert!(!h.m.transmit_now(h.now, Role::Source).is_empty());
+}
+
+impl H {
+    fn forward_and_ack_v5(&mut self, pkid: u16) {
+        self.publish_v5(pkid, Qos::AtLeastOnce, 60);
+        let ids = self.target_publishes();
+        let id = ids.last().expect("forwarded at once").pkid;
+        self.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(id)));
+    }
+}
