@@ -214,7 +214,9 @@ fn write_route(out: &mut String, plan: &Plan, route: &RoutePlan) -> fmt::Result 
     if !route.from.ack_delay.is_zero() && route.spool.is_none() {
         writeln!(
             out,
-            "    acks to {} wait up to {} to leave together (ack_delay; at most a quarter of its              window, none once half of it is in flight): less CPU on sparse pairs, and if {}              delays small writes (mosquitto's default), its next messages wait as long",
+            "    acks to {} wait up to {} to leave together (ack_delay; at most a quarter of its \
+             window, none once half of it is in flight): less CPU on sparse pairs, and if {} \
+             delays small writes (mosquitto's default), its next messages wait as long",
             route.from.name,
             humantime::format_duration(route.from.ack_delay),
             route.from.name

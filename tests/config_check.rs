@@ -383,7 +383,10 @@ fn ack_delay_is_said_by_check_and_refused_above_a_second() {
     );
     let text = render_plan(&plan);
     assert!(
-        text.contains("acks to edge wait up to 10ms to leave together (ack_delay"),
+        text.contains(
+            "acks to edge wait up to 10ms to leave together (ack_delay; at most a quarter of its \
+             window, none once half of it is in flight)"
+        ),
         "{text}"
     );
     assert!(

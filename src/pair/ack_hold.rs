@@ -2,8 +2,9 @@
 //! milliseconds (a pool spread over many connections, e.g. 200 pairs paced at 200 PUBLISH/s
 //! each), every PUBACK to the source was its own write: on loopback that `sendto` is the
 //! largest single cost per message, since the sender also pays for the receiving socket's TCP
-//! work. Here an ack written into an otherwise empty buffer may wait up to `ACK_HOLD` for the
-//! next ones (`brokers.<source>.ack_delay`, off by default), so that several leave in one write.
+//! work. Here an ack written into an otherwise empty buffer may wait up to
+//! `brokers.<source>.ack_delay` (off by default) for the next ones, so that several leave in
+//! one write.
 //!
 //! Nothing waits for the target: the message was forwarded (and acknowledged by the target)
 //! before its ack to the source exists; only the source learns it a few milliseconds later.

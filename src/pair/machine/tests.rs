@@ -2010,3 +2010,19 @@ impl H {
         self.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(id)));
     }
 }
+
+#[test]
+fn with_ack_delay_a_qos2_pubrec_leaves_at_once() {
+    let mut h = H::ready("ack_delay = \"1s\"", "");
+    h.publish(4, QoS::ExactlyOnce, "m");
+    let id = match h.out(Role::Target).as_slice() {
+        [v4::Packet::Publish(p)] => p.pkid,
+        other => panic!("{other:?}"),
+    };
+    h.feed(Role::Target, v4::Packet::PubRec(v4::PubRec::new(id)));
+    assert_eq!(
+        h.source_now(),
+        vec![v4::Packet::PubRec(v4::PubRec::new(4))],
+        "the source's PUBREL waits on it"
+    );
+}
