@@ -19,6 +19,17 @@ fn log_field(line: &str, key: &str) -> Option<u64> {
 /// source's persistent sessions redeliver what was not acknowledged, so every message arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_killed_mid_stream_loses_nothing() {
+    killed_mid_stream("").await;
+}
+
+/// With the source's acks held back (`ack_delay`), a SIGKILL takes the held acks with it: the
+/// source sends their messages again (duplicates), and still nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_killed_mid_stream_with_acks_held_loses_nothing() {
+    killed_mid_stream("ack_delay = \"100ms\"\n").await;
+}
+
+async fn killed_mid_stream(src_extra: &str) {
     // The stream outruns the bridge while it is away (kills, cuts, outages): with mosquitto's
     // default queue of 1,000 the source itself would drop the excess (#15: the spool). This test
     // is about what the bridge does, so the source's queue holds the whole backlog.
@@ -29,6 +40,7 @@ async fn bridge_killed_mid_stream_loses_nothing() {
     let mut cfg = RouteConfig::new(src.port(), Proto::V5, dst.port(), Proto::V311);
     cfg.pool_size = 2;
     cfg.qos = 1;
+    cfg.src_extra = src_extra.into();
     let collector = Collector::start(dst.port(), Proto::V5, "in/#", 1).await;
     let mut bridge = start_ready(&cfg.toml(), 2).await;
 
