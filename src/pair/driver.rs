@@ -131,6 +131,10 @@ pub(super) async fn run_connected(
             }
         }
     };
+    // One timer for the whole activation, moved only when the machine's deadline moves: a new
+    // `Sleep` per pass registered and removed a timer entry for every wake-up.
+    let timer = tokio::time::sleep_until(tokio::time::Instant::now());
+    tokio::pin!(timer);
     loop {
         if let Some(s) = spool.as_ref() {
             m.spool_full(s.link.gauges.full.load(Ordering::Relaxed));
@@ -174,6 +178,9 @@ pub(super) async fn run_connected(
         }
         let now = std::time::Instant::now();
         let next_timer = tokio::time::Instant::from_std(m.poll_timeout(now));
+        if timer.deadline() != next_timer {
+            timer.as_mut().reset(next_timer);
+        }
         let target_room = m.read_room(now, Role::Target);
         let source_room = m.read_room(now, Role::Source);
         let draining = m.is_draining();
@@ -223,7 +230,7 @@ pub(super) async fn run_connected(
                     None => spool = None,
                 }
             }
-            _ = tokio::time::sleep_until(next_timer) => m.handle_timeout(std::time::Instant::now()),
+            _ = &mut timer => m.handle_timeout(std::time::Instant::now()),
         }
     }
 }
