@@ -1033,7 +1033,13 @@ impl Machine {
             // With a spool the source waits for no target ack: a full window does not stop
             // its reading (lingering under load, which batches both sockets, still applies).
             acks: if self.intake.is_some() { 0 } else { acks },
-            window: self.window.window(),
+            // While QoS 2 exchanges are on the wire their own window binds (20 towards a 3.x
+            // target): lingering on the whole window's size held each batch of them back.
+            window: if self.window.qos2_on_wire() > 0 {
+                self.window.qos2_window()
+            } else {
+                self.window.window()
+            },
             free: self.window.free(),
             draining: self.draining,
             target_up: self.target.is_up(),

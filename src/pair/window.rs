@@ -671,6 +671,11 @@ impl Window {
         self.qos2_on_wire
     }
 
+    /// QoS 2 exchanges the target may have at once (within `window()`).
+    pub fn qos2_window(&self) -> usize {
+        self.qos2_window
+    }
+
     /// The machine found the message of a `SendPublish` expired: it is not written. Its place in
     /// the window is freed and the source acknowledged (an expired message is done, not lost).
     pub fn expired(&mut self, pkid: u16) {
