@@ -1885,11 +1885,16 @@ impl H {
     /// One message forwarded and acknowledged by the target: its ack to the source exists.
     fn forward_and_ack(&mut self, pkid: u16) {
         self.publish(pkid, QoS::AtLeastOnce, "m");
-        let id = match self.out(Role::Target).as_slice() {
+        let id = self.forwarded_pkid();
+        self.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(id)));
+    }
+
+    /// The packet id of the one PUBLISH just written to the (3.x) target.
+    fn forwarded_pkid(&mut self) -> u16 {
+        match self.out(Role::Target).as_slice() {
             [v4::Packet::Publish(p)] => p.pkid,
             other => panic!("expected the PUBLISH forwarded at once, got {other:?}"),
-        };
-        self.feed(Role::Target, v4::Packet::PubAck(v4::PubAck::new(id)));
+        }
     }
 
     /// What the driver would write to the source now (held acks are not), decoded.
@@ -2015,10 +2020,7 @@ impl H {
 fn with_ack_delay_a_qos2_pubrec_leaves_at_once() {
     let mut h = H::ready("ack_delay = \"1s\"", "");
     h.publish(4, QoS::ExactlyOnce, "m");
-    let id = match h.out(Role::Target).as_slice() {
-        [v4::Packet::Publish(p)] => p.pkid,
-        other => panic!("{other:?}"),
-    };
+    let id = h.forwarded_pkid();
     h.feed(Role::Target, v4::Packet::PubRec(v4::PubRec::new(id)));
     assert_eq!(
         h.source_now(),
