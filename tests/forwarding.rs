@@ -224,14 +224,7 @@ async fn ack_delay_at_its_extreme(qos: u8) {
         .settle(Duration::from_millis(300), Duration::from_secs(3))
         .await;
     assert_exactly_once(&collector.received(), "d", 0..3000);
-    assert!(
-        bridge
-            .stop(Duration::from_secs(15))
-            .await
-            .is_some_and(|s| s.success()),
-        "{}",
-        bridge.log()
-    );
+    bridge.stop_cleanly().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,9 @@ impl AckHold {
 
     /// An ack of `bytes` went into a write buffer that held `before` bytes.
     pub fn added(&mut self, now: Instant, before: usize, bytes: usize) {
+        if self.delay.is_zero() {
+            return; // off (the default): nothing to track on the per-message path
+        }
         if before == 0 {
             *self = AckHold {
                 delay: self.delay,

@@ -691,7 +691,8 @@ impl Machine {
             .advertised
             .map_or(MQTT3_SOURCE_WINDOW, |w| usize::from(w).max(1));
         let held = self.ack_hold.acks();
-        !self.draining
+        held > 0
+            && !self.draining
             && self.parking.is_none()
             && self.intake.is_none()
             && (self.window.in_flight() + held) * 2 < window
@@ -1033,13 +1034,7 @@ impl Machine {
             // With a spool the source waits for no target ack: a full window does not stop
             // its reading (lingering under load, which batches both sockets, still applies).
             acks: if self.intake.is_some() { 0 } else { acks },
-            // While QoS 2 exchanges are on the wire their own window binds (20 towards a 3.x
-            // target): lingering on the whole window's size held each batch of them back.
-            window: if self.window.qos2_on_wire() > 0 {
-                self.window.qos2_window()
-            } else {
-                self.window.window()
-            },
+            window: self.window.binding_window(),
             free: self.window.free(),
             draining: self.draining,
             target_up: self.target.is_up(),

@@ -671,9 +671,15 @@ impl Window {
         self.qos2_on_wire
     }
 
-    /// QoS 2 exchanges the target may have at once (within `window()`).
-    pub fn qos2_window(&self) -> usize {
-        self.qos2_window
+    /// The window that bounds what the target takes now: while QoS 2 exchanges are on the
+    /// wire their own window (20 towards a 3.x target) binds, not the whole one (16384 there).
+    /// Lingering is decided on it: on the whole window it held each QoS 2 batch back.
+    pub fn binding_window(&self) -> usize {
+        if self.qos2_on_wire > 0 {
+            self.qos2_window
+        } else {
+            self.window
+        }
     }
 
     /// The machine found the message of a `SendPublish` expired: it is not written. Its place in
