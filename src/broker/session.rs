@@ -4,7 +4,7 @@
 //! acks and writes what `next_transmit` returns; it survives reconnects of persistent sessions.
 
 use std::{
-    collections::{BTreeMap, HashSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashSet, VecDeque},
     num::NonZeroU16,
     time::Instant,
 };
@@ -57,6 +57,11 @@ pub(crate) struct Session {
     pub persistent: bool,
     queue: VecDeque<Delivery>,
     in_flight: BTreeMap<NonZeroU16, InFlight>,
+    /// The send order (`InFlight::seq`) of the in-flight deliveries still waiting for their
+    /// first ack (stage `Published`): whether an ack overtakes an earlier PUBLISH is then one
+    /// look at the smallest. Scanning `in_flight` for it on every ack pegged a core once a slow
+    /// subscriber had thousands in flight, and the broker fell further behind.
+    unacked_seqs: BTreeSet<u64>,
     last_id: u16,
     /// The most QoS 1/2 deliveries unacknowledged at once: the client's Receive Maximum
     /// (MQTT 5) capped by the broker's own outgoing window.
@@ -78,6 +83,7 @@ impl Session {
             persistent,
             queue: VecDeque::new(),
             in_flight: BTreeMap::new(),
+            unacked_seqs: BTreeSet::new(),
             last_id: 0,
             window: 1,
             max_queued: max_queued.max(1),
@@ -155,6 +161,7 @@ impl Session {
             let id = self.free_id()?;
             let delivery = self.queue.pop_front()?;
             self.next_seq += 1;
+            self.unacked_seqs.insert(self.next_seq);
             self.in_flight.insert(
                 id,
                 InFlight {
@@ -177,12 +184,16 @@ impl Session {
         let Some(seq) = self.in_flight.get(&id).map(|f| f.seq) else {
             return;
         };
-        let overtakes = self
-            .in_flight
-            .values()
-            .any(|f| matches!(f.stage, Stage::Published) && f.seq < seq);
-        if overtakes {
+        if self.unacked_seqs.first().is_some_and(|&first| first < seq) {
             self.acks_out_of_order += 1;
+        }
+        self.unacked_seqs.remove(&seq);
+    }
+
+    /// Forgets `id` in flight, and its place in the send order.
+    fn remove(&mut self, id: NonZeroU16) {
+        if let Some(f) = self.in_flight.remove(&id) {
+            self.unacked_seqs.remove(&f.seq);
         }
     }
 
@@ -199,7 +210,7 @@ impl Session {
             Some(f)
                 if matches!(f.stage, Stage::Published) && f.delivery.qos == QoS::AtLeastOnce =>
             {
-                self.in_flight.remove(&id);
+                self.remove(id);
                 true
             }
             _ => false,
@@ -221,7 +232,7 @@ impl Session {
             return None;
         }
         if refused {
-            self.in_flight.remove(&id);
+            self.remove(id);
             return None;
         }
         f.stage = Stage::Released;
@@ -232,7 +243,7 @@ impl Session {
     pub fn on_pubcomp(&mut self, id: NonZeroU16) -> bool {
         match self.in_flight.get(&id) {
             Some(f) if matches!(f.stage, Stage::Released) => {
-                self.in_flight.remove(&id);
+                self.remove(id);
                 true
             }
             _ => false,
@@ -242,7 +253,7 @@ impl Session {
     /// Forgets an in-flight delivery that could not be written (too large for the client's
     /// Maximum Packet Size: MQTT 5 says to discard it as if it had been acknowledged).
     pub fn forget(&mut self, id: NonZeroU16) {
-        self.in_flight.remove(&id);
+        self.remove(id);
     }
 
     /// QoS 1/2 deliveries sent and not yet acknowledged.
@@ -335,6 +346,49 @@ mod tests {
         assert!(!s.on_puback(id(&sent[0])), "a repeated ack is ignored");
         assert!(s.on_puback(id(&sent[1])));
         assert_eq!(s.unacked(), 0);
+    }
+
+    #[test]
+    fn an_ack_is_out_of_order_only_when_it_overtakes_an_earlier_unacked_publish() {
+        let mut s = Session::new(false, 100_000);
+        s.attach(50_000);
+        for n in 0..50_000 {
+            let qos = if n % 2 == 0 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::ExactlyOnce
+            };
+            s.enqueue(delivery(qos, n)).unwrap();
+        }
+        let sent = drain(&mut s);
+        assert_eq!(sent.len(), 50_000);
+        // In order, through both QoS: a PUBREC ends the wait for a first ack as a PUBACK does,
+        // and a PUBCOMP that follows it later overtakes nothing.
+        for (n, t) in sent[..1000].iter().enumerate() {
+            if n % 2 == 0 {
+                assert!(s.on_puback(id(t)));
+            } else {
+                assert!(s.on_pubrec(id(t), false).is_some());
+            }
+        }
+        for t in sent[..1000].iter().skip(1).step_by(2) {
+            assert!(s.on_pubcomp(id(t)));
+        }
+        assert_eq!(s.acks_out_of_order, 0);
+        // The last one first overtakes 48,999; then the oldest, in order again.
+        assert!(s.on_pubrec(id(&sent[49_999]), false).is_some());
+        assert_eq!(s.acks_out_of_order, 1);
+        assert!(s.on_puback(id(&sent[1000])));
+        assert_eq!(s.acks_out_of_order, 1);
+        // A delivery forgotten (too large to write) no longer counts as waiting.
+        s.forget(id(&sent[1001]));
+        assert!(s.on_puback(id(&sent[1002])));
+        assert_eq!(s.acks_out_of_order, 1);
+        assert_eq!(
+            s.unacked(),
+            48_997,
+            "one in 50,000 released, waiting for its PUBCOMP"
+        );
     }
 
     #[test]
