@@ -124,18 +124,12 @@ fn write_broker(out: &mut String, plan: &Plan, broker: &BrokerPlan) -> fmt::Resu
             "    as a target: QoS {q} at most (max_qos); messages of a higher QoS go at QoS {q}"
         )?;
     }
-    let mut limits = Vec::new();
-    if let Some(rate) = broker.bandwidth_limit {
-        limits.push(format!("{}/s", ByteSize(rate).display().iec()));
-    }
-    if let Some(rate) = broker.max_publish_rate {
-        limits.push(format!("{rate} PUBLISH/s"));
-    }
-    if limits.is_empty() {
-        writeln!(out, "    per-connection limits: none")?;
-    } else {
-        writeln!(out, "    per-connection limits: {}", limits.join(", "))?;
-    }
+    let limits = broker.per_connection_limits();
+    writeln!(
+        out,
+        "    per-connection limits: {}",
+        limits.as_deref().unwrap_or("none")
+    )?;
     match &broker.tls {
         None => writeln!(out, "    TLS: off")?,
         Some(tls) => {

@@ -206,6 +206,17 @@ async fn watch_pool(
 ) {
     let mut tick = tokio::time::interval(SIZING_TICK);
     let mut watch = WindowWatch::default();
+    let mut pacing = PacingWatch::default();
+    let advice = || {
+        if route.pool_auto {
+            format!(
+                "the pool is at pool_size_max ({}): raise it",
+                route.pool_size_max
+            )
+        } else {
+            "pool_size = \"auto\" would add pairs (or raise pool_size)".to_string()
+        }
+    };
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -213,16 +224,15 @@ async fn watch_pool(
         }
         let sample = Sample::of(&pairs);
         let active = sizer.as_ref().map_or(route.pool_size, PoolSizer::active);
+        // Below its maximum an auto-sized pool grows instead, and says so.
         let at_most = sizer.is_none() || active >= route.pool_size_max;
+        if let Some(holds) = pacing.next(sample.paced).filter(|_| at_most) {
+            let to = &route.to;
+            let limits = to.per_connection_limits().unwrap_or_default();
+            tracing::warn!(route = %route.name, pairs = active, broker = %to.name, "route {} is held back by {}'s per-connection limit ({limits}): {holds} publishes waited for the quota in the last second, so the offered load exceeds what {active} pairs may carry and the source broker holds the rest; {}", route.name, to.name, advice());
+        }
         if let Some(w) = watch.next(sample, active).filter(|_| at_most) {
-            let advice = if route.pool_auto {
-                format!(
-                    "the pool is at pool_size_max ({}): raise it",
-                    route.pool_size_max
-                )
-            } else {
-                "pool_size = \"auto\" would add pairs (or raise pool_size)".to_string()
-            };
+            let advice = advice();
             tracing::warn!(route = %route.name, pairs = active, "route {} is limited by the target's window: {} in flight per pair ({}), acknowledged every {:?} ({:.0} msg/s per pair){}, the windows full {:.0} % of the last {:?}; {advice}", route.name, w.held, w.limit(), w.round_trip, w.per_pair_rate, w.against_the_path(), w.full_share * 100.0, w.span);
         }
         let Some(sizer) = sizer.as_mut() else {
@@ -383,6 +393,33 @@ impl WindowWatch {
             path_round_trip: (now.round_trip_us > 0)
                 .then(|| Duration::from_micros(now.round_trip_us)),
         })
+    }
+}
+
+/// Says (at most every `PACING_REPEAT` ticks) that the route's pairs waited for the target's
+/// per-connection quotas in the last tick: the offered load is above what the pool may carry
+/// and the source broker holds the rest (pure). One line for the route: each pair saying it
+/// was 256 lines at once from a pool of 256.
+#[derive(Debug, Default)]
+pub struct PacingWatch {
+    /// The route's holds so far (`Sample::paced`) at the last tick.
+    last: u64,
+    quiet_for: u32,
+}
+
+const PACING_REPEAT: u32 = 30;
+
+impl PacingWatch {
+    /// The route's holds so far; returns how many happened since the last tick when that is
+    /// to be said now.
+    pub fn next(&mut self, paced: u64) -> Option<u64> {
+        self.quiet_for = self.quiet_for.saturating_sub(1);
+        let holds = paced.saturating_sub(std::mem::replace(&mut self.last, paced));
+        if holds == 0 || self.quiet_for > 0 {
+            return None;
+        }
+        self.quiet_for = PACING_REPEAT;
+        Some(holds)
     }
 }
 
@@ -638,6 +675,26 @@ mod tests {
         // Full less than half the time: no growth.
         let mut s = PoolSizer::new(1, 4);
         assert_eq!(window_ticks(&mut s, 5, 0.4, 10), [1; 5]);
+    }
+
+    #[test]
+    fn a_paced_route_is_told_once_per_half_minute_while_its_pairs_wait() {
+        let mut p = PacingWatch::default();
+        assert_eq!(p.next(0), None, "nothing held back");
+        assert_eq!(p.next(7), Some(7), "held back since the last tick");
+        let said: Vec<_> = (1..=PACING_REPEAT as u64).map(|i| p.next(7 + i)).collect();
+        assert!(
+            said[..PACING_REPEAT as usize - 1]
+                .iter()
+                .all(Option::is_none),
+            "quiet for {PACING_REPEAT} ticks: {said:?}"
+        );
+        assert_eq!(said.last(), Some(&Some(1)), "and then again");
+        // Once the pairs no longer wait, nothing is said.
+        let total = 7 + PACING_REPEAT as u64;
+        for _ in 0..PACING_REPEAT * 2 {
+            assert_eq!(p.next(total), None);
+        }
     }
 
     #[test]

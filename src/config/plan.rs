@@ -16,6 +16,20 @@ pub enum Protocol {
     V5,
 }
 
+impl BrokerPlan {
+    /// Its per-connection limits in words ("512 KiB/s, 200 PUBLISH/s"), if it has any.
+    pub fn per_connection_limits(&self) -> Option<String> {
+        let mut limits = Vec::new();
+        if let Some(rate) = self.bandwidth_limit {
+            limits.push(format!("{}/s", bytesize::ByteSize(rate).display().iec()));
+        }
+        if let Some(rate) = self.max_publish_rate {
+            limits.push(format!("{rate} PUBLISH/s"));
+        }
+        (!limits.is_empty()).then(|| limits.join(", "))
+    }
+}
+
 impl Protocol {
     pub fn is_v5(self) -> bool {
         self == Protocol::V5

@@ -2117,8 +2117,9 @@ impl Machine {
         true
     }
 
-    /// Whether the target's quotas allow one more publish now; logs (at most every 30 s) when a
-    /// pair is held back, which means the route's offered load exceeds its capacity.
+    /// Whether the target's quotas allow one more publish now. A pair held back says so at debug
+    /// level (at most every 30 s): the route says it for the pool (`route::PacingWatch`), once,
+    /// where 256 pairs at the quota said it 256 times.
     fn target_paced_ready(&mut self, now: Instant) -> bool {
         if self.target_pacer.ready(now) {
             return true;
@@ -2130,7 +2131,7 @@ impl Machine {
         {
             self.last_pacing_log = Some(now);
             let b = &self.target.broker;
-            warn!(route = %self.spec.route.name, pair = self.spec.index, broker = %b.name, max_publish_rate = ?b.max_publish_rate, bandwidth_limit = ?b.bandwidth_limit, "pair at the target's per-connection limit: the offered load exceeds the route's capacity (pool_size × limit); the source broker holds the rest; add pairs to carry more");
+            debug!(route = %self.spec.route.name, pair = self.spec.index, broker = %b.name, max_publish_rate = ?b.max_publish_rate, bandwidth_limit = ?b.bandwidth_limit, "pair held back by the target's per-connection limit");
         }
         false
     }
