@@ -49,6 +49,8 @@ struct Live {
     fingerprint: Fingerprint,
     /// (received, forwarded) at the last summary line.
     last: (u64, u64),
+    /// `route::source_window_note` was said.
+    said_source_window: bool,
 }
 
 /// What one reload did, by route name.
@@ -89,6 +91,7 @@ impl Routes {
             route: route::start(&self.plan, plan, &self.digest, self.epoch),
             fingerprint: fingerprint(&self.plan, plan),
             last: (0, 0),
+            said_source_window: false,
         }
     }
 
@@ -146,6 +149,18 @@ impl Routes {
                 "summary"
             );
             live.last = (t.received, t.forwarded);
+            let p = &r.plan;
+            let note = route::source_window_note(
+                &p.name,
+                &p.from.name,
+                p.from.protocol,
+                p.spool.is_some(),
+                t.in_flight_max,
+            );
+            if let Some(note) = note.filter(|_| !live.said_source_window) {
+                warn!(route = %p.name, in_flight_max = t.in_flight_max, "{note}");
+                live.said_source_window = true;
+            }
         }
     }
 

@@ -610,3 +610,49 @@ async fn a_resend_to_a_resumed_session_carries_the_expiry_left() {
     assert!(p.wait_acked(Duration::from_secs(10)).await);
     bridge.stop_cleanly().await;
 }
+
+/// An MQTT 3.x source that has more than 20 messages unacknowledged out to one pair is named
+/// once for the route: the 20 of mosquitto's default `max_inflight_messages` is all such a
+/// source is assumed to allow, and mosquitto before 2.0.13 keeps no window for QoS 1 once a
+/// queue forms, counting what is in flight against its queue of 1,000 (docs/GUARANTEES.md).
+/// The source here says `max_inflight_messages 0` (no limit), so that it sends past 20 on any
+/// version, as 2.0.11 does at its defaults; the target withholds its acks, so all it was sent
+/// stays in flight. Once the acks come, everything arrives, and the note was said once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_3x_source_past_the_window_it_is_assumed_to_keep_is_named_once() {
+    const N: u32 = 100;
+    let source = Mosquitto::start_with(MosquittoOpts {
+        max_inflight_messages: Some(0),
+        ..Default::default()
+    })
+    .await;
+    let target = EmbeddedBroker::start(BrokerOptions::named("target")).unwrap();
+    target.script().withhold_acks("in/#");
+    let out = Collector::start(target.port(), Proto::V5, "in/#", 1).await;
+    let mut cfg = RouteConfig::new(source.port(), Proto::V311, target.port(), Proto::V5);
+    cfg.qos = 1;
+    let mut bridge = start_ready(&cfg.toml(), 1).await;
+    publish_numbered(
+        source.port(),
+        Proto::V311,
+        |i| format!("in/{}", i % 4),
+        1,
+        0,
+        N,
+        "w",
+    )
+    .await;
+    let note = "unacknowledged, more than the 20 of mosquitto's default max_inflight_messages";
+    let said = wait_until(Duration::from_secs(20), || bridge.log().contains(note)).await;
+    assert!(said, "{}", bridge.log());
+    target.script().release_acks();
+    assert!(
+        out.wait_for_count(N as usize, Duration::from_secs(30)).await,
+        "{}",
+        out.count()
+    );
+    assert_exactly_once(&out.received(), "w", 0..N);
+    bridge.stop_cleanly().await;
+    let log = bridge.log();
+    assert_eq!(log.matches(note).count(), 1, "once for the route:\n{log}");
+}

@@ -83,7 +83,7 @@ const UNSUBSCRIBE_PKID: u16 = 900;
 const IDLE_TICK: Duration = Duration::from_secs(1);
 /// What an MQTT 3.x source lets us have in flight, as far as we can tell: it cannot say, and
 /// mosquitto's default (`max_inflight_messages`) is 20. Bounds the acks held back from it.
-const MQTT3_SOURCE_WINDOW: usize = 20;
+pub const MQTT3_SOURCE_WINDOW: usize = 20;
 /// How long a publish may stay unacknowledged while the target acknowledges ones written after
 /// it before the pair takes it for dropped and reconnects to send it again (see `skipped_since`).
 pub const SKIPPED_ACK_GRACE: Duration = Duration::from_secs(10);
