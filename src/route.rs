@@ -447,7 +447,7 @@ pub fn source_window_note(
         "route {route}: a pair held {in_flight_max} messages from {source} unacknowledged, more \
          than the {MQTT3_SOURCE_WINDOW} of mosquitto's default max_inflight_messages. If {source} \
          allows that many, all is well. If not, it keeps no window for QoS 1 (mosquitto before \
-         2.0.13 does not once a queue forms) and counts these against its max_queued_messages \
+         2.0.13, once a queue forms) and counts these against its max_queued_messages \
          (1,000 by default), so a burst that fills it drops newer messages at {source}, unseen by \
          the bridge (docs/GUARANTEES.md): upgrade it, raise its max_queued_messages, or give the \
          route a spool"

@@ -647,7 +647,8 @@ async fn a_3x_source_past_the_window_it_is_assumed_to_keep_is_named_once() {
     assert!(said, "{}", bridge.log());
     target.script().release_acks();
     assert!(
-        out.wait_for_count(N as usize, Duration::from_secs(30)).await,
+        out.wait_for_count(N as usize, Duration::from_secs(30))
+            .await,
         "{}",
         out.count()
     );
