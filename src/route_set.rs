@@ -149,15 +149,17 @@ impl Routes {
                 "summary"
             );
             live.last = (t.received, t.forwarded);
+            if live.said_source_window {
+                continue;
+            }
             let p = &r.plan;
-            let note = route::source_window_note(
+            if let Some(note) = route::source_window_note(
                 &p.name,
                 &p.from.name,
                 p.from.protocol,
                 p.spool.is_some(),
                 t.in_flight_max,
-            );
-            if let Some(note) = note.filter(|_| !live.said_source_window) {
+            ) {
                 warn!(route = %p.name, in_flight_max = t.in_flight_max, "{note}");
                 live.said_source_window = true;
             }

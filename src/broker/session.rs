@@ -57,8 +57,8 @@ pub(crate) struct Session {
     pub persistent: bool,
     queue: VecDeque<Delivery>,
     in_flight: BTreeMap<NonZeroU16, InFlight>,
-    /// The send order (`InFlight::seq`) of the in-flight deliveries still waiting for their
-    /// first ack (stage `Published`): whether an ack overtakes an earlier PUBLISH is then one
+    /// The send order (`InFlight::seq`) of the in-flight deliveries in stage `Published`, kept
+    /// with every change of `in_flight`: whether an ack overtakes an earlier PUBLISH is then one
     /// look at the smallest. Scanning `in_flight` for it on every ack pegged a core once a slow
     /// subscriber had thousands in flight, and the broker fell further behind.
     unacked_seqs: BTreeSet<u64>,
@@ -187,7 +187,6 @@ impl Session {
         if self.unacked_seqs.first().is_some_and(|&first| first < seq) {
             self.acks_out_of_order += 1;
         }
-        self.unacked_seqs.remove(&seq);
     }
 
     /// Forgets `id` in flight, and its place in the send order.
@@ -236,6 +235,8 @@ impl Session {
             return None;
         }
         f.stage = Stage::Released;
+        let seq = f.seq;
+        self.unacked_seqs.remove(&seq);
         Some(Transmit::Release(id))
     }
 

@@ -16,20 +16,6 @@ pub enum Protocol {
     V5,
 }
 
-impl BrokerPlan {
-    /// Its per-connection limits in words ("512 KiB/s, 200 PUBLISH/s"), if it has any.
-    pub fn per_connection_limits(&self) -> Option<String> {
-        let mut limits = Vec::new();
-        if let Some(rate) = self.bandwidth_limit {
-            limits.push(format!("{}/s", bytesize::ByteSize(rate).display().iec()));
-        }
-        if let Some(rate) = self.max_publish_rate {
-            limits.push(format!("{rate} PUBLISH/s"));
-        }
-        (!limits.is_empty()).then(|| limits.join(", "))
-    }
-}
-
 impl Protocol {
     pub fn is_v5(self) -> bool {
         self == Protocol::V5
@@ -136,6 +122,20 @@ pub struct BrokerPlan {
     /// by the same address agrees, and no internal address leaks into messages).
     pub id: String,
     pub tls: Option<TlsPlan>,
+}
+
+impl BrokerPlan {
+    /// Its per-connection limits in words ("512 KiB/s, 200 PUBLISH/s"), if it has any.
+    pub fn per_connection_limits(&self) -> Option<String> {
+        let mut limits = Vec::new();
+        if let Some(rate) = self.bandwidth_limit {
+            limits.push(format!("{}/s", bytesize::ByteSize(rate).display().iec()));
+        }
+        if let Some(rate) = self.max_publish_rate {
+            limits.push(format!("{rate} PUBLISH/s"));
+        }
+        (!limits.is_empty()).then(|| limits.join(", "))
+    }
 }
 
 /// Qos as a plain level 0..=2.
